@@ -1,0 +1,273 @@
+"""The chat REPL over the engine. Input and output are injected so tests drive it with fakes."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from .documents import read_text
+from .engine import Engine, Timings
+from .errors import InputError, LocalctxError
+
+HELP = """Commands:
+  \"\"\"            start or end a multi-line message
+  /read FILE     attach a document to the conversation (kept when old turns are dropped)
+  /clear         forget the conversation (keeps the system prompt)
+  /save FILE     save the conversation as JSON       /load FILE   load a saved conversation
+  /stats         tokens used against the window, prompt and generation speeds
+  /help          this text                           /exit        leave (also Ctrl-D)
+Ctrl-C stops a reply and keeps the session; Ctrl-C on an empty line exits."""
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    pinned: bool = False  # system prompt and attached documents survive dropping old turns
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass
+class ChatStats:
+    turns: int = 0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    last: Timings | None = None
+
+    def add(self, t: Timings) -> None:
+        self.turns += 1
+        self.prompt_tokens += t.prompt_tokens
+        self.prompt_seconds += t.prompt_seconds
+        self.generated_tokens += t.generated_tokens
+        self.generation_seconds += t.generation_seconds
+        self.last = t
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    system: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.7
+    seed: int = 0
+    messages: list[Message] = field(default_factory=list)
+    stats: ChatStats = field(default_factory=ChatStats)
+
+    def __post_init__(self) -> None:
+        if self.system and not self.messages:
+            self.messages.append(Message("system", self.system, pinned=True))
+
+    @property
+    def window(self) -> int:
+        return self.engine.n_ctx
+
+    def tokens_for(self, messages: list[Message], generation_prompt: bool = True) -> list[int]:
+        return self.engine.chat_tokens([m.as_dict() for m in messages], add_generation_prompt=generation_prompt)
+
+    def used_tokens(self) -> int:
+        return len(self.tokens_for(self.messages, generation_prompt=False)) if self.messages else 0
+
+    def needed_for(self, user_text: str) -> int:
+        return len(self.tokens_for(self.messages + [Message("user", user_text)])) + self.max_tokens
+
+    def droppable_turns(self) -> int:
+        return sum(1 for m in self.messages if not m.pinned and m.role == "user")
+
+    def drop_oldest_until_fits(self, user_text: str) -> int:
+        """Drop whole user/assistant turns, oldest first, never pinned messages. Returns turns dropped."""
+        dropped = 0
+        while self.needed_for(user_text) > self.window and self.droppable_turns():
+            first = next(i for i, m in enumerate(self.messages) if not m.pinned and m.role == "user")
+            del self.messages[first]
+            while first < len(self.messages) and not self.messages[first].pinned and self.messages[first].role == "assistant":
+                del self.messages[first]
+            dropped += 1
+        return dropped
+
+    def attach(self, path: Path) -> int:
+        text = read_text(path)
+        self.messages.append(Message("user", f"Document {path.name}:\n\n{text}", pinned=True))
+        self.messages.append(Message("assistant", f"I have read {path.name}.", pinned=True))
+        return len(self.engine.tokenize(text, add_bos=False))
+
+    def reply(self, user_text: str, write: Callable[[str], None]) -> Timings:
+        """Stream the answer to `user_text`; on Ctrl-C the partial answer is kept."""
+        self.messages.append(Message("user", user_text))
+        tokens = self.tokens_for(self.messages)
+        stop = self.engine.format_chat([]).stop
+        gen = self.engine.generate(tokens, max_tokens=self.max_tokens, temperature=self.temperature,
+                                   seed=self.seed, stop=stop)
+        try:
+            for chunk in gen:
+                write(chunk)
+        finally:
+            # Runs on KeyboardInterrupt too: whatever was said stays in the conversation.
+            gen.chunks.close()
+            self.messages.append(Message("assistant", gen.text.strip()))
+            self.stats.add(gen.timings)
+        return gen.timings
+
+    def clear(self) -> None:
+        self.messages = [m for m in self.messages if m.role == "system"]
+
+    def save(self, path: Path) -> None:
+        data = {"model": str(self.engine.facts.path), "preset": self.engine.params.preset,
+                "messages": [{**m.as_dict(), "pinned": m.pinned} for m in self.messages]}
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            messages = [Message(m["role"], m["content"], bool(m.get("pinned"))) for m in data["messages"]]
+        except FileNotFoundError:
+            raise InputError(f"File not found: {path}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path} is not a conversation saved by /save ({exc}).") from None
+        self.messages = messages
+
+    def stats_text(self) -> str:
+        used = self.used_tokens()
+        s = self.stats
+        lines = [f"context: {used:,} / {self.window:,} tokens used ({100 * used / self.window:.1f}%), "
+                 f"preset {self.engine.params.preset}, {len(self.messages)} messages"]
+        if s.last:
+            lines.append(f"last turn: prompt {s.last.prompt_tokens:,} tok at {s.last.prompt_tps:.1f} tok/s, "
+                         f"generated {s.last.generated_tokens:,} tok at {s.last.generation_tps:.1f} tok/s")
+            pt = s.prompt_tokens / s.prompt_seconds if s.prompt_seconds else 0
+            gt = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0
+            lines.append(f"session: {s.turns} turns, prompt {pt:.1f} tok/s, generation {gt:.1f} tok/s")
+        return "\n".join(lines)
+
+    def meter(self) -> str:
+        used = self.used_tokens()
+        width = 20
+        filled = min(width, round(width * used / self.window))
+        return f"[{'#' * filled}{'.' * (width - filled)}] {used:,}/{self.window:,} tokens"
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Console:
+    """How the REPL talks to the world: `read` returns None at end of input (Ctrl-D)."""
+
+    read: Callable[[str], str | None]
+    out: TextIO
+    err: TextIO
+    interactive: bool
+
+    def say(self, text: str) -> None:
+        self.err.write(text + "\n")
+        self.err.flush()
+
+
+def _read_message(console: Console) -> str | None:
+    line = console.read(">>> " if console.interactive else "")
+    if line is None or line.strip() != '"""':
+        return line
+    lines: list[str] = []
+    while True:
+        more = console.read("... " if console.interactive else "")
+        if more is None or more.strip() == '"""':
+            return "\n".join(lines)
+        lines.append(more)
+
+
+def run_repl(session: ChatSession, console: Console) -> None:
+    if console.interactive:
+        console.say(f"localctx chat: {session.engine.facts.name}, preset {session.engine.params.preset}, "
+                    f"window {session.window:,} tokens. /help for commands.")
+    while True:
+        try:
+            text = _read_message(console)
+        except KeyboardInterrupt:
+            console.say("")
+            return  # Ctrl-C on an empty line
+        if text is None:
+            return
+        if not text.strip():
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            if _command(session, console, text.strip()) == "exit":
+                return
+            continue
+        if not _make_room(session, console, text):
+            continue
+        try:
+            session.reply(text, lambda chunk: (console.out.write(chunk), console.out.flush()))
+        except KeyboardInterrupt:
+            console.say("\n[reply stopped]")
+        except LocalctxError as exc:
+            console.say(f"Error: {exc}")
+            continue
+        console.out.write("\n")
+        console.out.flush()
+        if console.interactive:
+            console.say(session.meter())
+
+
+def _make_room(session: ChatSession, console: Console, text: str) -> bool:
+    needed = session.needed_for(text)
+    if needed <= session.window:
+        return True
+    msg = (f"This turn needs {needed:,} tokens (with a {session.max_tokens:,}-token answer budget) "
+           f"but the window is {session.window:,}.")
+    if not session.droppable_turns():
+        console.say(msg + " Dropping old turns would not help: /clear, shorten the message, "
+                    "or restart with a larger --preset.")
+        return False
+    if not console.interactive:
+        console.say(msg + " Message not sent; nothing was dropped. Use /clear or a larger --preset.")
+        return False
+    console.say(msg + "\n  [d] drop the oldest turns (keeps the system prompt and attached documents)"
+                      "\n  [c] cancel this message\n  /clear forgets everything but the system prompt")
+    answer = (console.read("choice [d/c]: ") or "c").strip().lower()
+    if answer.startswith("d"):
+        dropped = session.drop_oldest_until_fits(text)
+        if session.needed_for(text) > session.window:
+            console.say(f"Dropped {dropped} turns, and it still does not fit; message not sent.")
+            return False
+        console.say(f"Dropped the {dropped} oldest turn(s).")
+        return True
+    console.say("Cancelled; the conversation is unchanged.")
+    return False
+
+
+def _command(session: ChatSession, console: Console, line: str) -> str | None:
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if name == "/help":
+            console.say(HELP)
+        elif name == "/clear":
+            session.clear()
+            console.say("Conversation cleared.")
+        elif name == "/stats":
+            console.say(session.stats_text())
+        elif name in ("/read", "/save", "/load") and not arg:
+            console.say(f"Usage: {name} FILE")
+        elif name == "/read":
+            n = session.attach(Path(arg).expanduser())
+            console.say(f"Attached {arg} ({n:,} tokens). {session.meter()}")
+            if session.used_tokens() > session.window:
+                console.say("Warning: the conversation no longer fits the window; /clear or use a larger --preset.")
+        elif name == "/save":
+            session.save(Path(arg).expanduser())
+            console.say(f"Saved to {arg}.")
+        elif name == "/load":
+            session.load(Path(arg).expanduser())
+            console.say(f"Loaded {len(session.messages)} messages. {session.meter()}")
+        else:
+            console.say(f"Unknown command {name}; /help lists them.")
+    except LocalctxError as exc:
+        console.say(f"Error: {exc}")
+    return None

@@ -1,0 +1,49 @@
+"""Command-line interface: thin commands that parse options, call one library function, render.
+This module is the single error boundary: LocalctxError becomes a clean message and exit code 1."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import LocalctxError
+from .options import json_option, model_option, run_options
+from .runtime import RunSpec
+
+
+class LocalctxGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LocalctxError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            sys.stderr.close()  # e.g. `localctx ... | head`: not an error worth a traceback
+            ctx.exit(0)
+
+
+@click.group(cls=LocalctxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="localctx")
+def cli() -> None:
+    """Run GGUF models beyond their trained context window, and measure what it costs.
+
+    \b
+    Example:
+      localctx chat --preset yarn-32k
+    """
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def main() -> None:
+    from .commands import register
+
+    register(cli)
+    cli(prog_name="localctx")

@@ -1,0 +1,222 @@
+"""inspect, presets, models, doctor and generate."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..cli import echo_json
+from ..memory import human
+from ..options import json_option, model_option, run_options
+from ..runtime import RunSpec
+
+
+@click.command()
+@click.argument("model", required=False)
+@json_option
+def inspect(model: str | None, as_json: bool) -> None:
+    """Show what a GGUF file says about its context: positions, RoPE, KV cache cost, presets.
+
+    Reads the header only (no weights), so it is instant even for a 70 GB file.
+    MODEL defaults to the embedded SmolLM2-135M-Instruct.
+
+    \b
+    Example:
+      localctx inspect ~/models/llama-3.1-8b.Q4_K_M.gguf --json
+    """
+    from ..report import inspect_model
+
+    report = inspect_model(model)
+    if as_json:
+        echo_json(report)
+        return
+    render_inspect(report)
+
+
+def render_inspect(r: dict[str, Any]) -> None:
+    row = lambda k, v: click.echo(f"{k:<26}{v}")  # noqa: E731
+    row("file", f"{r['path']} ({human(r['file_size'])})")
+    row("name", r["name"])
+    row("architecture", r["architecture"])
+    row("quantization", r["quantization"])
+    row("positions", {"rope": "RoPE", "alibi": "ALiBi", "learned": "learned absolute", "none": "none"}[r["positions"]])
+    row("trained context", f"{r['trained_context']:,} tokens")
+    if r["context_length"] != r["trained_context"]:
+        row("context in file", f"{r['context_length']:,} tokens")
+    if r["rope_freq_base"] is not None:
+        row("rope freq base", f"{r['rope_freq_base']:g}")
+        row("rope dimensions", r["rope_dimension_count"])
+    s = r["rope_scaling"]
+    row("rope scaling in file", f"{s['type']} ×{s['factor']:g} from {s['original_context']:,}" if s else "none")
+    p = r["converted_by_localctx"]
+    if p:
+        row("converted by", f"{p['tool']} {p['version']}, preset {p['preset']} ({p['method']}) from {p['source_file']}")
+        row("original", f"context {p['original_context']:,}, rope base {p['original_freq_base']}, scaling {p['original_scaling']}")
+    row("layers", r["layers"])
+    row("attention heads", f"{r['attention_heads']} (KV heads {r['kv_heads']}), head dim {r['head_dim']}")
+    per = r["kv_cache_bytes_per_token"]
+    row("KV cache per token", ", ".join(f"{t} {human(b)}" for t, b in per.items()))
+    click.echo("KV cache total:")
+    click.echo(f"  {'tokens':>8}  " + "  ".join(f"{t:>10}" for t in per))
+    for n, by_type in r["kv_cache_bytes"].items():
+        click.echo(f"  {int(n):>8,}  " + "  ".join(f"{human(b):>10}" for b in by_type.values()))
+    click.echo("presets:")
+    for name, info in r["presets"].items():
+        mark = "yes" if info["applies"] else "no "
+        click.echo(f"  {mark} {name:<18}{info['detail']}")
+
+
+@click.group()
+def presets() -> None:
+    """List and resolve context-extension presets.
+
+    \b
+    Example:
+      localctx presets show yarn-32k
+    """
+
+
+@presets.command("list")
+@json_option
+def presets_list(as_json: bool) -> None:
+    """List shipped and user presets (user presets override shipped ones of the same name).
+
+    \b
+    Example:
+      localctx presets list --json
+    """
+    from ..paths import user_presets_dir
+    from ..presets import list_presets
+
+    items = list_presets()
+    if as_json:
+        echo_json([{"name": p.name, "method": p.method, "target_ctx": p.target_ctx,
+                    "description": p.description, "source": p.source} for p in items])
+        return
+    for p in items:
+        target = f"{p.target_ctx:,}" if p.target_ctx else "-"
+        click.echo(f"{p.name:<18}{p.method:<12}{target:>9}  {p.description}")
+    click.echo(f"\nUser presets: {user_presets_dir()}", err=True)
+
+
+@presets.command("show")
+@click.argument("name")
+@model_option
+@click.option("--ctx", type=click.IntRange(16), help="Target context (overrides the preset's; needed by 'auto').")
+@json_option
+def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -> None:
+    """Resolve a preset against a model and print the llama.cpp parameters and flags.
+
+    \b
+    Example:
+      localctx presets show yarn-32k --model converted.gguf
+    """
+    from ..runtime import resolve_spec
+
+    facts, params = resolve_spec(RunSpec(model=model, preset=name, ctx=ctx))
+    flags = " ".join(params.llama_flags())
+    if as_json:
+        echo_json({"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
+                   "llama_server": f"llama-server -m {facts.path} {flags}"})
+        return
+    click.echo(f"preset {name} on {facts.name} (trained context {facts.trained_context:,})")
+    for key, value in params.to_dict().items():
+        if key != "notes":
+            click.echo(f"  {key:<18}{value}")
+    for note in params.notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"\nllama-cli -m {facts.path} {flags}")
+    click.echo(f"llama-server -m {facts.path} {flags}")
+
+
+@click.command()
+@json_option
+def models(as_json: bool) -> None:
+    """List the default model and the GGUF files in the user's models directory.
+
+    \b
+    Example:
+      localctx models
+    """
+    from ..paths import models_dir
+    from ..report import list_models
+
+    rows = list_models()
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        tag = "(default) " if r["default"] else ""
+        if "error" in r:
+            click.echo(f"{tag}{r['path']}: {r['error']}")
+        else:
+            click.echo(f"{tag}{r['name']}  {r['architecture']} {r['quantization']}  "
+                       f"ctx {r['trained_context']:,}  {human(r['file_size'])}  {r['path']}")
+    click.echo(f"\nModels directory: {models_dir()}", err=True)
+
+
+@click.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Print the llama.cpp build, its backends, CPU features and versions.
+
+    \b
+    Example:
+      localctx doctor
+    """
+    from ..doctor import diagnose
+
+    info = diagnose()
+    if as_json:
+        echo_json(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key:<22}{value}")
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("-f", "--file", "document", type=click.Path(path_type=Path), help="Put this document before the prompt.")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("-t", "--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", help="System prompt (with --chat).")
+@run_options
+@json_option
+def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_tokens: int, temperature: float,
+             seed: int, chat: bool, system: str | None, as_json: bool) -> None:
+    """Complete PROMPT (or stdin) in one shot, streaming to stdout.
+
+    Fails with the token counts, and a preset that would fit, when the prompt exceeds the window;
+    nothing is ever truncated.
+
+    \b
+    Examples:
+      localctx generate "The capital of France is"
+      localctx generate --preset yarn-32k --file book.txt "Who is the narrator?" --chat
+    """
+    from ..generate import GenerateRequest, generate as run, generation_report
+    from ..runtime import open_engine
+
+    if prompt is None:
+        prompt = "" if (document and sys.stdin.isatty()) else sys.stdin.read()
+    if not prompt and document is None:
+        raise click.UsageError("Give a PROMPT argument, a --file, or text on stdin.")
+    request = GenerateRequest(prompt, document, chat, system, max_tokens, temperature, seed)
+    with open_engine(spec, seed=seed) as engine:
+        gen = run(engine, request)
+        for chunk in gen:
+            if not as_json:
+                click.echo(chunk, nl=False)
+        if as_json:
+            echo_json(generation_report(engine, gen))
+        else:
+            click.echo()
+
+
+def register(group: click.Group) -> None:
+    for command in (inspect, presets, models, doctor, generate):
+        group.add_command(command)

@@ -1,0 +1,390 @@
+"""The only module that imports llama_cpp: load a model with RuntimeParams, tokenize, stream
+tokens, and read logits at chosen positions."""
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import llama_chat_format
+
+from .errors import ContextOverflowError, LocalctxError, ResourceError
+from .gguf_meta import ModelFacts
+from .memory import check_memory
+from .presets import RuntimeParams
+
+_SCALING_TYPES = {
+    None: llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+    "none": llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE,
+    "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+    "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+}
+_CACHE_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+GPU_BACKENDS = {"cuda": "CUDA", "metal": "Metal"}
+REBUILD = {
+    "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
+    "metal": 'CMAKE_ARGS="-DGGML_METAL=on" bash scripts/install.sh',
+}
+
+
+# --- Build facts and offload -----------------------------------------------------------------
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def backends() -> list[str]:
+    """Names of the ggml backends this build registered (CPU, CUDA, Metal, ...)."""
+    names = []
+    reg_count = getattr(llama_cpp, "ggml_backend_reg_count", None)
+    reg_get = getattr(llama_cpp, "ggml_backend_reg_get", None)
+    reg_name = getattr(llama_cpp, "ggml_backend_reg_name", None)
+    if reg_count and reg_get and reg_name:
+        for i in range(reg_count()):
+            names.append(reg_name(reg_get(i)).decode())
+        return names
+    info = system_info()
+    names = ["CPU"] + [label for label in GPU_BACKENDS.values() if label.upper() in info.upper()]
+    return names
+
+
+def build_info() -> dict[str, Any]:
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "gpu_offload": supports_gpu_offload(),
+        "backends": backends(),
+        "system_info": system_info(),
+    }
+
+
+@dataclass(frozen=True)
+class Offload:
+    device: str = "auto"  # auto | cpu | cuda | metal
+    gpu_layers: str | int | None = None  # None: all when a GPU is usable; "all" or a count
+
+
+def gpu_layers_for(offload: Offload, facts: ModelFacts) -> int:
+    """How many layers to put on the GPU; refuses a GPU request the build cannot serve."""
+    device, layers = offload.device, offload.gpu_layers
+    if device == "cpu":
+        if layers not in (None, 0, "0"):
+            raise ResourceError("--device cpu cannot be combined with --gpu-layers; drop one of them.")
+        return 0
+    can = supports_gpu_offload()
+    wanted = layers not in (None, 0, "0")
+    if device in GPU_BACKENDS:
+        if not can or not any(GPU_BACKENDS[device].lower() in b.lower() for b in backends()):
+            raise ResourceError(
+                f"This llama.cpp build cannot offload to {device} (backends: {', '.join(backends())}). "
+                f"Rebuild it with:\n  {REBUILD[device]}"
+            )
+    elif wanted and not can:
+        raise ResourceError(
+            "--gpu-layers needs a llama.cpp build with GPU offload, and this one is CPU-only. Rebuild with\n"
+            f"  {REBUILD['cuda']}   (NVIDIA)\n  {REBUILD['metal']}   (Apple)"
+        )
+    if not can:
+        return 0
+    if layers is None or layers == "all":
+        return -1
+    return int(layers)
+
+
+# --- Chat templates ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    stop: list[str]
+
+
+# --- The engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_seconds": round(self.prompt_seconds, 3),
+            "prompt_tokens_per_second": round(self.prompt_tps, 1),
+            "generated_tokens": self.generated_tokens,
+            "generation_seconds": round(self.generation_seconds, 3),
+            "generation_tokens_per_second": round(self.generation_tps, 1),
+        }
+
+
+@dataclass
+class Generation:
+    """A streamed completion; `text` and `timings` fill in as the stream is consumed."""
+
+    chunks: Iterator[str]
+    timings: Timings = field(default_factory=Timings)
+    text: str = ""
+    finish_reason: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        return self.chunks
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class Engine:
+    """A loaded model at a resolved context. Create with `Engine.load`."""
+
+    def __init__(self, llm: llama_cpp.Llama, facts: ModelFacts, params: RuntimeParams, gpu_layers: int) -> None:
+        self._llm = llm
+        self.facts = facts
+        self.params = params
+        self.gpu_layers = gpu_layers
+        self.n_vocab = llm.n_vocab()
+        self.n_ctx = llm.n_ctx()
+
+    @classmethod
+    def load(cls, facts: ModelFacts, params: RuntimeParams, offload: Offload | None = None, *,
+             threads: int | None = None, verbose: bool = False, force: bool = False,
+             seed: int = 0) -> Engine:
+        offload = offload or Offload()
+        gpu_layers = gpu_layers_for(offload, facts)
+        check_memory(facts, params, gpu_layers=gpu_layers, force=force)
+        threads = threads or default_threads()
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(facts.path),
+                n_ctx=params.n_ctx,
+                n_batch=params.n_batch,
+                n_ubatch=params.n_ubatch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=gpu_layers,
+                rope_scaling_type=_SCALING_TYPES[params.rope_scaling_type],
+                rope_freq_base=params.rope_freq_base,
+                rope_freq_scale=params.rope_freq_scale,
+                yarn_ext_factor=params.yarn_ext_factor,
+                yarn_attn_factor=params.yarn_attn_factor,
+                yarn_beta_fast=params.yarn_beta_fast,
+                yarn_beta_slow=params.yarn_beta_slow,
+                yarn_orig_ctx=params.yarn_orig_ctx,
+                flash_attn=params.flash_attn,
+                type_k=_CACHE_TYPES[params.type_k],
+                type_v=_CACHE_TYPES[params.type_v],
+                seed=seed,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise LocalctxError(
+                f"llama.cpp could not load {facts.path} at {params.n_ctx} tokens ({exc}). "
+                "Run again with --verbose to see llama.cpp's own log."
+            ) from None
+        return cls(llm, facts, params, gpu_layers)
+
+    def close(self) -> None:
+        self._llm.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def count(self, text: str) -> int:
+        return len(self.tokenize(text, add_bos=False))
+
+    @property
+    def bos_token(self) -> int:
+        return self._llm.token_bos()
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    # --- chat ----------------------------------------------------------------------------------
+
+    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
+        """Render messages with the model's own chat template (from its GGUF metadata)."""
+        template = self.facts.chat_template
+        if not template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return ChatPrompt(text + ("assistant: " if add_generation_prompt else ""), ["\nuser:"])
+        model = self._llm._model
+        eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
+        bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt
+        )
+        result = formatter(messages=messages)
+        return ChatPrompt(result.prompt, [s for s in (result.stop or []) if s])
+
+    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        prompt = self.format_chat(messages, add_generation_prompt)
+        # The template writes any BOS itself; tokenize its special tokens, add nothing.
+        return self.tokenize(prompt.text, add_bos=False, special=True)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                f"The prompt is {n_prompt:,} tokens and the answer budget {max_tokens:,}: "
+                f"{n_prompt + max_tokens:,} in all, but the window is {self.n_ctx:,} tokens "
+                f"(preset {self.params.preset})."
+            )
+
+    def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0) -> Generation:
+        """Stream a completion of `tokens`. The KV cache is reused for any prefix shared with the
+        previous call (llama-cpp-python's prefix matching), so a growing chat or a fixed
+        instruction prefix is evaluated once."""
+        self.check_fits(len(tokens), max_tokens)
+        if seed is not None:
+            self._llm.set_seed(seed)
+        gen = Generation(iter(()))
+        gen.chunks = self._stream(list(tokens), gen, max_tokens=max_tokens, temp=temperature, stop=list(stop),
+                                  top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+        return gen
+
+    def _stream(self, tokens: list[int], gen: Generation, *, max_tokens: int, stop: list[str],
+                **sampling: Any) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        timings = gen.timings
+        timings.prompt_tokens = len(tokens)
+        start = time.perf_counter()
+        first: float | None = None
+        held = ""  # text withheld while it could be the start of a stop string
+        stopped = False
+        gen.finish_reason = "length"
+        generator = self._llm.generate(tokens, **sampling)
+        try:
+            for token in generator:
+                if first is None:
+                    first = time.perf_counter()
+                    timings.prompt_seconds = first - start
+                if self.is_eog(token):
+                    gen.finish_reason = "stop"
+                    break
+                timings.generated_tokens += 1
+                held += decoder.decode(self._llm.detokenize([token]))
+                emit, held, stopped = _split_stop(held, stop)
+                if emit:
+                    gen.text += emit
+                    yield emit
+                if stopped:
+                    gen.finish_reason = "stop"
+                    break
+                if timings.generated_tokens >= max_tokens:
+                    break
+            if not stopped:
+                tail = held + decoder.decode(b"", final=True)
+                if tail:
+                    gen.text += tail
+                    yield tail
+        finally:
+            generator.close()
+            end = time.perf_counter()
+            if first is None:
+                timings.prompt_seconds = end - start
+            else:
+                # The first token's sampling is part of prompt processing; the rest is generation.
+                timings.generation_seconds = end - first
+
+    def complete(self, tokens: Sequence[int], **kwargs: Any) -> Generation:
+        """Run `generate` to the end and return the finished Generation."""
+        gen = self.generate(tokens, **kwargs)
+        for _ in gen:
+            pass
+        return gen
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Evaluate `tokens` from an empty cache and return the next-token logits after each index in
+        `positions` (shape len(positions) × n_vocab). Logits are requested for those positions only,
+        so memory does not grow with the window."""
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"{n:,} tokens do not fit the {self.n_ctx:,}-token window.")
+        wanted = sorted(set(positions))
+        if wanted and (wanted[0] < 0 or wanted[-1] >= n):
+            raise ValueError("positions must index into tokens")
+        index = {p: i for i, p in enumerate(wanted)}
+        out = np.empty((len(wanted), self.n_vocab), dtype=np.float32)
+        ctx = self._llm._ctx
+        ctx.kv_cache_clear()
+        self._llm.reset()
+        batch = self._llm._batch.batch
+        step = self.params.n_batch
+        for start in range(0, n, step):
+            chunk = tokens[start : start + step]
+            batch.n_tokens = len(chunk)
+            for j, tok in enumerate(chunk):
+                batch.token[j] = tok
+                batch.pos[j] = start + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = (start + j) in index
+            ctx.decode(self._llm._batch)
+            for j in range(len(chunk)):
+                k = index.get(start + j)
+                if k is not None:
+                    ptr = ctx.get_logits_ith(j)
+                    out[k] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        # The cache now holds tokens llama-cpp-python does not know about: forget them.
+        ctx.kv_cache_clear()
+        self._llm.reset()
+        return out[[index[p] for p in positions]] if list(positions) != wanted else out
+
+
+def _split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split streamed text into (safe to emit, withheld, stopped)."""
+    if not stops:
+        return text, "", False
+    for s in stops:
+        at = text.find(s)
+        if at >= 0:
+            return text[:at], "", True
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    return text[: len(text) - keep], text[len(text) - keep :], False
+

@@ -1,0 +1,343 @@
+"""Presets (validated TOML data) and their resolution against a model's facts into RuntimeParams.
+
+RuntimeParams is the seam of localctx: the engine loads a model with it, the converter writes it
+into GGUF metadata, `presets show` prints it as llama.cpp flags, and eval records it beside numbers.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import PresetError
+from .gguf_meta import KV_CACHE_TYPES, ModelFacts
+from .paths import shipped_presets_dir, user_presets_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("none", "extrapolate", "linear", "ntk", "yarn", "auto")
+ROPE_METHODS = ("linear", "ntk", "yarn")
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """Optional llama.cpp context settings a preset may carry."""
+
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_batch: int = 512
+    n_ubatch: int = 512
+
+
+@dataclass(frozen=True)
+class YarnOverrides:
+    beta_fast: float = YARN_BETA_FAST
+    beta_slow: float = YARN_BETA_SLOW
+    ext_factor: float | None = None  # None: llama.cpp's default (1.0 for YaRN)
+    attn_factor: float | None = None  # None: llama.cpp's default (0.1·ln(s) + 1 for YaRN)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    method: str
+    target_ctx: int | None = None
+    description: str = ""
+    context: ContextSettings = field(default_factory=ContextSettings)
+    yarn: YarnOverrides = field(default_factory=YarnOverrides)
+    source: str = "built-in"
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Everything llama.cpp needs to run a model at an extended context, fully explicit:
+    the values never depend on scaling metadata already present in the file."""
+
+    preset: str
+    method: str  # the method actually applied: none | extrapolate | linear | ntk | yarn
+    n_ctx: int
+    trained_ctx: int
+    scale: float  # s = n_ctx / trained_ctx (1.0 when nothing is scaled)
+    rope_scaling_type: str | None  # "none" | "linear" | "yarn"; None: whatever the file says
+    rope_freq_base: float  # 0: whatever the file says
+    rope_freq_scale: float  # 0: whatever the file says
+    yarn_orig_ctx: int = 0
+    yarn_ext_factor: float = -1.0
+    yarn_attn_factor: float = -1.0
+    yarn_beta_fast: float = -1.0
+    yarn_beta_slow: float = -1.0
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_batch: int = 512
+    n_ubatch: int = 512
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    def with_ctx_settings(self, **changes: Any) -> RuntimeParams:
+        return replace(self, **changes)
+
+    def llama_flags(self) -> list[str]:
+        """The equivalent llama-cli / llama-server command-line flags."""
+        flags = ["-c", str(self.n_ctx)]
+        if self.rope_scaling_type is not None:
+            flags += ["--rope-scaling", self.rope_scaling_type]
+        if self.rope_freq_base:
+            flags += ["--rope-freq-base", _num(self.rope_freq_base)]
+        if self.rope_scaling_type in ("linear", "yarn"):
+            flags += ["--rope-scale", _num(1.0 / self.rope_freq_scale)]
+        if self.rope_scaling_type == "yarn":
+            flags += ["--yarn-orig-ctx", str(self.yarn_orig_ctx)]
+            flags += ["--yarn-beta-fast", _num(self.yarn_beta_fast), "--yarn-beta-slow", _num(self.yarn_beta_slow)]
+            if self.yarn_ext_factor >= 0:
+                flags += ["--yarn-ext-factor", _num(self.yarn_ext_factor)]
+            if self.yarn_attn_factor >= 0:
+                flags += ["--yarn-attn-factor", _num(self.yarn_attn_factor)]
+        flags += ["-fa", "on" if self.flash_attn else "off"]
+        if self.type_k != "f16":
+            flags += ["--cache-type-k", self.type_k]
+        if self.type_v != "f16":
+            flags += ["--cache-type-v", self.type_v]
+        flags += ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        return flags
+
+
+def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
+    """Parameters that leave every RoPE setting to the GGUF file itself, as a plain llama-server
+    run would (used to check that a converted file carries its preset on its own)."""
+    ctx = n_ctx or facts.context_length
+    return RuntimeParams(
+        preset="(from file)",
+        method="file",
+        n_ctx=ctx,
+        trained_ctx=facts.trained_context,
+        scale=ctx / facts.trained_context if facts.trained_context else 1.0,
+        rope_scaling_type=None,
+        rope_freq_base=0.0,
+        rope_freq_scale=0.0,
+    )
+
+
+def _num(value: float) -> str:
+    return f"{value:.10g}"
+
+
+# --- Loading ---------------------------------------------------------------------------------
+
+_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn"}
+
+
+def _check_type(value: Any, expected: type | tuple[type, ...], where: str) -> Any:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    # bool is an int in Python; a preset saying `n_batch = true` is still a mistake.
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise PresetError(f"{where} must be {names}, not {value!r}")
+    return value
+
+
+def _section(data: dict[str, Any], name: str, cls: type, types: dict[str, Any], where: str) -> Any:
+    raw = data.get(name, {})
+    if not isinstance(raw, dict):
+        raise PresetError(f"{where}: [{name}] must be a table")
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise PresetError(f"{where}: unknown field {name}.{sorted(unknown)[0]} (allowed: {', '.join(sorted(types))})")
+    values = {key: _check_type(value, types[key], f"{where}: {name}.{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
+    """Validate a preset's TOML data; every error names the file and the field."""
+    where = source
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PresetError(f"{where}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    method = data.get("method")
+    if method not in METHODS:
+        raise PresetError(f"{where}: field 'method' must be one of {', '.join(METHODS)}, not {method!r}")
+    target = data.get("target_ctx")
+    if target is not None:
+        _check_type(target, int, f"{where}: target_ctx")
+        if not 256 <= target <= 4 * 1024 * 1024:
+            raise PresetError(f"{where}: target_ctx must be between 256 and 4194304, not {target}")
+    if method in ("extrapolate", *ROPE_METHODS) and target is None:
+        raise PresetError(f"{where}: method {method!r} needs field 'target_ctx'")
+    context = _section(data, "context", ContextSettings,
+                       {"flash_attn": bool, "type_k": str, "type_v": str, "n_batch": int, "n_ubatch": int}, where)
+    for attr in ("type_k", "type_v"):
+        if getattr(context, attr) not in KV_CACHE_TYPES:
+            raise PresetError(f"{where}: context.{attr} must be one of {', '.join(KV_CACHE_TYPES)}")
+    if context.type_v != "f16" and not context.flash_attn:
+        raise PresetError(f"{where}: context.type_v = {context.type_v!r} needs flash_attn = true (llama.cpp rule)")
+    for attr in ("n_batch", "n_ubatch"):
+        if getattr(context, attr) < 1:
+            raise PresetError(f"{where}: context.{attr} must be at least 1")
+    num = (int, float)
+    yarn = _section(data, "yarn", YarnOverrides,
+                    {"beta_fast": num, "beta_slow": num, "ext_factor": num, "attn_factor": num}, where)
+    description = _check_type(data.get("description", ""), str, f"{where}: description")
+    return Preset(name, method, target, description, context, yarn, source)
+
+
+def load_preset_file(path: Path) -> Preset:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetError(f"{path}: cannot read preset file: {exc}") from None
+    return parse_preset(data, path.stem, str(path))
+
+
+def preset_files() -> dict[str, Path]:
+    """Preset name → file; user presets override shipped ones of the same name."""
+    found: dict[str, Path] = {}
+    for directory in (shipped_presets_dir(), user_presets_dir()):
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.toml")):
+                found[path.stem] = path
+    return found
+
+
+def list_presets() -> list[Preset]:
+    return [load_preset_file(path) for path in preset_files().values()]
+
+
+def load_preset(name: str) -> Preset:
+    """A preset by name, or by path to a TOML file."""
+    if name.endswith(".toml") and Path(name).is_file():
+        return load_preset_file(Path(name))
+    files = preset_files()
+    if name not in files:
+        close = difflib.get_close_matches(name, files, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise PresetError(
+            f"Unknown preset {name!r}.{hint} Available: {', '.join(sorted(files))}. "
+            f"User presets go in {user_presets_dir()} (see `localctx presets list`)."
+        )
+    return load_preset_file(files[name])
+
+
+# --- Resolution --------------------------------------------------------------------------------
+
+
+def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> RuntimeParams:
+    """Turn a preset into explicit llama.cpp parameters for this model.
+
+    `ctx` overrides the preset's target (and is what `auto` needs). Scaling is always computed
+    from the model's trained context, never from scaling already in the file.
+    """
+    trained = facts.trained_context
+    if trained <= 0:
+        raise PresetError(f"{facts.path} does not record its context length; pass --ctx and preset 'extrapolate'.")
+    method = preset.method
+    target = ctx if ctx is not None else preset.target_ctx
+    if method == "auto" and target is None:
+        raise PresetError("Preset 'auto' needs a target context: pass --ctx N (for example --ctx 32768).")
+    if method == "none":
+        target = target or trained
+    target = int(target or trained)
+    if target < 16:
+        raise PresetError(f"A context of {target} tokens is too small.")
+    scale = target / trained
+    if method == "auto":
+        method = "yarn" if target > trained and facts.positions == "rope" else "extrapolate"
+    _check_positions(preset, facts, method, target)
+    if target <= trained and method != "extrapolate":
+        method = "none"
+    elif method == "none" and target > trained:
+        method = "extrapolate"
+    notes: list[str] = []
+    if target <= trained and preset.method in ROPE_METHODS:
+        notes.append(f"target {target} fits the trained context {trained}: no scaling applied")
+    return _build(preset, facts, method, target, trained, scale if target > trained else 1.0, notes)
+
+
+def _check_positions(preset: Preset, facts: ModelFacts, method: str, target: int) -> None:
+    trained = facts.trained_context
+    if facts.positions == "learned" and target > trained:
+        raise PresetError(
+            f"{facts.name} ({facts.architecture}) learns one position embedding per position, up to "
+            f"{trained}. Position {trained + 1} has no embedding at all, so no scaling can extend this "
+            f"model past {trained} tokens. Use a context of at most {trained}, or summarize long inputs "
+            "with `localctx summarize` (map-reduce)."
+        )
+    if facts.positions == "alibi" and method in ROPE_METHODS:
+        raise PresetError(
+            f"Preset {preset.name!r} rescales RoPE, but {facts.name} ({facts.architecture}) uses ALiBi "
+            "attention biases, which have no rotary frequencies to rescale. ALiBi extrapolates by design: "
+            f"grow the window with `--preset extrapolate-32k` or `--preset auto --ctx {max(target, trained)}`."
+        )
+    if facts.positions == "none" and method in ROPE_METHODS:
+        raise PresetError(
+            f"{facts.name} ({facts.architecture}) has no positional encoding to rescale; "
+            "use `--preset auto --ctx N` to set the window."
+        )
+
+
+def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained: int, scale: float,
+           notes: list[str]) -> RuntimeParams:
+    base = facts.trained_freq_base or 0.0
+    rope = facts.positions == "rope"
+    c = preset.context
+    common: dict[str, Any] = dict(
+        preset=preset.name, method=method, n_ctx=target, trained_ctx=trained, scale=scale,
+        flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v,
+        n_batch=min(c.n_batch, target), n_ubatch=min(c.n_ubatch, c.n_batch, target), notes=tuple(notes),
+    )
+    if not rope:
+        return RuntimeParams(rope_scaling_type=None, rope_freq_base=0.0, rope_freq_scale=0.0, **common)
+    if method in ("none", "extrapolate"):
+        return RuntimeParams(rope_scaling_type="none", rope_freq_base=base, rope_freq_scale=1.0, **common)
+    if method == "linear":
+        return RuntimeParams(rope_scaling_type="linear", rope_freq_base=base, rope_freq_scale=1.0 / scale, **common)
+    if method == "ntk":
+        dims = facts.rope_dims or facts.head_dim_k
+        new_base = base * scale ** (dims / (dims - 2))
+        return RuntimeParams(rope_scaling_type="none", rope_freq_base=new_base, rope_freq_scale=1.0, **common)
+    y = preset.yarn
+    return RuntimeParams(
+        rope_scaling_type="yarn", rope_freq_base=base, rope_freq_scale=1.0 / scale, yarn_orig_ctx=trained,
+        yarn_ext_factor=-1.0 if y.ext_factor is None else float(y.ext_factor),
+        yarn_attn_factor=-1.0 if y.attn_factor is None else float(y.attn_factor),
+        yarn_beta_fast=float(y.beta_fast), yarn_beta_slow=float(y.beta_slow), **common,
+    )
+
+
+def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
+    """Whether a preset applies to a model, and why not (for `inspect` and `presets list`)."""
+    try:
+        params = resolve(preset, facts, ctx=facts.trained_context * 4 if preset.method == "auto" else None)
+    except PresetError as exc:
+        return False, str(exc).split(".")[0]
+    return True, f"{params.method} to {params.n_ctx}"
+
+
+def suggest_preset(facts: ModelFacts, needed: int) -> str:
+    """The smallest shipped preset whose window holds `needed` tokens on this model."""
+    best: tuple[int, str] | None = None
+    for preset in list_presets():
+        if preset.method not in ("none", "yarn", "extrapolate") or (preset.method == "extrapolate" and facts.positions == "rope"):
+            continue
+        try:
+            params = resolve(preset, facts)
+        except PresetError:
+            continue
+        if params.n_ctx >= needed and (best is None or params.n_ctx < best[0]):
+            best = (params.n_ctx, preset.name)
+    if best:
+        return f"--preset {best[1]}"
+    return f"--preset auto --ctx {-(-needed // 1024) * 1024}"

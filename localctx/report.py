@@ -1,0 +1,72 @@
+"""Model reports for `inspect` and `models`: plain data, rendered by the CLI."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .errors import LocalctxError
+from .gguf_meta import KV_CACHE_TYPES, ModelFacts
+from .memory import kv_cache_bytes
+from .paths import default_model_path, list_user_models
+from .presets import applicable, list_presets
+from .runtime import model_facts
+
+REPORT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
+
+
+def inspect_model(model: str | Path | None) -> dict[str, Any]:
+    facts = model_facts(model)
+    return model_report(facts)
+
+
+def model_report(facts: ModelFacts) -> dict[str, Any]:
+    return {
+        "path": str(facts.path),
+        "file_size": facts.file_size,
+        "architecture": facts.architecture,
+        "name": facts.name,
+        "quantization": facts.quantization,
+        "positions": facts.positions,
+        "context_length": facts.context_length,
+        "trained_context": facts.trained_context,
+        "rope_freq_base": facts.rope_freq_base,
+        "rope_dimension_count": facts.rope_dims,
+        "rope_scaling": asdict(facts.scaling) if facts.scaling else None,
+        "converted_by_localctx": asdict(facts.provenance) if facts.provenance else None,
+        "layers": facts.n_layers,
+        "attention_heads": facts.n_heads,
+        "kv_heads": facts.n_heads_kv,
+        "head_dim": facts.head_dim_k,
+        "kv_cache_bytes_per_token": {t: facts.kv_bytes_per_token(t) for t in KV_CACHE_TYPES},
+        "kv_cache_bytes": {
+            str(n): {t: kv_cache_bytes(facts, n, t, t) for t in KV_CACHE_TYPES} for n in REPORT_CONTEXTS
+        },
+        "presets": {p.name: _applies(p, facts) for p in list_presets()},
+    }
+
+
+def _applies(preset: Any, facts: ModelFacts) -> dict[str, Any]:
+    ok, detail = applicable(preset, facts)
+    return {"applies": ok, "detail": detail}
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The default model and every GGUF in the user's models directory."""
+    rows = []
+    try:
+        rows.append(_row(default_model_path(), default=True))
+    except LocalctxError as exc:  # the default model may be missing: still list the others
+        rows.append({"path": None, "default": True, "error": str(exc)})
+    rows += [_row(path, default=False) for path in list_user_models()]
+    return rows
+
+
+def _row(path: Path, default: bool) -> dict[str, Any]:
+    try:
+        facts = model_facts(path)
+    except LocalctxError as exc:
+        return {"path": str(path), "default": default, "error": str(exc)}
+    return {"path": str(path), "default": default, "name": facts.name, "architecture": facts.architecture,
+            "quantization": facts.quantization, "trained_context": facts.trained_context,
+            "context_length": facts.context_length, "file_size": facts.file_size}
