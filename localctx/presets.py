@@ -254,7 +254,10 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         raise PresetError(f"A context of {target} tokens is too small.")
     scale = target / trained
     if method == "auto":
-        method = "yarn" if target > trained and facts.positions == "rope" else "extrapolate"
+        if target <= trained:
+            method = "none"
+        else:
+            method = "yarn" if facts.positions == "rope" else "extrapolate"
     _check_positions(preset, facts, method, target)
     if target <= trained and method != "extrapolate":
         method = "none"

@@ -1,0 +1,91 @@
+"""Overhead of localctx over raw llama-cpp-python: the same model, the same llama.cpp parameters,
+the same prompts and greedy decoding, in one process, runs interleaved. Prints the throughput
+ratio (localctx / raw); the target is >= 0.97.
+
+    .venv/bin/python benchmarks/overhead.py [--reps 3] [--prompt-tokens 256] [--max-tokens 128] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from localctx.engine import _CACHE_TYPES, _SCALING_TYPES, default_threads
+from localctx.evaluate import default_text_path
+from localctx.generate import GenerateRequest, generate
+from localctx.runtime import RunSpec, open_engine
+
+SAMPLING = dict(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
+
+
+def raw_llama(engine) -> llama_cpp.Llama:
+    """A plain llama_cpp.Llama built from the very RuntimeParams the localctx engine loaded with."""
+    p = engine.params
+    return llama_cpp.Llama(
+        model_path=str(engine.facts.path), n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch,
+        n_threads=default_threads(), n_threads_batch=default_threads(), n_gpu_layers=engine.gpu_layers,
+        rope_scaling_type=_SCALING_TYPES[p.rope_scaling_type], rope_freq_base=p.rope_freq_base,
+        rope_freq_scale=p.rope_freq_scale, yarn_ext_factor=p.yarn_ext_factor, yarn_attn_factor=p.yarn_attn_factor,
+        yarn_beta_fast=p.yarn_beta_fast, yarn_beta_slow=p.yarn_beta_slow, yarn_orig_ctx=p.yarn_orig_ctx,
+        flash_attn=p.flash_attn, type_k=_CACHE_TYPES[p.type_k], type_v=_CACHE_TYPES[p.type_v], seed=0, verbose=False)
+
+
+def time_localctx(engine, prompt: str, max_tokens: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    gen = generate(engine, GenerateRequest(prompt, max_tokens=max_tokens, temperature=0.0))
+    for _ in gen:
+        pass
+    return time.perf_counter() - start, gen.timings.generated_tokens
+
+
+def time_raw(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    n = 0
+    for _ in llm.create_completion(prompt, max_tokens=max_tokens, stream=True, seed=0, **SAMPLING):
+        n += 1
+    return time.perf_counter() - start, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="native")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    engine = open_engine(RunSpec(preset=args.preset))
+    llm = raw_llama(engine)
+    tokens = engine.tokenize(default_text_path().read_text(encoding="utf-8"), add_bos=False)
+    # A different prompt per rep (the same for both sides) so neither reuses a cached prefix.
+    prompts = [engine.detokenize(tokens[20000 + i * 3000 : 20000 + i * 3000 + args.prompt_tokens])
+               for i in range(args.reps + 1)]
+    time_localctx(engine, prompts[0], 8), time_raw(llm, prompts[0], 8)  # warm-up
+    rows = {"localctx": [], "raw": []}
+    for i, prompt in enumerate(prompts[1:]):
+        order = [("localctx", time_localctx, engine), ("raw", time_raw, llm)]
+        for name, fn, target in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            seconds, n = fn(target, prompt, args.max_tokens)
+            rows[name].append({"seconds": seconds, "generated": n})
+            print(f"rep {i} {name:<8} {seconds:6.2f} s  {n} tokens", file=sys.stderr)
+    report = {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+              "reps": args.reps, "params": engine.params.to_dict(), "llama_cpp_python": llama_cpp.__version__}
+    for name, runs in rows.items():
+        # Median end-to-end throughput: (prompt + generated tokens) per wall second of the whole call.
+        report[name] = {"median_seconds": statistics.median(r["seconds"] for r in runs),
+                        "generated": [r["generated"] for r in runs],
+                        "tokens_per_second": statistics.median((args.prompt_tokens + r["generated"]) / r["seconds"] for r in runs)}
+    report["ratio"] = report["localctx"]["tokens_per_second"] / report["raw"]["tokens_per_second"]
+    print(f"localctx {report['localctx']['tokens_per_second']:.1f} tok/s, raw llama-cpp-python "
+          f"{report['raw']['tokens_per_second']:.1f} tok/s: ratio {report['ratio']:.3f} (target >= 0.97)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Prompt and generation throughput at several context depths, per attention/KV-cache config.
+
+One pass per config fills the context step by step: the prompt at each depth extends the previous
+one, llama-cpp-python reuses the cached prefix, and the prompt time is summed over the steps, so
+"prompt tok/s at 16K" is the time to process the first 16K tokens, as a 16K prompt would take.
+Each config runs in its own process (clean peak-RSS reading).
+
+    .venv/bin/python benchmarks/throughput.py --depths 2k,8k,16k,32k --configs fa-f16,nofa-f16,fa-q8_0 --out FILE.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {"fa-f16": (True, "f16"), "nofa-f16": (False, "f16"), "fa-q8_0": (True, "q8_0")}
+GEN_TOKENS = 32
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(config: str, depths: list[int], preset: str) -> None:
+    from dataclasses import replace
+
+    from localctx.engine import Engine, Offload
+    from localctx.evaluate import default_text_path
+    from localctx.memory import estimate
+    from localctx.runtime import RunSpec, resolve_spec
+
+    fa, cache = CONFIGS[config]
+    facts, params = resolve_spec(RunSpec(preset=preset))
+    params = replace(params, flash_attn=fa, type_k=cache, type_v=cache, n_ctx=max(params.n_ctx, max(depths)))
+    engine = Engine.load(facts, params, Offload())
+    rss_loaded = peak_rss()
+    tokens = engine.tokenize(default_text_path().read_text(encoding="utf-8"), add_bos=False)
+    prompt_seconds, rows = 0.0, []
+    for depth in depths:
+        gen = engine.complete(tokens[: depth - GEN_TOKENS], max_tokens=GEN_TOKENS, temperature=0.0)
+        prompt_seconds += gen.timings.prompt_seconds  # only the tokens not already cached were processed
+        est = estimate(facts, replace(params, n_ctx=depth))
+        rows.append({"config": config, "depth": depth, "prompt_tokens": depth - GEN_TOKENS,
+                     "prompt_tps": round((depth - GEN_TOKENS) / prompt_seconds, 1),
+                     "generation_tps": round(gen.timings.generation_tps, 1), "generated": gen.timings.generated_tokens,
+                     "estimate_bytes": est.total, "kv_bytes": est.kv_bytes, "peak_rss_bytes": peak_rss(),
+                     "rss_after_load_bytes": rss_loaded, "window": params.n_ctx})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps(rows))
+
+
+def parse_depths(text: str) -> list[int]:
+    return [int(t[:-1]) * 1024 if t.lower().endswith("k") else int(t) for t in text.split(",")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--depths", default="2k,8k,16k,32k")
+    ap.add_argument("--configs", default="fa-f16,nofa-f16,fa-q8_0")
+    ap.add_argument("--preset", default="yarn-32k")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    depths = sorted(parse_depths(args.depths))
+    if args.child:
+        return child(args.child, depths, args.preset)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    for config in args.configs.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", config, "--depths", args.depths,
+                               "--preset", args.preset], stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            print(f"{config}: failed (exit {proc.returncode})", file=sys.stderr)
+            continue
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Newer measurements of the same (config, depth) replace older ones.
+        results = [r for r in results if (r["config"], r["depth"]) not in {(x["config"], x["depth"]) for x in rows}]
+        results += rows
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(sorted(results, key=lambda r: (r["config"], r["depth"])), indent=2))
+    for r in sorted(results, key=lambda r: (r["depth"], r["config"])):
+        print(f"{r['depth']:>6} {r['config']:<9} prompt {r['prompt_tps']:>7.1f} tok/s  gen {r['generation_tps']:>6.1f} tok/s  "
+              f"est {r['estimate_bytes'] / 2**20:7.0f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The `eval` group: perplexity against context length, and passkey retrieval, per preset."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..cli import echo_json
+from ..options import _gpu_layers, json_option, model_option
+from ..runtime import RunSpec
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_PRESETS = "extrapolate-32k,linear-32k,ntk-32k,yarn-32k"
+
+
+def eval_options(f: F) -> F:
+    """Options shared by both evaluations; model and runtime options are gathered into `spec`."""
+    options = [
+        model_option,
+        click.option("--presets", default=DEFAULT_PRESETS, show_default=True, help="Comma-separated presets to compare."),
+        click.option("--lengths", default="2k,4k,8k,16k,32k", show_default=True,
+                     help="Comma-separated context lengths in tokens (k = 1024)."),
+        click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores]."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True),
+        click.option("--gpu-layers", callback=_gpu_layers, metavar="N|all", help="Layers to offload to the GPU."),
+        click.option("--force", is_flag=True, help="Load even when the memory estimate exceeds free memory."),
+        click.option("--no-cache", is_flag=True, help="Recompute every cell (finished cells are still saved)."),
+        click.option("--cached-only", is_flag=True, help="Compute nothing: report finished cells, '-' for the rest."),
+        json_option,
+        click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per cell."),
+        click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+                     help="Also draw the results to this image (needs matplotlib)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _spec(model: str | None, threads: int | None, device: str, gpu_layers: str | None, force: bool) -> RunSpec:
+    return RunSpec(model=model, threads=threads, device=device, gpu_layers=gpu_layers, force=force)
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _render(result: Any, table: Callable[[Any], str], as_json: bool, as_csv: bool, plot_file: Path | None) -> None:
+    from ..evaluate import plot, to_csv
+
+    if as_json:
+        echo_json(result.to_dict())
+    elif as_csv:
+        click.echo(to_csv(result), nl=False)
+    else:
+        click.echo(table(result))
+    if plot_file:
+        click.echo(f"plot written to {plot(result, plot_file)}", err=True)
+    click.echo(f"{result.computed} cell(s) computed, {len(result.cells) - result.computed} cached or n/a", err=True)
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Measure how each context-extension preset works on a model: perplexity and passkey.
+
+    Finished cells are cached per model, preset, length and text, so an interrupted run resumes
+    where it stopped and a repeated one is instant.
+
+    \b
+    Examples:
+      localctx eval ppl --presets native,yarn-32k --lengths 2k,8k,32k --plot ppl.png
+      localctx eval passkey --presets yarn-32k --lengths 8k,16k --depths 0,0.5,1
+    """
+
+
+@eval_group.command("ppl")
+@eval_options
+@click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Plain-text file to score [default: ../shared/corpus/pride_and_prejudice.txt in a checkout].")
+@click.option("--mode", type=click.Choice(["fixed", "chunks"]), default="fixed", show_default=True,
+              help="fixed: one span scored after each length of context; chunks: llama-perplexity's method.")
+@click.option("--span", type=click.IntRange(1), default=256, show_default=True, help="fixed: tokens scored.")
+@click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
+@click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
+@click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
+def ppl(model: str | None, presets: str, lengths: str, threads: int | None, device: str, gpu_layers: str | None,
+        force: bool, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool, plot_file: Path | None, text_file: Path | None,
+        mode: str, span: int, end: int | None, ctx: int | None, max_chunks: int | None) -> None:
+    """Perplexity against context length, one row per preset.
+
+    In fixed mode the same target span (the SPAN tokens ending at token END) is scored after
+    each LENGTH of preceding context, so only the amount of context varies. A length above a
+    preset's window is reported as n/a; nothing is ever truncated. In chunks mode each length
+    is a window size and the text is scored as llama.cpp's llama-perplexity does (consecutive
+    windows, second half of each scored), so the numbers can be checked against that tool.
+
+    \b
+    Examples:
+      localctx eval ppl --presets extrapolate-32k,linear-32k,ntk-32k,yarn-32k --lengths 8k,16k,32k
+      localctx eval ppl --presets native --lengths 2k,4k,8k --text book.txt --csv
+      localctx eval ppl --presets native,yarn-32k --mode chunks --ctx 512 --chunks 20 --json
+    """
+    from ..evaluate import CellCache, PplRequest, load_text, parse_lengths, parse_presets, ppl_table, run_ppl
+
+    request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
+                         mode=mode, span=span, end=end, max_chunks=max_chunks)
+    result = run_ppl(request, _spec(model, threads, device, gpu_layers, force),
+                     cache=CellCache(enabled=not no_cache), progress=_progress,
+                     compute=not cached_only)
+    _render(result, ppl_table, as_json, as_csv, plot_file)
+
+
+@eval_group.command("passkey")
+@eval_options
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True,
+              help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
+@click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
+def passkey(model: str | None, presets: str, lengths: str, threads: int | None, device: str, gpu_layers: str | None,
+            force: bool, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool, plot_file: Path | None, depths: str,
+            trials: int, seed: int) -> None:
+    """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?
+
+    Each cell is exactly LENGTH tokens: the prompt (task line, filler with the key sentence at
+    the given depth, question) plus 8 greedily decoded answer tokens. A cell scores 1 when the
+    first integer of the answer is the key.
+
+    \b
+    Examples:
+      localctx eval passkey --presets yarn-32k,linear-32k --lengths 8k,16k,32k --depths 0,0.5,1
+      localctx eval passkey --presets native --lengths 2k,4k --trials 5 --seed 1 --plot passkey.png
+    """
+    from ..evaluate import (CellCache, PasskeyRequest, parse_depths, parse_lengths, parse_presets, passkey_table,
+                            run_passkey)
+
+    request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
+    result = run_passkey(request, _spec(model, threads, device, gpu_layers, force),
+                         cache=CellCache(enabled=not no_cache), progress=_progress,
+                     compute=not cached_only)
+    _render(result, passkey_table, as_json, as_csv, plot_file)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(eval_group)

@@ -1,0 +1,654 @@
+"""Bake a resolved preset into a new GGUF: plan the metadata change, stream an atomic copy, verify.
+
+The output differs from the input only in a handful of metadata entries: every other key-value is
+copied as its raw bytes, the tensor-info block is copied unchanged, and the tensor data is streamed
+byte for byte in bounded pieces (tensor offsets are relative to the data section, so they stay
+valid once the data section starts on an aligned boundary again). The new file appears under its
+final name only after it is complete and fsynced, so an interrupted run never leaves a partial OUT.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import secrets
+import shutil
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFValueType, Keys
+
+from . import __version__
+from .errors import ConversionError
+from .gguf_meta import (
+    _SCALAR_FORMATS,
+    PROV_METHOD,
+    PROV_ORIG_BASE,
+    PROV_ORIG_CTX,
+    PROV_ORIG_SCALING,
+    PROV_PRESET,
+    PROV_SOURCE,
+    PROV_TOOL,
+    PROV_VERSION,
+    PROVENANCE_PREFIX,
+    GGUFHeader,
+    ModelFacts,
+    RopeScaling,
+    facts_from_header,
+    read_header,
+)
+from .paths import resolve_model_path
+from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, RuntimeParams, file_params, load_preset, resolve
+
+# The context the file said before any conversion, when it differs from the trained context (a model
+# shipped with its own scaling): `native` needs it to restore the file exactly.
+PROV_ORIG_FILE_CTX = PROVENANCE_PREFIX + "original.file_context_length"
+TOOL_NAME = "localctx"
+TEMP_MARKER = ".localctx-tmp-"
+COPY_CHUNK = 64 * 2**20  # bytes per copy step: memory stays bounded whatever the model's size
+SPACE_MARGIN = 16 * 2**20
+DEFAULT_TOLERANCE = 1e-3
+VERIFY_EXTRA_TOKENS = 256  # how far past the trained context --verify runs
+
+_INT_TYPES = {
+    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+}
+_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+
+
+# --- Planning ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any  # None: the key is absent from the input
+    new: Any  # None: the key is removed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True)
+class Original:
+    """The metadata the model had before localctx ever converted it."""
+
+    trained_context: int
+    file_context: int
+    freq_base: float | None
+    scaling: str  # "type:factor:orig_ctx" or "none" (the PROV_ORIG_SCALING format)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Path
+    header: GGUFHeader
+    facts: ModelFacts
+    params: RuntimeParams
+    updates: dict[str, tuple[GGUFValueType, Any] | None]  # key → (type, value), or None to remove
+    changes: tuple[Change, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return self.header.file_size - self.header.data_offset
+
+
+def _k(template: str, arch: str) -> str:
+    return template.format(arch=arch)
+
+
+def scaling_string(scaling: RopeScaling | None) -> str:
+    return "none" if scaling is None else f"{scaling.type}:{scaling.factor!r}:{scaling.original_context}"
+
+
+def parse_scaling(text: str) -> RopeScaling | None:
+    if not text or text == "none":
+        return None
+    try:
+        kind, factor, orig = text.split(":")
+        return RopeScaling(kind, float(factor), int(orig))
+    except ValueError:
+        raise ConversionError(f"Unreadable provenance {PROV_ORIG_SCALING} = {text!r}; "
+                              "convert the original file instead.") from None
+
+
+def original_of(header: GGUFHeader, facts: ModelFacts) -> Original:
+    """The pre-conversion metadata: from provenance when localctx wrote this file, else the file."""
+    p = facts.provenance
+    if p is None:
+        return Original(facts.trained_context, facts.context_length, facts.rope_freq_base,
+                        scaling_string(facts.scaling))
+    file_ctx = header.get(PROV_ORIG_FILE_CTX)
+    return Original(p.original_context, int(file_ctx) if isinstance(file_ctx, int) else p.original_context,
+                    p.original_freq_base, p.original_scaling)
+
+
+def _target_rope_state(facts: ModelFacts, params: RuntimeParams, header: GGUFHeader) -> dict[str, Any]:
+    """The RoPE keys (arch-qualified) as the preset needs them; None means absent."""
+    arch = facts.architecture
+    kt, kf, ko = (_k(t, arch) for t in (Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN))
+    state: dict[str, Any] = {_k(Keys.Rope.FREQ_BASE, arch): params.rope_freq_base}
+    if params.rope_scaling_type in ("linear", "yarn"):
+        state[kt] = params.rope_scaling_type
+        state[kf] = params.scale
+        # llama.cpp takes YaRN's original context from this key, else from context_length (wrong here).
+        state[ko] = params.yarn_orig_ctx if params.rope_scaling_type == "yarn" else None
+    else:
+        # An explicit "none" neutralises a type key left by the model or an earlier conversion.
+        state[kt] = "none" if kt in header.kvs else None
+        state[kf] = None
+        state[ko] = None
+    return state
+
+
+def _restored_state(facts: ModelFacts, orig: Original) -> dict[str, Any]:
+    arch = facts.architecture
+    state: dict[str, Any] = {_k(Keys.LLM.CONTEXT_LENGTH, arch): orig.file_context}
+    if facts.positions == "rope":
+        scaling = parse_scaling(orig.scaling)
+        state[_k(Keys.Rope.FREQ_BASE, arch)] = orig.freq_base
+        state[_k(Keys.Rope.SCALING_TYPE, arch)] = scaling.type if scaling else None
+        state[_k(Keys.Rope.SCALING_FACTOR, arch)] = scaling.factor if scaling else None
+        state[_k(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (scaling.original_context or None) if scaling else None
+    return state
+
+
+def _provenance_state(header: GGUFHeader, facts: ModelFacts, params: RuntimeParams, orig: Original) -> dict[str, Any]:
+    source = facts.provenance.source_file if facts.provenance else facts.path.name
+    state: dict[str, Any] = {
+        PROV_TOOL: TOOL_NAME, PROV_VERSION: __version__, PROV_PRESET: params.preset, PROV_METHOD: params.method,
+        PROV_SOURCE: source, PROV_ORIG_CTX: orig.trained_context, PROV_ORIG_BASE: orig.freq_base,
+        PROV_ORIG_SCALING: orig.scaling,
+        PROV_ORIG_FILE_CTX: orig.file_context if orig.file_context != orig.trained_context else None,
+    }
+    return state
+
+
+def _check_yarn_overrides(params: RuntimeParams) -> None:
+    """Non-default YaRN betas/factors would need extra keys that not every runtime reads: refuse
+    rather than write a file that silently behaves differently from `--preset`."""
+    if params.rope_scaling_type != "yarn":
+        return
+    odd = []
+    if params.yarn_beta_fast not in (-1.0, YARN_BETA_FAST):
+        odd.append(f"beta_fast={params.yarn_beta_fast:g}")
+    if params.yarn_beta_slow not in (-1.0, YARN_BETA_SLOW):
+        odd.append(f"beta_slow={params.yarn_beta_slow:g}")
+    if params.yarn_ext_factor >= 0:
+        odd.append(f"ext_factor={params.yarn_ext_factor:g}")
+    if params.yarn_attn_factor >= 0:
+        odd.append(f"attn_factor={params.yarn_attn_factor:g}")
+    if odd:
+        raise ConversionError(
+            f"Preset {params.preset!r} overrides YaRN's {', '.join(odd)}; the converter only writes the "
+            "standard YaRN keys (type, factor, original context). Use a preset with the default [yarn] "
+            "values, or keep this one as a runtime preset (`localctx presets show` prints its flags)."
+        )
+
+
+def plan_conversion(source: str | os.PathLike[str], preset: str, ctx: int | None = None) -> Plan:
+    """Read IN's header (bounded, refuses malformed files), resolve the preset relative to the
+    model's original context, and work out every metadata change. Touches nothing on disk."""
+    header = read_header(resolve_model_path(source))
+    facts = facts_from_header(header)
+    params = resolve(load_preset(preset), facts, ctx=ctx)
+    _check_yarn_overrides(params)
+    orig = original_of(header, facts)
+    arch = facts.architecture
+    if params.method == "none":
+        # Restore the model exactly as it was before localctx touched it; provenance goes too.
+        target = _restored_state(facts, orig)
+        target.update({key: None for key in header.kvs if key.startswith(PROVENANCE_PREFIX)})
+    else:
+        target = {_k(Keys.LLM.CONTEXT_LENGTH, arch): params.n_ctx}
+        if facts.positions == "rope":
+            target.update(_target_rope_state(facts, params, header))
+        target.update(_provenance_state(header, facts, params, orig))
+    base_key = _k(Keys.Rope.FREQ_BASE, arch)
+    if base_key not in header.kvs and target.get(base_key) == facts.rope_freq_base:
+        target.pop(base_key)  # absent means llama.cpp's default, which is already the value wanted
+    updates, changes = _diff(header, target)
+    return Plan(header.path, header, facts, params, updates, tuple(changes))
+
+
+def _diff(header: GGUFHeader, target: dict[str, Any]) -> tuple[dict[str, tuple[GGUFValueType, Any] | None], list[Change]]:
+    updates: dict[str, tuple[GGUFValueType, Any] | None] = {}
+    changes: list[Change] = []
+    for key, new in target.items():
+        kv = header.kvs.get(key)
+        if new is None:
+            if kv is not None:
+                updates[key] = None
+                changes.append(Change(key, kv.value, None))
+            continue
+        vtype = _value_type(key, kv.type if kv else None, new)
+        stored = _as_stored(vtype, new, key)
+        if kv is not None and kv.value == stored:
+            continue
+        updates[key] = (vtype, stored)
+        changes.append(Change(key, kv.value if kv else None, stored))
+    return updates, changes
+
+
+def _value_type(key: str, existing: GGUFValueType | None, value: Any) -> GGUFValueType:
+    """An existing key keeps its GGUF type; a new one gets the type gguf-py's writer would use."""
+    if existing is not None:
+        if existing == GGUFValueType.ARRAY:
+            raise ConversionError(f"{key} is an array in this file; the converter only rewrites scalar keys.")
+        return existing
+    if isinstance(value, str):
+        return GGUFValueType.STRING
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT64 if key == PROV_ORIG_BASE else GGUFValueType.FLOAT32
+    return GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.UINT64
+
+
+def _as_stored(vtype: GGUFValueType, value: Any, key: str) -> Any:
+    """The value as it reads back from the file (float32 rounding included), so diffs are honest."""
+    if vtype == GGUFValueType.STRING:
+        if not isinstance(value, str):
+            raise ConversionError(f"{key} holds a string in this file, cannot store {value!r} in it.")
+        return value
+    if isinstance(value, str):
+        raise ConversionError(f"{key} holds a {vtype.name} in this file, cannot store {value!r} in it.")
+    if vtype in _INT_TYPES:
+        if float(value) != int(value):
+            raise ConversionError(f"{key} holds an integer ({vtype.name}) in this file, cannot store {value!r}.")
+        value = int(value)
+    elif vtype in _FLOAT_TYPES:
+        value = float(value)
+    fmt = _SCALAR_FORMATS[vtype]
+    try:
+        return struct.unpack(fmt, struct.pack(fmt, value))[0]
+    except (struct.error, OverflowError):
+        raise ConversionError(f"{value!r} does not fit {key} ({vtype.name}).") from None
+
+
+# --- Encoding ----------------------------------------------------------------------------------
+
+
+def _encode_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_kv(key: str, vtype: GGUFValueType, value: Any) -> bytes:
+    """One GGUF key-value entry (scalars and strings) as it is laid out in a file."""
+    head = _encode_string(key) + struct.pack("<I", int(vtype))
+    if vtype == GGUFValueType.STRING:
+        return head + _encode_string(value)
+    return head + struct.pack(_SCALAR_FORMATS[vtype], value)
+
+
+def build_header(plan: Plan, raw: bytes) -> bytes:
+    """Everything before the data section of the new file: magic, version, counts, key-values
+    (untouched ones as their raw bytes, in their original order), tensor infos, alignment padding.
+    `raw` is the input's bytes from 0 to the end of its tensor-info block."""
+    h = plan.header
+    entries: list[bytes] = []
+    for key, kv in h.kvs.items():
+        if key in plan.updates:
+            update = plan.updates[key]
+            if update is not None:
+                entries.append(encode_kv(key, *update))
+        else:
+            start, end = kv.span
+            entries.append(raw[start:end])
+    entries += [encode_kv(key, *u) for key, u in plan.updates.items() if key not in h.kvs and u is not None]
+    start, end = h.tensor_info_span
+    out = bytearray(raw[:8])  # magic and version, as they were
+    out += struct.pack("<QQ", len(h.tensors), len(entries))
+    for entry in entries:
+        out += entry
+    out += raw[start:end]
+    out += b"\0" * (-len(out) % h.alignment)
+    return bytes(out)
+
+
+# --- Writing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    bytes: int
+    seconds: float
+
+
+def check_output(source: Path, out: Path, force: bool) -> None:
+    """Refuse OUT when it is IN (same path, symlink or hard link), a directory, or exists without --force."""
+    src = os.stat(source)
+    try:
+        dst = os.stat(out)  # follows a symlink: OUT pointing at IN is IN
+    except FileNotFoundError:
+        dst = None
+    except OSError as exc:
+        raise ConversionError(f"Cannot use {out} as output: {exc.strerror}.") from None
+    if dst is not None and (dst.st_dev, dst.st_ino) == (src.st_dev, src.st_ino):
+        raise ConversionError(
+            f"{out} is the input file itself (same path, symlink or hard link). localctx never rewrites "
+            "a model in place: give a new output path."
+        )
+    if out.is_dir():
+        raise ConversionError(f"{out} is a directory; give the output file's path, e.g. {out / source.name}.")
+    if not out.parent.is_dir():
+        raise ConversionError(f"The output directory {out.parent} does not exist; create it first.")
+    if os.path.lexists(out) and not force:
+        raise ConversionError(f"{out} already exists; pass --force to replace it.")
+
+
+def temp_prefix(out: Path) -> str:
+    return f".{out.name}{TEMP_MARKER}"
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove temp files that a killed run (SIGKILL, power loss) left beside OUT. The writer's pid is
+    part of the name, so a conversion still running elsewhere keeps its file."""
+    removed = []
+    for path in out.parent.glob(temp_prefix(out) + "*"):
+        pid_text = path.name[len(temp_prefix(out)):].split("-", 1)[0]
+        if pid_text.isdigit() and _alive(int(pid_text)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of this very process cannot still be in use
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + SPACE_MARGIN:
+        raise ConversionError(
+            f"Not enough free space in {directory}: the converted file needs {_human(needed)} "
+            f"and only {_human(free)} is free. Free some space or write OUT elsewhere."
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. `timeout`, a service manager) cleans up like Ctrl-C instead of dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_converted(plan: Plan, out: Path, *, force: bool = False,
+                    before_publish: Callable[[Path], None] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> WriteStats:
+    """Write the converted file to a temp file beside OUT, fsync it, run `before_publish` on it
+    (verification), then move it to OUT. Any failure or interrupt removes the temp file."""
+    check_output(plan.source, out, force)
+    clean_stale_temps(out)
+    with open(plan.source, "rb") as src:
+        raw = _read_exact(src, plan.header.tensor_info_span[1], plan.source)
+        header = build_header(plan, raw)
+        del raw
+        total = len(header) + plan.data_bytes
+        check_space(out.parent, total)
+        start = time.perf_counter()
+        tmp = out.parent / f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
+        with _sigterm_as_interrupt():
+            try:
+                _write_temp(src, tmp, header, plan, progress)
+                if before_publish is not None:
+                    before_publish(tmp)
+                _publish(tmp, out, force)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    return WriteStats(total, time.perf_counter() - start)
+
+
+def _read_exact(fh: Any, n: int, path: Path) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise ConversionError(f"{path} changed while it was being read; try again.")
+    return data
+
+
+def _write_temp(src: Any, tmp: Path, header: bytes, plan: Plan, progress: Callable[[int, int], None] | None) -> None:
+    if os.fstat(src.fileno()).st_size != plan.header.file_size:
+        raise ConversionError(f"{plan.source} changed size since its header was read; try again.")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            _write_all(fd, header)
+            copy_range(src.fileno(), fd, plan.header.data_offset, plan.data_bytes, progress)
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ConversionError(f"The disk holding {tmp.parent} filled up while writing; "
+                                      "nothing was written to the output. Free some space and retry.") from None
+            raise ConversionError(f"Writing {tmp} failed: {exc}; nothing was written to the output.") from None
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
+               progress: Callable[[int, int], None] | None = None) -> None:
+    """Copy `length` bytes of src from `offset` to dst's current position, COPY_CHUNK at a time:
+    in the kernel with copy_file_range where it works, else through one reused buffer. Either way
+    memory use does not depend on the model's size."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    buf = None
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        if use_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                use_kernel = False
+                continue
+        else:
+            if buf is None:
+                buf = memoryview(bytearray(COPY_CHUNK))
+            copied = os.preadv(src_fd, [buf[:n]], offset + done)
+            _write_all(dst_fd, buf[:copied])
+        if copied == 0:
+            raise ConversionError("The input file ended early (it changed during the copy); try again.")
+        done += copied
+        if progress is not None:
+            progress(done, length)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Give the temp file its final name atomically. Without --force a hard link is used, which
+    fails instead of clobbering an OUT that appeared meanwhile."""
+    if force:
+        os.replace(tmp, out)
+    else:
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise ConversionError(f"{out} appeared while converting; pass --force to replace it.") from None
+        except OSError:  # a filesystem without hard links
+            if os.path.lexists(out):
+                raise ConversionError(f"{out} appeared while converting; pass --force to replace it.") from None
+            os.replace(tmp, out)
+        else:
+            tmp.unlink()
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- Verification ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    tokens: int
+    positions: tuple[int, ...]
+    max_abs_diff: float
+    tolerance: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "positions": list(self.positions), "max_abs_diff": self.max_abs_diff,
+                "tolerance": self.tolerance, "passed": self.passed, "seconds": round(self.seconds, 2)}
+
+
+FALLBACK_TEXT = (
+    "The converter copies every tensor unchanged and only rewrites the metadata that tells the runtime "
+    "how to rotate positions. A long prompt checks that the file alone reproduces the preset. "
+)
+
+
+def verify_conversion(original: Path, converted: Path, params: RuntimeParams, *, text: str | None = None,
+                      n_tokens: int | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                      threads: int | None = None) -> VerifyResult:
+    """Run one prompt longer than the trained context through the original (with the preset's
+    runtime parameters) and the converted file (with none), and compare the logits."""
+    from .engine import Engine  # llama_cpp is slow to import; only --verify needs it
+
+    start = time.perf_counter()
+    facts = facts_from_header(read_header(original))
+    n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
+    with Engine.load(facts, params, threads=threads) as engine:
+        tokens = _prompt_tokens(engine, text, n)
+        positions = _verify_positions(len(tokens), params.trained_ctx)
+        expected = engine.logits_at(tokens, positions)
+    conv_facts = facts_from_header(read_header(converted))
+    from_file = replace(file_params(conv_facts, params.n_ctx), flash_attn=params.flash_attn, type_k=params.type_k,
+                        type_v=params.type_v, n_batch=params.n_batch, n_ubatch=params.n_ubatch)
+    with Engine.load(conv_facts, from_file, threads=threads) as engine:
+        got = engine.logits_at(tokens, positions)
+    diff = float(abs(expected.astype("float64") - got.astype("float64")).max())
+    if math.isnan(diff):
+        diff = math.inf
+    return VerifyResult(len(tokens), tuple(positions), diff, tolerance, time.perf_counter() - start)
+
+
+def _prompt_tokens(engine: Any, text: str | None, n: int) -> list[int]:
+    """`n` tokens of `text`, repeated when it is too short (a prompt still exercises every position)."""
+    text = text or FALLBACK_TEXT
+    tokens = engine.tokenize(text, add_bos=True)
+    body = engine.tokenize(text, add_bos=False) or tokens
+    while len(tokens) < n:
+        tokens += body
+    return tokens[:n]
+
+
+def _verify_positions(n: int, trained: int) -> list[int]:
+    wanted = {n // 4, n // 2, trained - 1, trained, n - 3, n - 2, n - 1}
+    return sorted(p for p in wanted if 0 <= p < n)
+
+
+# --- The one entry point -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    plan: Plan
+    output: Path
+    written: bool
+    stats: WriteStats | None
+    verify: VerifyResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": str(self.plan.source),
+            "output": str(self.output),
+            "preset": self.plan.params.preset,
+            "method": self.plan.params.method,
+            "params": self.plan.params.to_dict(),
+            "changes": [c.to_dict() for c in self.plan.changes],
+            "dry_run": not self.written,
+            "written": self.written,
+            "bytes": self.stats.bytes if self.stats else None,
+            "seconds": round(self.stats.seconds, 3) if self.stats else None,
+            "verify": self.verify.to_dict() if self.verify else None,
+        }
+
+
+def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], preset: str, *, ctx: int | None = None,
+            dry_run: bool = False, force: bool = False, verify: bool = False, verify_text: str | None = None,
+            verify_tokens: int | None = None, tolerance: float = DEFAULT_TOLERANCE, threads: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> ConversionResult:
+    """Convert SOURCE into OUT with PRESET baked into its metadata (see module docstring).
+
+    With `verify`, the temp file is checked before it is published: a failed check leaves no OUT."""
+    out = Path(out).expanduser()
+    if dry_run and verify:
+        raise ConversionError("--verify needs the converted file; drop --dry-run to convert and verify.")
+    plan = plan_conversion(source, preset, ctx)
+    if dry_run:
+        check_output(plan.source, out, force)
+        return ConversionResult(plan, out, False, None, None)
+    results: list[VerifyResult] = []
+
+    def check(tmp: Path) -> None:
+        result = verify_conversion(plan.source, tmp, plan.params, text=verify_text, n_tokens=verify_tokens,
+                                   tolerance=tolerance, threads=threads)
+        results.append(result)
+        if not result.passed:
+            raise ConversionError(
+                f"Verification failed: the converted file's logits differ from the original's with preset "
+                f"{plan.params.preset} by up to {result.max_abs_diff:.3g} (tolerance {tolerance:g}) over "
+                f"{result.tokens:,} tokens; {out} was not written."
+            )
+
+    stats = write_converted(plan, out, force=force, before_publish=check if verify else None, progress=progress)
+    return ConversionResult(plan, out, True, stats, results[0] if results else None)
