@@ -3,6 +3,8 @@ tokens, and read logits at chosen positions."""
 from __future__ import annotations
 
 import codecs
+import ctypes
+import sys
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +36,25 @@ REBUILD = {
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" bash scripts/install.sh',
 }
+
+
+# --- llama.cpp's own log ---------------------------------------------------------------------
+
+_verbose_log = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: object) -> None:
+    # llama-cpp-python's own callback maps ggml's log levels wrongly and lets warnings through;
+    # localctx keeps llama.cpp silent unless --verbose, and then sends everything to stderr.
+    if _verbose_log:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def set_llama_log(verbose: bool) -> None:
+    global _verbose_log
+    _verbose_log = verbose
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 # --- Build facts and offload -----------------------------------------------------------------
@@ -179,6 +200,7 @@ class Engine:
         check_memory(facts, params, gpu_layers=gpu_layers, force=force)
         threads = threads or default_threads()
         try:
+            set_llama_log(verbose)
             llm = llama_cpp.Llama(
                 model_path=str(facts.path),
                 n_ctx=params.n_ctx,
@@ -201,6 +223,7 @@ class Engine:
                 seed=seed,
                 verbose=verbose,
             )
+            set_llama_log(verbose)
         except (ValueError, RuntimeError) as exc:
             raise LocalctxError(
                 f"llama.cpp could not load {facts.path} at {params.n_ctx} tokens ({exc}). "

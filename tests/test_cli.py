@@ -128,6 +128,9 @@ def test_generate_paris(run_cli):
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "llama" not in result.stdout.lower()  # llama.cpp's log stays out of stdout
+    assert result.stderr == ""  # ... and out of stderr unless --verbose
+    verbose = run_cli("generate", "hi", "--max-tokens", "2", "--verbose", "--preset", "yarn-16k")
+    assert "llama_context" in verbose.stderr
 
 
 def test_generate_json_and_stdin(run_cli):

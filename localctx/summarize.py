@@ -1,0 +1,560 @@
+"""Batch summarization: documents → (one pass | chunks → map → reduce) over the engine, resumable.
+
+Per document the strategy comes from real token counts: if the instruction, the whole document and
+the answer budget fit the window, one pass ("stuff"); otherwise the text is split at natural
+boundaries into chunks that fill the window, each chunk is summarized (map), and the partial
+summaries are combined, recursively, until one call holds them all (reduce).
+
+Every completed model call and document is saved in a Store keyed by content hash + model + preset
++ prompt + strategy settings, so a re-run skips finished work and a killed batch resumes where it
+stopped. The engine is loaded once per batch, and only when something is left to do."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .documents import decode_bytes, read_text
+from .errors import ContextOverflowError, InputError, LocalctxError
+from .paths import cache_dir
+from .runtime import RunSpec, open_engine, resolve_spec
+from .summary_store import Store, markdown, sha256_text, write_jsonl, atomic_write
+
+DEFAULT_PROMPT = ("Summarize the following text in a few sentences. "
+                  "Name the main characters and say what happens.")
+REDUCE_NOTE = ("The text below is a series of summaries of consecutive parts of one document. "
+               "Combine them into a single summary of the whole document.")
+STRATEGIES = ("auto", "stuff", "map-reduce")
+STORE_VERSION = 1  # bump when prompts or record layout change, so old results are not reused
+REPEAT_PENALTY = 1.1  # a 135M model at temperature 0 loops without it
+_GLOB_CHARS = set("*?[")
+
+
+class Interrupted(LocalctxError):
+    """Ctrl-C during a batch: everything finished so far is saved."""
+
+    exit_code = 130
+    message = "Interrupted. Finished documents and chunk summaries are saved; run the same command again to resume."
+
+
+# --- Options and records -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SummarizeOptions:
+    strategy: str = "auto"
+    chunk_tokens: int | None = None  # map chunk size; None: fill the window
+    overlap: int = 0  # tokens shared by neighbouring chunks
+    max_summary_tokens: int = 256  # the answer budget of every call
+    prompt: str = DEFAULT_PROMPT
+    retry_failed: bool = False
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        if not self.prompt.strip():
+            raise InputError("The summary prompt is empty.")
+        if self.chunk_tokens is not None and self.overlap >= self.chunk_tokens // 2:
+            raise InputError(f"--overlap {self.overlap} must be less than half of --chunk-tokens {self.chunk_tokens}.")
+
+
+@dataclass
+class Source:
+    """One input: a file path, or stdin (path None)."""
+
+    label: str  # the path as the user sees it; "-" for stdin
+    path: Path | None
+    out_name: Path  # where its Markdown goes, relative to --out
+
+
+@dataclass
+class Document:
+    source: Source
+    text: str
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+
+@dataclass
+class BatchStats:
+    documents: int = 0
+    summarized: int = 0
+    cached: int = 0
+    failed: int = 0
+    skipped: int = 0
+    model_calls: int = 0  # calls actually run in this batch (cached calls are not counted)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    model_loaded: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    records: list[dict[str, Any]]
+    stats: BatchStats
+    out_files: list[Path] = field(default_factory=list)
+
+
+class Reporter:
+    """Progress callbacks; this base class reports nothing (see summarize_progress)."""
+
+    def batch_start(self, documents: int, cached: int, pending_tokens: int, pending_chunks: int) -> None: ...
+    def doc_start(self, index: int, total: int, label: str, strategy: str, tokens: int, chunks: int) -> None: ...
+    def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None: ...
+    def doc_done(self, record: dict[str, Any], cached: bool) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def batch_done(self, stats: BatchStats) -> None: ...
+
+
+# --- Inputs ------------------------------------------------------------------------------------
+
+
+def expand_inputs(args: Sequence[str], exclude: Path | None = None) -> list[Source]:
+    """Files, directories (recursively, hidden entries skipped), glob patterns and '-' (stdin).
+    A missing path or a pattern matching nothing is an error before any work starts."""
+    if not args:
+        raise InputError("Give at least one PATH (a file, a directory, a glob pattern, or - for stdin).")
+    sources: list[Source] = []
+    for arg in args:
+        if arg == "-":
+            sources.append(Source("-", None, Path("stdin.md")))
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            sources += _walk(path, exclude)
+        elif path.exists():
+            sources.append(Source(arg, path, _out_name(path)))
+        elif _GLOB_CHARS & set(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise InputError(f"No files match {arg}")
+            for m in matches:
+                p = Path(m)
+                sources += _walk(p, exclude) if p.is_dir() else [Source(m, p, _out_name(p))]
+        else:
+            raise InputError(f"Path not found: {arg}")
+    return _dedupe_out_names(sources)
+
+
+def _walk(directory: Path, exclude: Path | None) -> list[Source]:
+    skip = exclude.resolve() if exclude else None
+    files = []
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue  # .git, .localctx-cache and the like
+        if skip and (p.resolve() == skip or skip in p.resolve().parents):
+            continue  # our own output directory inside an input directory
+        files.append(p)
+    if not files:
+        raise InputError(f"{directory} contains no files to summarize.")
+    base = _out_name(directory).with_suffix("") if not directory.is_absolute() else Path(directory.resolve().name)
+    return [Source(str(p), p, base / p.relative_to(directory)) for p in files]
+
+
+def _out_name(path: Path) -> Path:
+    # Mirror a plain relative path (docs/a.txt → docs/a.txt); otherwise keep only the file name.
+    if not path.is_absolute() and ".." not in path.parts:
+        return path
+    return Path(path.name)
+
+
+def _dedupe_out_names(sources: list[Source]) -> list[Source]:
+    seen: set[Path] = set()
+    for s in sources:
+        name = s.out_name.with_suffix(".md") if s.out_name.suffix != ".md" or s.path is None else s.out_name
+        if name in seen:  # a.txt and a.py: keep both suffixes
+            name = s.out_name.with_name(s.out_name.name + ".md")
+        n = 2
+        while name in seen:
+            name = s.out_name.with_name(f"{s.out_name.name}-{n}.md")
+            n += 1
+        seen.add(name)
+        s.out_name = name
+    return sources
+
+
+def read_documents(sources: Iterable[Source], stdin: IO[bytes] | None,
+                   warn: Callable[[str], None]) -> tuple[list[Document], list[dict[str, Any]]]:
+    """Read every source; an unreadable, binary or empty one becomes a 'skipped' record."""
+    docs, skipped = [], []
+    for s in sources:
+        try:
+            text = _read(s, stdin)
+            if not text.strip():
+                raise InputError(f"{s.label} is empty; skipped.")
+        except InputError as exc:
+            message = str(exc)
+            warn(message)
+            skipped.append({"path": s.label, "sha256": None, "status": "skipped", "error": message})
+            continue
+        docs.append(Document(s, text, sha256_text(text)))
+    return docs, skipped
+
+
+def _read(source: Source, stdin: IO[bytes] | None) -> str:
+    if source.path is None:
+        if stdin is None:
+            raise InputError("- means stdin, but no stdin was given.")
+        return decode_bytes(stdin.read(), "stdin")
+    return read_text(source.path)
+
+
+# --- Keys --------------------------------------------------------------------------------------
+
+
+def fingerprint(facts: Any, params: Any, options: SummarizeOptions) -> str:
+    """What a model call's output depends on, besides its text: model, resolved preset, prompt,
+    answer budget and sampling."""
+    settings = {k: v for k, v in params.to_dict().items() if k != "notes"}
+    return sha256_text(json.dumps({
+        "version": STORE_VERSION,
+        "model": [facts.path.name, facts.file_size, facts.name, sha256_text(facts.chat_template or "")],
+        "params": settings,
+        "prompt": options.prompt,
+        "max_summary_tokens": options.max_summary_tokens,
+        "sampling": [options.temperature, options.seed, REPEAT_PENALTY],
+    }, sort_keys=True))
+
+
+def document_key(fp: str, options: SummarizeOptions, sha256: str) -> str:
+    return sha256_text(json.dumps([fp, options.strategy, options.chunk_tokens, options.overlap, sha256]))
+
+
+def call_key(fp: str, role: str, text: str) -> str:
+    return sha256_text(json.dumps([fp, role, text]))
+
+
+# --- Prompts -----------------------------------------------------------------------------------
+
+_BODY = "\x00BODY\x00"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An instruction rendered with the model's chat template around a body. The fixed part
+    (system + instruction) comes first, so llama.cpp's prefix matching evaluates it once per batch
+    and every chunk after it reuses that KV state."""
+
+    head: list[int]
+    tail: list[int]
+    stop: list[str]
+
+    @property
+    def overhead(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    @classmethod
+    def render(cls, engine: Any, instruction: str) -> Frame:
+        prompt = engine.format_chat([{"role": "user", "content": f"{instruction}\n\nText:\n{_BODY}"}])
+        head, tail = prompt.text.split(_BODY)
+        return cls(engine.tokenize(head, add_bos=False, special=True),
+                   engine.tokenize(tail, add_bos=False, special=True), prompt.stop)
+
+    def tokens(self, engine: Any, body: str) -> list[int]:
+        # The body is tokenized without special tokens: a document cannot inject chat markup.
+        return self.head + engine.tokenize(body, add_bos=False, special=False) + self.tail
+
+
+def _join_parts(parts: Sequence[str]) -> str:
+    return "\n\n".join(f"Part {i}:\n{p.strip()}" for i, p in enumerate(parts, 1))
+
+
+# --- One document ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    strategy: str
+    tokens: int
+    chunks: list[str]
+
+
+class Summarizer:
+    """Summarizes documents over one loaded engine, reusing and filling the store."""
+
+    def __init__(self, engine: Any, store: Store, options: SummarizeOptions, fp: str, reporter: Reporter) -> None:
+        self.engine, self.store, self.options, self.fp, self.reporter = engine, store, options, fp, reporter
+        self.map_frame = Frame.render(engine, options.prompt)
+        self.reduce_frame = Frame.render(engine, f"{options.prompt}\n{REDUCE_NOTE}")
+        self.room = self._room(self.map_frame)
+        self.reduce_room = self._room(self.reduce_frame)
+        self.stats = BatchStats()
+        self._doc_tokens_done = 0
+        self._check_settings()
+
+    def _room(self, frame: Frame) -> int:
+        return self.engine.n_ctx - frame.overhead - self.options.max_summary_tokens
+
+    def _check_settings(self) -> None:
+        n_ctx, budget = self.engine.n_ctx, self.options.max_summary_tokens
+        overhead = self.reduce_frame.overhead
+        # A reduce step must hold at least two partial summaries, or combining never converges.
+        if self.reduce_room < 2 * budget:
+            raise ContextOverflowError(
+                f"The summary prompt takes {overhead:,} tokens and each answer {budget:,}: that leaves "
+                f"{max(self.reduce_room, 0):,} tokens of the {n_ctx:,}-token window (preset "
+                f"{self.engine.params.preset}) for text, too little to combine two partial summaries. "
+                "Shorten --prompt, lower --max-summary-tokens, or use a larger preset."
+            )
+        chunk = self.options.chunk_tokens
+        if chunk is not None and chunk > self.room:
+            raise ContextOverflowError(
+                f"--chunk-tokens {chunk:,} does not fit: with the prompt ({self.map_frame.overhead:,} tokens) "
+                f"and the answer budget ({budget:,}) the {n_ctx:,}-token window holds at most {self.room:,}."
+            )
+        if self.options.overlap >= (chunk or self.room) // 2:
+            raise InputError(f"--overlap {self.options.overlap} must be less than half the chunk size ({chunk or self.room}).")
+
+    # --- planning --------------------------------------------------------------------------------
+
+    def plan(self, doc: Document) -> Plan:
+        tokens = self.engine.count(doc.text)
+        fits = tokens <= self.room
+        strategy = self.options.strategy
+        if strategy == "auto":
+            strategy = "stuff" if fits else "map-reduce"
+        if strategy == "stuff":
+            return Plan("stuff", tokens, [doc.text])
+        return Plan("map-reduce", tokens, self._split(doc, tokens))
+
+    def _split(self, doc: Document, tokens: int) -> list[str]:
+        from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
+        cap = self.options.chunk_tokens or self.room
+        # Balance the chunks: ceil(n / cap) chunks of about equal size summarize more evenly than
+        # full chunks and a small remainder, and cost the same number of calls.
+        k = max(1, math.ceil(tokens / max(1, cap - self.options.overlap)))
+        target = min(cap, math.ceil(tokens / k) + self.options.overlap)
+        capacity = (max(1, int(target * 0.9)), cap)
+        markdown_like = doc.source.path is not None and doc.source.path.suffix.lower() in (".md", ".markdown")
+        splitter_cls = MarkdownSplitter if markdown_like else TextSplitter
+        splitter = splitter_cls.from_callback(self.engine.count, capacity, overlap=self.options.overlap)
+        return [c for c in splitter.chunks(doc.text) if c.strip()]
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def summarize(self, doc: Document, plan: Plan, index: int, total: int) -> dict[str, Any]:
+        self.reporter.doc_start(index, total, doc.label, plan.strategy, plan.tokens, len(plan.chunks))
+        start = time.perf_counter()
+        calls: list[dict[str, Any]] = []
+        if plan.strategy == "stuff":
+            self._check_stuff(plan)
+            summary = self._call("map", self.map_frame, plan.chunks[0], calls, doc_tokens=plan.tokens)
+        else:
+            summary = self._map_reduce(plan, calls)
+        if not summary.strip():
+            raise LocalctxError("the model returned an empty summary.")
+        reused = sum(c["seconds"] for c in calls if c["cached"])
+        return {"status": "ok", "strategy": plan.strategy, "tokens": plan.tokens, "chunks": len(plan.chunks),
+                "model_calls": len(calls), "seconds": round(time.perf_counter() - start + reused, 2),
+                "summary": summary.strip(), "error": None}
+
+    def _check_stuff(self, plan: Plan) -> None:
+        if plan.tokens > self.room:
+            from .presets import suggest_preset
+
+            needed = plan.tokens + self.map_frame.overhead + self.options.max_summary_tokens
+            raise ContextOverflowError(
+                f"--strategy stuff: the document is {plan.tokens:,} tokens and needs a {needed:,}-token "
+                f"window, but preset {self.engine.params.preset} gives {self.engine.n_ctx:,}. Use "
+                f"--strategy auto (map-reduce) or {suggest_preset(self.engine.facts, needed)}."
+            )
+
+    def _map_reduce(self, plan: Plan, calls: list[dict[str, Any]]) -> str:
+        parts = []
+        for i, chunk in enumerate(plan.chunks):
+            share = plan.tokens // len(plan.chunks)  # progress measured in document tokens
+            parts.append(self._call("map", self.map_frame, chunk, calls, doc_tokens=share))
+        while len(parts) > 1:
+            groups = self._group(parts)
+            if len(groups) == len(parts):  # cannot happen while reduce_room >= 2 answers; guard anyway
+                raise ContextOverflowError("Partial summaries do not shrink enough to combine; use a larger preset.")
+            parts = [self._call("reduce", self.reduce_frame, _join_parts(g), calls) for g in groups]
+        return parts[0]
+
+    def _group(self, parts: list[str]) -> list[list[str]]:
+        """Consecutive partial summaries, as many per reduce call as the window holds."""
+        groups: list[list[str]] = [[]]
+        for part in parts:
+            candidate = groups[-1] + [part]
+            if groups[-1] and self.engine.count(_join_parts(candidate)) > self.reduce_room:
+                groups.append([part])
+            else:
+                groups[-1] = candidate
+        return groups
+
+    def _call(self, role: str, frame: Frame, body: str, calls: list[dict[str, Any]], doc_tokens: int = 0) -> str:
+        key = call_key(self.fp, role, body)
+        hit = self.store.get_call(key)
+        if hit is not None:
+            calls.append({**hit, "cached": True})
+            self._advance(hit, doc_tokens, cached=True)
+            return hit["summary"]
+        tokens = frame.tokens(self.engine, body)
+        start = time.perf_counter()
+        gen = self.engine.complete(tokens, max_tokens=self.options.max_summary_tokens,
+                                   temperature=self.options.temperature, seed=self.options.seed,
+                                   stop=frame.stop, repeat_penalty=REPEAT_PENALTY)
+        info = {"role": role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
+                "seconds": round(time.perf_counter() - start, 3), "summary": gen.text.strip()}
+        self.store.put_call(key, info)
+        calls.append({**info, "cached": False})
+        self.stats.model_calls += 1
+        self.stats.prompt_tokens += len(tokens)
+        self.stats.generated_tokens += gen.timings.generated_tokens
+        self._advance(info, doc_tokens, cached=False)
+        return info["summary"]
+
+    def _advance(self, info: dict[str, Any], doc_tokens: int, cached: bool) -> None:
+        self._doc_tokens_done += doc_tokens
+        self.reporter.call_done({**info, "cached": cached}, self._doc_tokens_done)
+
+
+# --- The batch ---------------------------------------------------------------------------------
+
+
+def store_dir() -> Path:
+    return cache_dir() / "summarize"
+
+
+def summarize_batch(inputs: Sequence[str], spec: RunSpec, options: SummarizeOptions, *,
+                    out: Path | None = None, stdin: IO[bytes] | None = None, reporter: Reporter | None = None,
+                    on_record: Callable[[dict[str, Any]], None] | None = None, engine: Any = None,
+                    store: Store | None = None) -> BatchResult:
+    """Summarize every input; finished work comes from the store, the rest runs on one engine
+    (loaded here unless `engine` is given). Records come back in input order; `on_record` sees each
+    as soon as it is final. With `out`, Markdown files and summaries.jsonl are kept up to date."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    sources = expand_inputs(inputs, exclude=out)
+    docs, skipped = read_documents(sources, stdin, reporter.warn)
+    if not docs:
+        raise InputError(f"No readable files among {', '.join(inputs)}: " + "; ".join(r["error"] for r in skipped))
+    facts, params = (engine.facts, engine.params) if engine is not None else resolve_spec(spec)
+    fp = fingerprint(facts, params, options)
+    store = store or Store(store_dir())
+    batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
+                   {"model": facts.path.name, "preset": params.preset})
+    batch.run(lambda: engine if engine is not None else open_engine(spec, seed=options.seed),
+              close=engine is None)
+    batch.stats.seconds = time.perf_counter() - started
+    reporter.batch_done(batch.stats)
+    return BatchResult(batch.ordered_records(), batch.stats, batch.out_files)
+
+
+class _Batch:
+    def __init__(self, docs: list[Document], skipped: list[dict[str, Any]], order: list[str],
+                 options: SummarizeOptions, fp: str,
+                 store: Store, reporter: Reporter, on_record: Callable[[dict[str, Any]], None] | None,
+                 out: Path | None, meta: dict[str, str]) -> None:
+        self.docs, self.options, self.fp, self.store = docs, options, fp, store
+        self.reporter, self.on_record, self.out, self.meta = reporter, on_record, out, meta
+        self.records: dict[str, dict[str, Any]] = {r["path"]: r for r in skipped}
+        self.order = order
+        self.stats = BatchStats(documents=len(docs) + len(skipped), skipped=len(skipped))
+        self.out_files: list[Path] = []
+
+    def _key(self, doc: Document) -> str:
+        return document_key(self.fp, self.options, doc.sha256)
+
+    def _finished(self, doc: Document) -> dict[str, Any] | None:
+        record = self.store.get_document(self._key(doc))
+        if record is None or (record["status"] == "failed" and self.options.retry_failed):
+            return None
+        return record
+
+    def run(self, load_engine: Callable[[], Any], close: bool) -> None:
+        for record in self.records.values():  # the skipped ones
+            if self.on_record:
+                self.on_record(record)
+        pending = []
+        for doc in self.docs:
+            record = self._finished(doc)
+            if record is None:
+                pending.append(doc)
+            else:
+                self._emit(doc, record, cached=True)
+        self._write_jsonl()
+        if not pending:
+            return  # everything is done: the model is not even loaded
+        engine = load_engine()
+        self.stats.model_loaded = True
+        try:
+            self._run_pending(engine, pending)
+        finally:
+            if close:
+                engine.close()
+
+    def _run_pending(self, engine: Any, pending: list[Document]) -> None:
+        summarizer = Summarizer(engine, self.store, self.options, self.fp, self.reporter)
+        plans = [self._plan(summarizer, doc) for doc in pending]
+        self.reporter.batch_start(len(self.docs) + self.stats.skipped, self.stats.cached,
+                                  sum(p.tokens for p in plans if p), sum(len(p.chunks) for p in plans if p))
+        try:
+            for i, (doc, plan) in enumerate(zip(pending, plans), 1):
+                record = self._finished(doc)  # a duplicate earlier in this batch may have done it
+                if record is not None:
+                    self._emit(doc, record, cached=True)
+                    continue
+                self._run_one(summarizer, doc, plan, i, len(pending))
+        finally:
+            self.stats.model_calls += summarizer.stats.model_calls
+            self.stats.prompt_tokens += summarizer.stats.prompt_tokens
+            self.stats.generated_tokens += summarizer.stats.generated_tokens
+
+    def _plan(self, summarizer: Summarizer, doc: Document) -> Plan | None:
+        try:
+            return summarizer.plan(doc)
+        except LocalctxError:
+            return None  # reported when the document's turn comes
+
+    def _run_one(self, summarizer: Summarizer, doc: Document, plan: Plan | None, i: int, n: int) -> None:
+        try:
+            plan = plan or summarizer.plan(doc)
+            result = summarizer.summarize(doc, plan, i, n)
+        except Exception as exc:  # one bad document must not stop the batch; the reason is recorded
+            message = str(exc) if isinstance(exc, LocalctxError) else f"{type(exc).__name__}: {exc}"
+            self.reporter.warn(f"{doc.label}: failed: {message}")
+            result = {"status": "failed", "strategy": plan.strategy if plan else None,
+                      "tokens": plan.tokens if plan else None, "chunks": len(plan.chunks) if plan else None,
+                      "model_calls": 0, "seconds": 0.0, "summary": None, "error": message}
+        record = {"path": doc.label, "sha256": doc.sha256, **self.meta, **result}
+        self.store.put_document(self._key(doc), record)
+        self._emit(doc, record, cached=False)
+        self._write_jsonl()
+
+    def _emit(self, doc: Document, stored: dict[str, Any], cached: bool) -> None:
+        record = {**stored, "path": doc.label}  # the same content may sit at another path
+        if record["status"] == "failed":
+            self.stats.failed += 1
+        elif cached:
+            self.stats.cached += 1
+        else:
+            self.stats.summarized += 1
+        self.records[doc.label] = record
+        if self.out is not None and record["status"] == "ok":
+            target = self.out / doc.source.out_name
+            atomic_write(target, markdown(record))
+            self.out_files.append(target)
+        self.reporter.doc_done(record, cached)
+        if self.on_record:
+            self.on_record(record)
+
+    def _write_jsonl(self) -> None:
+        if self.out is not None:
+            write_jsonl(self.out, self.ordered_records())
+
+    def ordered_records(self) -> list[dict[str, Any]]:
+        return [self.records[p] for p in dict.fromkeys(self.order) if p in self.records]
