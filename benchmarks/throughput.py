@@ -40,6 +40,7 @@ def child(config: str, depths: list[int], preset: str) -> None:
     engine = Engine.load(facts, params, Offload())
     rss_loaded = peak_rss()
     tokens = engine.tokenize(default_text_path().read_text(encoding="utf-8"), add_bos=False)
+    engine.complete(tokens[-64:], max_tokens=4)  # warm-up, on tokens no measured prompt starts with
     prompt_seconds, rows = 0.0, []
     for depth in depths:
         gen = engine.complete(tokens[: depth - GEN_TOKENS], max_tokens=GEN_TOKENS, temperature=0.0)

@@ -39,7 +39,10 @@ class Interrupted(LocalctxError):
     """Ctrl-C during a batch: everything finished so far is saved."""
 
     exit_code = 130
-    message = "Interrupted. Finished documents and chunk summaries are saved; run the same command again to resume."
+
+    def __init__(self, message: str = "Interrupted. Finished documents and chunk summaries are saved; "
+                                      "run the same command again to resume.") -> None:
+        super().__init__(message)
 
 
 # --- Options and records -----------------------------------------------------------------------
@@ -109,12 +112,13 @@ class BatchResult:
 class Reporter:
     """Progress callbacks; this base class reports nothing (see summarize_progress)."""
 
-    def batch_start(self, documents: int, cached: int, pending_tokens: int, pending_chunks: int) -> None: ...
+    def batch_start(self, documents: int, done: int, pending_tokens: int, pending_chunks: int) -> None: ...
     def doc_start(self, index: int, total: int, label: str, strategy: str, tokens: int, chunks: int) -> None: ...
     def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None: ...
     def doc_done(self, record: dict[str, Any], cached: bool) -> None: ...
     def warn(self, message: str) -> None: ...
     def batch_done(self, stats: BatchStats) -> None: ...
+    def close(self) -> None: ...
 
 
 # --- Inputs ------------------------------------------------------------------------------------
@@ -172,8 +176,9 @@ def _out_name(path: Path) -> Path:
 
 def _dedupe_out_names(sources: list[Source]) -> list[Source]:
     seen: set[Path] = set()
-    for s in sources:
-        name = s.out_name.with_suffix(".md") if s.out_name.suffix != ".md" or s.path is None else s.out_name
+    unique = list({s.label: s for s in sources}.values())  # a file named twice is summarized once
+    for s in unique:
+        name = s.out_name.with_suffix(".md")
         if name in seen:  # a.txt and a.py: keep both suffixes
             name = s.out_name.with_name(s.out_name.name + ".md")
         n = 2
@@ -182,7 +187,7 @@ def _dedupe_out_names(sources: list[Source]) -> list[Source]:
             n += 1
         seen.add(name)
         s.out_name = name
-    return sources
+    return unique
 
 
 def read_documents(sources: Iterable[Source], stdin: IO[bytes] | None,
@@ -500,7 +505,7 @@ class _Batch:
     def _run_pending(self, engine: Any, pending: list[Document]) -> None:
         summarizer = Summarizer(engine, self.store, self.options, self.fp, self.reporter)
         plans = [self._plan(summarizer, doc) for doc in pending]
-        self.reporter.batch_start(len(self.docs) + self.stats.skipped, self.stats.cached,
+        self.reporter.batch_start(len(self.order), len(self.records),
                                   sum(p.tokens for p in plans if p), sum(len(p.chunks) for p in plans if p))
         try:
             for i, (doc, plan) in enumerate(zip(pending, plans), 1):
@@ -546,6 +551,8 @@ class _Batch:
         self.records[doc.label] = record
         if self.out is not None and record["status"] == "ok":
             target = self.out / doc.source.out_name
+            if doc.source.path is not None and target.resolve() == doc.source.path.resolve():
+                target = target.with_suffix(".summary.md")  # never overwrite an input
             atomic_write(target, markdown(record))
             self.out_files.append(target)
         self.reporter.doc_done(record, cached)
