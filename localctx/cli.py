@@ -22,6 +22,9 @@ class LocalctxGroup(click.Group):
         except LocalctxError as exc:
             click.secho(f"Error: {exc}", fg="red", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            ctx.exit(130)
         except BrokenPipeError:
             sys.stderr.close()  # e.g. `localctx ... | head`: not an error worth a traceback
             ctx.exit(0)

@@ -46,7 +46,7 @@ def _summary_line(stats: BatchStats) -> str:
 
 
 def _call_line(info: dict[str, Any], index: int, chunks: int) -> str:
-    what = f"{info['role']} {index}/{chunks}" if info["role"] == "map" else "reduce"
+    what = "reduce" if info["role"] == "reduce" else "one pass" if chunks == 1 else f"map {index}/{chunks}"
     if info["cached"]:
         return f"  {what}: already done"
     tokens = info["prompt_tokens"] + info["generated_tokens"]
