@@ -8,7 +8,8 @@ import psutil
 
 from .errors import ResourceError
 from .gguf_meta import KV_CACHE_TYPES, ModelFacts
-from .presets import RuntimeParams
+from .errors import PresetError
+from .presets import RuntimeParams, list_presets, resolve
 
 # Lets users (and tests) cap what localctx may use, e.g. to leave room for other programs.
 MEMORY_LIMIT_ENV = "LOCALCTX_MEMORY_LIMIT"
@@ -94,6 +95,9 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
             if alt.total <= free:
                 lines.append(f"  - a {cache} KV cache fits ({human(alt.total)}): --cache-type {cache}")
                 break
+    smaller = _largest_preset_that_fits(facts, params, free)
+    if smaller:
+        lines.append(f"  - a smaller preset fits: --preset {smaller}")
     budget = free - facts.file_size - estimate(facts, params).compute_bytes
     per_token = kv_cache_bytes(facts, 1, params.type_k, params.type_v)
     if budget > 0 and per_token:
@@ -101,3 +105,18 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
         if fits >= 1024:
             lines.append(f"  - a window of up to about {fits:,} tokens fits: --preset auto --ctx {fits}")
     return "What would fit:\n" + "\n".join(lines) if lines else "Nothing smaller fits either; free some memory."
+
+
+def _largest_preset_that_fits(facts: ModelFacts, params: RuntimeParams, free: int) -> str | None:
+    best: tuple[int, str] | None = None
+    for preset in list_presets():
+        if preset.method == "auto":
+            continue
+        try:
+            candidate = resolve(preset, facts)
+        except PresetError:
+            continue
+        if candidate.n_ctx < params.n_ctx and estimate(facts, candidate).total <= free:
+            if best is None or candidate.n_ctx > best[0] or (candidate.n_ctx == best[0] and candidate.method == params.method):
+                best = (candidate.n_ctx, preset.name)
+    return best[1] if best else None

@@ -163,7 +163,7 @@ def _walk(directory: Path, exclude: Path | None) -> list[Source]:
         files.append(p)
     if not files:
         raise InputError(f"{directory} contains no files to summarize.")
-    base = _out_name(directory).with_suffix("") if not directory.is_absolute() else Path(directory.resolve().name)
+    base = _out_name(directory) if not directory.is_absolute() else Path(directory.resolve().name)
     return [Source(str(p), p, base / p.relative_to(directory)) for p in files]
 
 
@@ -305,6 +305,11 @@ class Summarizer:
     def _check_settings(self) -> None:
         n_ctx, budget = self.engine.n_ctx, self.options.max_summary_tokens
         overhead = self.reduce_frame.overhead
+        if overhead >= n_ctx:
+            raise ContextOverflowError(
+                f"The summary prompt alone is {overhead:,} tokens, larger than the {n_ctx:,}-token window "
+                f"(preset {self.engine.params.preset}). Shorten --prompt / --prompt-file or use a larger preset."
+            )
         # A reduce step must hold at least two partial summaries, or combining never converges.
         if self.reduce_room < 2 * budget:
             raise ContextOverflowError(

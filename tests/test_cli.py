@@ -118,7 +118,7 @@ def test_gpu_request_on_cpu_build_fails_with_rebuild_command(run_cli):
 def test_memory_refusal_names_what_fits(run_cli):
     env = {"LOCALCTX_MEMORY_LIMIT": "850M"}
     result = run_cli("generate", "--preset", "yarn-32k", "hi", env=env)
-    assert_clean_error(result, "Not enough memory", "q8_0", "--force")
+    assert_clean_error(result, "Not enough memory", "--cache-type q8_0", "--preset yarn-16k", "--force")
     forced = run_cli("generate", "--preset", "yarn-32k", "--force", "--max-tokens", "4", "hi", env=env)
     assert forced.returncode == 0, forced.stderr
 
