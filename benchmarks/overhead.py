@@ -14,25 +14,13 @@ import time
 from pathlib import Path
 
 import llama_cpp
+from common import raw_llama
 
-from localctx.engine import _CACHE_TYPES, _SCALING_TYPES, default_threads
 from localctx.evaluate import default_text_path
 from localctx.generate import GenerateRequest, generate
 from localctx.runtime import RunSpec, open_engine
 
 SAMPLING = dict(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
-
-
-def raw_llama(engine) -> llama_cpp.Llama:
-    """A plain llama_cpp.Llama built from the very RuntimeParams the localctx engine loaded with."""
-    p = engine.params
-    return llama_cpp.Llama(
-        model_path=str(engine.facts.path), n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch,
-        n_threads=default_threads(), n_threads_batch=default_threads(), n_gpu_layers=engine.gpu_layers,
-        rope_scaling_type=_SCALING_TYPES[p.rope_scaling_type], rope_freq_base=p.rope_freq_base,
-        rope_freq_scale=p.rope_freq_scale, yarn_ext_factor=p.yarn_ext_factor, yarn_attn_factor=p.yarn_attn_factor,
-        yarn_beta_fast=p.yarn_beta_fast, yarn_beta_slow=p.yarn_beta_slow, yarn_orig_ctx=p.yarn_orig_ctx,
-        flash_attn=p.flash_attn, type_k=_CACHE_TYPES[p.type_k], type_v=_CACHE_TYPES[p.type_v], seed=0, verbose=False)
 
 
 def time_localctx(engine, prompt: str, max_tokens: int) -> tuple[float, int]:

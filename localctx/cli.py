@@ -2,17 +2,13 @@
 This module is the single error boundary: LocalctxError becomes a clean message and exit code 1."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
 from .errors import LocalctxError
-from .options import json_option, model_option, run_options
-from .runtime import RunSpec
 
 
 class LocalctxGroup(click.Group):
@@ -39,10 +35,6 @@ def cli() -> None:
     Example:
       localctx chat --preset yarn-32k
     """
-
-
-def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ from .gguf_meta import (
     facts_from_header,
     read_header,
 )
+from .fsutil import fsync_dir
+from .memory import human
 from .paths import resolve_model_path
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, RuntimeParams, file_params, load_preset, resolve
 
@@ -380,17 +382,9 @@ def check_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed + SPACE_MARGIN:
         raise ConversionError(
-            f"Not enough free space in {directory}: the converted file needs {_human(needed)} "
-            f"and only {_human(free)} is free. Free some space or write OUT elsewhere."
+            f"Not enough free space in {directory}: the converted file needs {human(needed)} "
+            f"and only {human(free)} is free. Free some space or write OUT elsewhere."
         )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @contextmanager
@@ -514,20 +508,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
             os.replace(tmp, out)
         else:
             tmp.unlink()
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 # --- Verification ------------------------------------------------------------------------------

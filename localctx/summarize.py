@@ -23,7 +23,8 @@ from .documents import decode_bytes, read_text
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir
 from .runtime import RunSpec, open_engine, resolve_spec
-from .summary_store import Store, markdown, sha256_text, write_jsonl, atomic_write
+from .fsutil import atomic_write
+from .summary_store import Store, markdown, sha256_text, write_jsonl
 
 DEFAULT_PROMPT = ("Summarize the following text in a few sentences. "
                   "Name the main characters and say what happens.")

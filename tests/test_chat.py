@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from localctx.chat import ChatSession, Console, run_repl
+from localctx.chat import ChatSession, Console, Message, run_repl
 from localctx.runtime import RunSpec, open_engine
 
 
@@ -26,7 +26,13 @@ def test_drop_oldest_turns_keeps_system_and_documents(small_engine, tmp_path):
     doc = tmp_path / "fact.txt"
     doc.write_text("The secret word is pineapple.")
     session = ChatSession(small_engine, system="Be brief.", max_tokens=48, temperature=0)
-    console, out, err = scripted([f"/read {doc}", "Say hi.", "Say hello.", "word " * 360, "d", "/stats"])
+    run_repl(session, scripted([f"/read {doc}", "Say hi.", "Say hello."])[0])
+    pinned = [m for m in session.messages if m.pinned]
+    # The smallest message that overflows now; the replies' lengths vary by build, so measure.
+    words = next(k for k in range(8, 512, 4) if session.needed_for("word " * k) > session.window)
+    message = "word " * words
+    assert len(session.tokens_for(pinned + [Message("user", message)])) + 48 <= session.window
+    console, out, err = scripted([message, "d", "/stats"])
     run_repl(session, console)
     log = err.getvalue()
     assert "[d] drop the oldest turns" in log and "Dropped the" in log
@@ -34,6 +40,7 @@ def test_drop_oldest_turns_keeps_system_and_documents(small_engine, tmp_path):
     assert roles[0] == "system" and session.messages[0].content == "Be brief."
     assert any("pineapple" in m.content for m in session.messages if m.pinned)
     assert not any(m.content == "Say hi." for m in session.messages)
+    assert session.messages[-2].content == message
     assert session.used_tokens() <= session.window
 
 

@@ -5,15 +5,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from . import core, chat
+    from . import chat, convert, core, evaluate, summarize
 
-    for module in (core, chat):
-        module.register(group)
-    for name in ("convert", "summarize", "evaluate"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
+    for module in (core, chat, convert, summarize, evaluate):
         module.register(group)

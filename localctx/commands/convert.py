@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..cli import echo_json
+from .output import echo_json
 from ..options import json_option
 
 

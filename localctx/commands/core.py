@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..cli import echo_json
+from .output import echo_json
 from ..memory import human
 from ..options import json_option, model_option, run_options
 from ..runtime import RunSpec

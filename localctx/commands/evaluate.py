@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..cli import echo_json
+from .output import echo_json
 from ..options import _gpu_layers, json_option, model_option
 from ..runtime import RunSpec
 

@@ -1,0 +1,92 @@
+"""summarize: long documents in one pass within the window, map-reduce beyond it."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import LocalctxError
+from ..options import json_option, run_options
+from ..runtime import RunSpec
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write one Markdown file per input and summaries.jsonl here.")
+@click.option("--strategy", type=click.Choice(["auto", "stuff", "map-reduce"]), default="auto", show_default=True,
+              help="auto: one pass when the document fits the window, else map-reduce.")
+@click.option("--chunk-tokens", type=click.IntRange(64), help="Map chunk size in tokens [default: fill the window].")
+@click.option("--overlap", type=click.IntRange(0), default=0, show_default=True,
+              help="Tokens shared by neighbouring chunks.")
+@click.option("--max-summary-tokens", type=click.IntRange(16), default=256, show_default=True,
+              help="Answer budget of each model call.")
+@click.option("--prompt", help="The instruction [default: summarize, naming the main characters].")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the instruction from a file.")
+@click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
+@run_options
+@json_option
+def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy: str, chunk_tokens: int | None,
+              overlap: int, max_summary_tokens: int, prompt: str | None, prompt_file: Path | None,
+              retry_failed: bool, quiet: bool, as_json: bool) -> None:
+    """Summarize files, directories (recursively), glob patterns or - (stdin).
+
+    A document that fits the window (instruction + text + answer) is read in one pass; a longer one
+    is split at headings, paragraphs and sentences, each chunk summarized, and the partial
+    summaries combined. Finished work is cached by content, model, preset and prompt: re-running a
+    batch does no model work, and a killed batch resumes where it stopped.
+
+    With one input and no --out the summary goes to stdout; --out DIR writes DIR/<name>.md per
+    input and DIR/summaries.jsonl; --json prints the JSON lines. Progress goes to stderr.
+
+    \b
+    Examples:
+      localctx summarize book.txt --preset yarn-32k
+      localctx summarize docs/ "notes/**/*.md" --preset yarn-32k --out summaries/
+      cat report.txt | localctx summarize - --max-summary-tokens 128
+    """
+    from ..summarize import Interrupted, SummarizeOptions, summarize_batch
+    from ..summarize_progress import make_reporter
+
+    if prompt and prompt_file:
+        raise click.UsageError("Give --prompt or --prompt-file, not both.")
+    if prompt_file:
+        from ..documents import read_text
+
+        prompt = read_text(prompt_file).strip()
+    options = SummarizeOptions(strategy=strategy, chunk_tokens=chunk_tokens, overlap=overlap,
+                               max_summary_tokens=max_summary_tokens, retry_failed=retry_failed,
+                               **({"prompt": prompt} if prompt is not None else {}))
+    on_record = (lambda r: click.echo(json.dumps(r, ensure_ascii=False))) if as_json else None
+    reporter = make_reporter(quiet)
+    try:
+        result = summarize_batch(paths, spec, options, out=out, stdin=sys.stdin.buffer, reporter=reporter,
+                                 on_record=on_record)
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    finally:
+        reporter.close()
+    if not as_json and out is None:
+        _print_summaries(result.records)
+    elif out is not None and not quiet:
+        click.echo(f"Wrote {len(result.out_files)} summaries and {out / 'summaries.jsonl'}", err=True)
+    if result.stats.failed:
+        raise LocalctxError(f"{result.stats.failed} of {result.stats.documents} documents failed (recorded; "
+                            "re-run with --retry-failed to try them again).")
+
+
+def _print_summaries(records: list[dict]) -> None:
+    done = [r for r in records if r["status"] == "ok"]
+    if len(done) == 1 and len(records) == 1:
+        click.echo(done[0]["summary"])
+        return
+    for r in done:
+        click.echo(f"# {r['path']}\n\n{r['summary']}\n")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(summarize)

@@ -1,0 +1,400 @@
+"""localctx convert: metadata, byte-identical tensors, refusals, interrupts, and logit equivalence
+of the converted default model (no runtime flags) with the original run under the preset."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import pytest
+from gguf import GGUFValueType, Keys
+
+from localctx.convert import (
+    PROV_ORIG_FILE_CTX,
+    TEMP_MARKER,
+    check_space,
+    convert,
+    plan_conversion,
+    verify_conversion,
+    write_converted,
+)
+from localctx.errors import ConversionError, ModelFileError
+from localctx.gguf_meta import PROV_PRESET, PROV_TOOL, PROVENANCE_PREFIX, read_header
+from localctx.presets import load_preset, resolve
+
+from conftest import REPO, assert_clean_error
+from gguf_factory import write_model
+
+CTX, BASE = Keys.LLM.CONTEXT_LENGTH.format(arch="llama"), Keys.Rope.FREQ_BASE.format(arch="llama")
+STYPE, SFACTOR = Keys.Rope.SCALING_TYPE.format(arch="llama"), Keys.Rope.SCALING_FACTOR.format(arch="llama")
+SORIG = Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch="llama")
+# Longer than the default model's trained 8,192 tokens, as short as that allows (CPU time is scarce).
+VERIFY_TOKENS = 8192 + 160
+
+
+def sha256(path: Path, start: int = 0) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_hash(path: Path) -> str:
+    return sha256(path, read_header(path).data_offset)
+
+
+def metadata(path: Path) -> dict[str, tuple[GGUFValueType, object]]:
+    return {k: (kv.type, kv.value if kv.value is not None else kv.count) for k, kv in read_header(path).kvs.items()}
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if TEMP_MARKER in p.name)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> dict[str, Path]:
+    """The default model converted once per preset (the library call the CLI makes)."""
+    out = tmp_path_factory.mktemp("converted")
+    files = {}
+    for preset in ("yarn-32k", "linear-32k", "ntk-32k"):
+        files[preset] = out / f"smol-{preset}.gguf"
+        convert(model_path, files[preset], preset)
+    return files
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    return write_model(tmp_path / "small.gguf", context=4096)
+
+
+# --- Metadata ----------------------------------------------------------------------------------
+
+
+def test_yarn_metadata_and_every_other_key_kept(converted: dict[str, Path], model_path: Path) -> None:
+    before, after = metadata(model_path), metadata(converted["yarn-32k"])
+    assert after[CTX] == (GGUFValueType.UINT32, 32768)
+    assert after[STYPE] == (GGUFValueType.STRING, "yarn")
+    assert after[SFACTOR] == (GGUFValueType.FLOAT32, 4.0)
+    assert after[SORIG][1] == 8192
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed - {CTX, STYPE, SFACTOR, SORIG} == {k for k in after if k.startswith(PROVENANCE_PREFIX)}
+    assert set(before) <= set(after)
+
+
+def test_tensor_infos_and_data_bytes_identical(converted: dict[str, Path], model_path: Path) -> None:
+    a, b = read_header(model_path), read_header(converted["yarn-32k"])
+    assert a.tensors == b.tensors and a.alignment == b.alignment
+    assert b.data_offset % b.alignment == 0
+    assert b.file_size - b.data_offset == a.file_size - a.data_offset
+    assert data_hash(converted["yarn-32k"]) == data_hash(model_path)
+
+
+def test_linear_and_ntk_metadata(converted: dict[str, Path], facts) -> None:
+    lin = metadata(converted["linear-32k"])
+    assert lin[STYPE][1] == "linear" and lin[SFACTOR][1] == 4.0 and lin[CTX][1] == 32768 and SORIG not in lin
+    ntk = metadata(converted["ntk-32k"])
+    expected = struct.unpack("<f", struct.pack("<f", 100000.0 * 4 ** (64 / 62)))[0]
+    assert ntk[BASE] == (GGUFValueType.FLOAT32, expected)
+    assert STYPE not in ntk and SFACTOR not in ntk and ntk[CTX][1] == 32768
+
+
+def test_inspect_shows_context_scaling_and_provenance(converted: dict[str, Path], run_cli) -> None:
+    r = run_cli("inspect", str(converted["yarn-32k"]), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["context_length"] == 32768 and report["trained_context"] == 8192
+    assert report["rope_scaling"] == {"type": "yarn", "factor": 4.0, "original_context": 8192}
+    prov = report["converted_by_localctx"]
+    assert prov["preset"] == "yarn-32k" and prov["method"] == "yarn" and prov["tool"] == "localctx"
+    assert prov["original_context"] == 8192 and prov["original_freq_base"] == 100000.0
+    assert prov["source_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    text = run_cli("inspect", str(converted["yarn-32k"]))
+    assert "converted by" in text.stdout and "yarn ×4 from 8,192" in text.stdout
+
+
+def test_presets_show_resolves_the_same_on_converted(converted: dict[str, Path], model_path: Path, run_cli) -> None:
+    for preset in ("yarn-32k", "ntk-32k"):
+        on = {}
+        for path in (model_path, converted[preset]):
+            r = run_cli("presets", "show", preset, "--model", str(path), "--json")
+            assert r.returncode == 0, r.stderr
+            on[path] = json.loads(r.stdout)["params"]
+        assert on[model_path] == on[converted[preset]]
+
+
+def test_reconverting_never_compounds(converted: dict[str, Path], tmp_path: Path) -> None:
+    again = tmp_path / "again.gguf"
+    plan = plan_conversion(converted["yarn-32k"], "yarn-32k")
+    assert plan.changes == ()  # already exactly yarn-32k: nothing to change
+    convert(converted["ntk-32k"], again, "yarn-64k")
+    m = metadata(again)
+    assert m[CTX][1] == 65536 and m[SFACTOR][1] == 8.0 and m[SORIG][1] == 8192
+    assert m[BASE][1] == 100000.0  # the NTK base of the input is not carried over
+    assert m[PROV_PRESET][1] == "yarn-64k"
+
+
+def test_native_restores_original_metadata(converted: dict[str, Path], model_path: Path, tmp_path: Path) -> None:
+    for preset in ("yarn-32k", "ntk-32k"):
+        back = tmp_path / f"native-{preset}.gguf"
+        convert(converted[preset], back, "native")
+        assert metadata(back) == metadata(model_path)
+        assert list(read_header(back).kvs) == list(read_header(model_path).kvs)  # order too
+        assert sha256(back) == sha256(model_path)  # in fact the very same bytes
+
+
+def test_model_shipped_with_scaling_round_trips(tmp_path: Path) -> None:
+    """A model whose file already extends itself (YaRN ×4 from 32K, like Qwen2.5): converting is
+    relative to its trained 32K, and native restores its own scaling and 128K window."""
+    src = write_model(tmp_path / "q.gguf", context=131072, scaling=("yarn", 4.0, 32768))
+    out, back = tmp_path / "q64.gguf", tmp_path / "back.gguf"
+    convert(src, out, "yarn-64k")
+    m = metadata(out)
+    assert m[CTX][1] == 65536 and m[SFACTOR][1] == 2.0 and m[SORIG][1] == 32768
+    assert m[PROV_ORIG_FILE_CTX][1] == 131072
+    convert(out, back, "native")
+    assert metadata(back) == metadata(src)
+
+
+def test_existing_key_types_are_kept(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_uint64(CTX, 4096)
+    w.add_float64(BASE, 10000.0)
+    w.add_uint32(Keys.LLM.BLOCK_COUNT.format(arch="llama"), 1)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_rope_dimension_count(16)
+    w.add_tensor("token_embd.weight", __import__("numpy").ones((8, 64), dtype="float32"))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    out = tmp_path / "t-ntk.gguf"
+    convert(tmp_path / "t.gguf", out, "ntk-32k")
+    m = metadata(out)
+    assert m[CTX] == (GGUFValueType.UINT64, 32768) and m[BASE][0] == GGUFValueType.FLOAT64
+    assert m[BASE][1] == pytest.approx(10000.0 * 8 ** (16 / 14), rel=1e-12)
+
+
+def test_dry_run_prints_diff_and_writes_nothing(model_path: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "dry.gguf"
+    r = run_cli("convert", str(model_path), str(out), "--preset", "yarn-32k", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    changes = {c["key"]: (c["old"], c["new"]) for c in json.loads(r.stdout)["changes"]}
+    assert changes[CTX] == (8192, 32768) and changes[STYPE] == (None, "yarn") and changes[PROV_TOOL] == (None, "localctx")
+    text = run_cli("convert", str(model_path), str(out), "--preset", "yarn-32k", "--dry-run")
+    assert "llama.context_length" in text.stdout and "32768" in text.stdout and "dry run" in text.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_standalone_script(small: Path, tmp_path: Path) -> None:
+    script = REPO / "scripts" / "convert_gguf.py"
+    out = tmp_path / "s.gguf"
+    r = subprocess.run([sys.executable, str(script), str(small), str(out), "--preset", "yarn-32k", "--json"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["written"] and metadata(out)[SFACTOR][1] == 8.0
+    reader = gguf.GGUFReader(out)  # gguf-py's own reader agrees on the layout
+    assert reader.fields[SFACTOR].contents() == 8.0
+    assert [t.data.tobytes() for t in reader.tensors] == [t.data.tobytes() for t in gguf.GGUFReader(small).tensors]
+    bad = subprocess.run([sys.executable, str(script), str(small), str(small), "--preset", "yarn-32k"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
+    assert "usage" in subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+
+
+def test_non_default_yarn_overrides_refused(small: Path, tmp_path: Path, isolated_home: Path) -> None:
+    (isolated_home / "presets").mkdir(parents=True, exist_ok=True)
+    (isolated_home / "presets" / "yarn-odd.toml").write_text('method = "yarn"\ntarget_ctx = 16384\n[yarn]\nbeta_fast = 16\n')
+    with pytest.raises(ConversionError, match="beta_fast=16"):
+        convert(small, tmp_path / "o.gguf", "yarn-odd")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+# --- Refusals --------------------------------------------------------------------------------
+
+
+def _refused(run_cli, src: Path, out: Path, *fragments: str, extra: tuple[str, ...] = ()) -> None:
+    before = sha256(src)
+    existed = out.exists() or out.is_symlink()
+    out_before = sha256(out) if existed and out.is_file() else None
+    r = run_cli("convert", str(src), str(out), "--preset", "yarn-32k", *extra)
+    assert_clean_error(r, *fragments)
+    assert sha256(src) == before
+    assert (out.exists() or out.is_symlink()) == existed
+    if out_before is not None:
+        assert sha256(out) == out_before
+    assert leftovers(out.parent) == []
+
+
+def test_refuses_output_equal_to_input(small: Path, tmp_path: Path, run_cli) -> None:
+    _refused(run_cli, small, small, "is the input file itself", extra=("--force",))
+    link = tmp_path / "link.gguf"
+    link.symlink_to(small)
+    _refused(run_cli, small, link, "is the input file itself", extra=("--force",))
+    _refused(run_cli, link, small, "is the input file itself", extra=("--force",))
+    hard = tmp_path / "hard.gguf"
+    os.link(small, hard)
+    _refused(run_cli, small, hard, "is the input file itself", extra=("--force",))
+
+
+def test_refuses_existing_output_without_force(small: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "exists.gguf"
+    out.write_bytes(b"precious")
+    _refused(run_cli, small, out, "already exists", "--force")
+    r = run_cli("convert", str(small), str(out), "--preset", "yarn-32k", "--force")
+    assert r.returncode == 0, r.stderr
+    assert metadata(out)[STYPE][1] == "yarn" and leftovers(tmp_path) == []
+
+
+def test_refuses_missing_output_directory(small: Path, tmp_path: Path, run_cli) -> None:
+    r = run_cli("convert", str(small), str(tmp_path / "nope" / "o.gguf"), "--preset", "yarn-32k")
+    assert_clean_error(r, "does not exist")
+
+
+def _tiny(tmp_path: Path, name: str, body: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(body)
+    return path
+
+
+def _malformed(tmp_path: Path, small: Path) -> dict[str, tuple[Path, str]]:
+    raw = small.read_bytes()
+    s = struct.Struct
+    header = b"GGUF" + s("<IQQ").pack(3, 0, 1)
+    huge_string = header + s("<Q").pack(2**60) + b"key"
+    huge_array = header + s("<Q").pack(1) + b"a" + s("<IIQ").pack(GGUFValueType.ARRAY, GGUFValueType.UINT32, 2**61)
+    huge_count = b"GGUF" + s("<IQQ").pack(3, 0, 2**62)
+    return {
+        "magic": (_tiny(tmp_path, "magic.gguf", b"GGUX" + raw[4:]), "not a GGUF file"),
+        "version": (_tiny(tmp_path, "version.gguf", raw[:4] + s("<I").pack(7) + raw[8:]), "unsupported GGUF version 7"),
+        "truncated header": (_tiny(tmp_path, "trunc.gguf", raw[:200]), "not a valid GGUF file"),
+        "huge string": (_tiny(tmp_path, "hstr.gguf", huge_string + b"\0" * 64), "file ends first"),
+        "huge array": (_tiny(tmp_path, "harr.gguf", huge_array + b"\0" * 64), "file ends first"),
+        "huge count": (_tiny(tmp_path, "hcount.gguf", huge_count + b"\0" * 64), "file ends first"),
+        "data beyond EOF": (_tiny(tmp_path, "eof.gguf", raw[:-64]), "truncated or corrupt"),
+        "tiny": (_tiny(tmp_path, "tiny.gguf", b"GGUF"), "only 4 bytes"),
+    }
+
+
+def test_malformed_inputs_refused_fast_and_cleanly(small: Path, tmp_path: Path, run_cli) -> None:
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    for what, (path, fragment) in _malformed(tmp_path, small).items():
+        before = sha256(path)
+        start = time.perf_counter()
+        with pytest.raises(ModelFileError, match=fragment):
+            convert(path, outdir / "o.gguf", "yarn-32k")
+        assert time.perf_counter() - start < 1.0, what
+        r = run_cli("convert", str(path), str(outdir / "o.gguf"), "--preset", "yarn-32k")
+        assert_clean_error(r, fragment)
+        assert sha256(path) == before, what
+        assert list(outdir.iterdir()) == [], what
+
+
+def test_not_enough_space_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="Not enough free space"):
+        check_space(tmp_path, 2**62)
+
+
+def test_failed_publish_check_leaves_nothing(small: Path, tmp_path: Path) -> None:
+    """A failing --verify (or any error after the copy) removes the temp file; OUT never appears."""
+    plan = plan_conversion(small, "yarn-32k")
+    seen = []
+
+    def fail(tmp: Path) -> None:
+        seen.append(tmp.exists() and TEMP_MARKER in tmp.name)
+        raise ConversionError("verification failed")
+
+    with pytest.raises(ConversionError):
+        write_converted(plan, tmp_path / "o.gguf", before_publish=fail)
+    assert seen == [True] and sorted(p.name for p in tmp_path.iterdir()) == ["small.gguf"]
+
+
+# --- Interrupts --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = write_model(tmp_path_factory.mktemp("big") / "big.gguf", tensor_bytes=768 * 2**20)
+    return path, sha256(path)
+
+
+def _start_and_wait_for_temp(src: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-m", "localctx", "convert", str(src), str(out), "--preset", "yarn-32k"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        temps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}{TEMP_MARKER}")]
+        if temps and temps[0].stat().st_size > 0:
+            return proc, temps[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("the conversion never created its temp file")
+
+
+def test_sigkill_leaves_no_output_and_next_run_cleans_up(big: tuple[Path, str], tmp_path: Path) -> None:
+    src, digest = big
+    out = tmp_path / "out.gguf"
+    proc, temp = _start_and_wait_for_temp(src, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the conversion finished before it could be killed"
+    assert temp.exists()  # SIGKILL cannot be caught: the recognisable temp file stays...
+    assert sha256(src) == digest
+    convert(src, out, "yarn-32k")  # ...until the next conversion to the same OUT
+    assert leftovers(tmp_path) == [] and out.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_removes_temp(big: tuple[Path, str], tmp_path: Path, sig: int) -> None:
+    src, digest = big
+    out = tmp_path / "out.gguf"
+    proc, _ = _start_and_wait_for_temp(src, out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and not out.exists()
+    assert "Traceback" not in err, err
+    assert leftovers(tmp_path) == []
+    assert sha256(src) == digest
+
+
+# --- Logits: the file alone reproduces the preset ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_verify_cli_yarn(model_path: Path, corpus: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "smol-yarn.gguf"
+    r = run_cli("convert", str(model_path), str(out), "--preset", "yarn-32k", "--verify", "--json",
+                "--verify-text", str(corpus / "alice.txt"), "--verify-tokens", str(VERIFY_TOKENS))
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verify"]
+    assert v["tokens"] == VERIFY_TOKENS and max(v["positions"]) == VERIFY_TOKENS - 1 and 8192 in v["positions"]
+    assert v["passed"] and v["max_abs_diff"] <= 1e-4, v
+    assert metadata(out)[STYPE][1] == "yarn"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["linear-32k", "ntk-32k"])
+def test_converted_file_alone_matches_preset(preset: str, converted: dict[str, Path], model_path: Path,
+                                             facts, corpus: Path) -> None:
+    params = resolve(load_preset(preset), facts)
+    assert params.n_ctx == 32768
+    text = (corpus / "pride_and_prejudice.txt").read_text(encoding="utf-8")
+    result = verify_conversion(model_path, converted[preset], params, text=text, n_tokens=VERIFY_TOKENS)
+    assert result.tokens == VERIFY_TOKENS and result.positions[-1] == VERIFY_TOKENS - 1
+    assert result.max_abs_diff <= 1e-4, result
+
+
+def test_verify_detects_a_mismatch(converted: dict[str, Path], model_path: Path, facts, corpus: Path) -> None:
+    """The comparison can fail: the linear file against the original run with YaRN differs at once."""
+    params = resolve(load_preset("yarn-32k"), facts)
+    text = (corpus / "alice.txt").read_text(encoding="utf-8")
+    result = verify_conversion(model_path, converted["linear-32k"], params, text=text, n_tokens=300)
+    assert not result.passed and result.max_abs_diff > 0.1
