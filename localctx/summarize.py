@@ -31,7 +31,7 @@ DEFAULT_PROMPT = ("Summarize the following text in a few sentences. "
 REDUCE_NOTE = ("The text below is a series of summaries of consecutive parts of one document. "
                "Combine them into a single summary of the whole document.")
 STRATEGIES = ("auto", "stuff", "map-reduce")
-STORE_VERSION = 1  # bump when prompts or record layout change, so old results are not reused
+STORE_VERSION = 2  # bump when prompts or record layout change, so old results are not reused
 REPEAT_PENALTY = 1.1  # a 135M model at temperature 0 loops without it
 _GLOB_CHARS = set("*?[")
 
@@ -263,7 +263,10 @@ class Frame:
 
     @classmethod
     def render(cls, engine: Any, instruction: str) -> Frame:
-        prompt = engine.format_chat([{"role": "user", "content": f"{instruction}\n\nText:\n{_BODY}"}])
+        # The instruction is repeated after the text: past a few thousand tokens a small model
+        # loses an instruction it read only at the start and continues the text instead.
+        content = f"{instruction}\n\nText:\n{_BODY}\n\nEnd of the text. {instruction}"
+        prompt = engine.format_chat([{"role": "user", "content": content}])
         head, tail = prompt.text.split(_BODY)
         return cls(engine.tokenize(head, add_bos=False, special=True),
                    engine.tokenize(tail, add_bos=False, special=True), prompt.stop)
