@@ -3,10 +3,11 @@ run, on a multi-GB synthetic GGUF and on the default model. Prints a Markdown ta
 
 Targets: conversion time <= 1.5x cp, peak RSS of the conversion < 200 MB.
 
-    .venv/bin/python benchmarks/bench_convert.py [--gib 3] [--reps 2] [--dir /tmp] [--results FILE]
+    .venv/bin/python benchmarks/bench_convert.py [--gib 3] [--reps 3] [--dir /tmp] [--results FILE]
 
 Every timed copy reads its source from the page cache (the source is read once beforehand and the
-runs are interleaved cp, convert, cp, convert...), and each output is deleted right after its run.
+runs are interleaved cp, cp+sync, convert, ...), and each output is deleted, and the page cache
+flushed (untimed), right after its run.
 The conversion fsyncs its output before renaming it (that is what makes it crash-safe) and cp does
 not, so cp is also timed followed by `sync FILE` (the fair comparison). Peak RSS is the converting
 process's own maximum resident set size, measured by GNU time (`/usr/bin/time -f %M`).
@@ -92,6 +93,7 @@ def bench(src: Path, workdir: Path, reps: int) -> dict[str, list[float] | int]:
             if name == "convert":
                 results["rss"] = max(int(results["rss"]), rss)
             out.unlink()
+            os.sync()  # untimed: one run's dirty pages must not be written back during the next
     return results
 
 
@@ -106,7 +108,7 @@ def row(label: str, size: int, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=3.0, help="size of the synthetic model [3]")
-    ap.add_argument("--reps", type=int, default=2, help="runs of each command [2]")
+    ap.add_argument("--reps", type=int, default=3, help="runs of each command [3]")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="scratch directory [/tmp]")
     ap.add_argument("--results", type=Path, help="also append the table to this Markdown file")
     args = ap.parse_args()

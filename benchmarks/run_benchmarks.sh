@@ -29,8 +29,8 @@ step() {  # step quality|speed COMMAND...
 }
 
 echo "== start $(date -Is), $(nproc) cores, ONLY=$ONLY" >&2
-step speed $PY benchmarks/overhead.py --reps 5 --prompt-tokens 512 --max-tokens 128 --json "$OUT/overhead.json"
-step speed $PY benchmarks/bench_convert.py --gib 3 --reps 2 --results "$OUT/convert.md"
+step speed $PY benchmarks/overhead.py --reps 9 --prompt-tokens 512 --max-tokens 128 --json "$OUT/overhead.json"
+step speed $PY benchmarks/bench_convert.py --gib 3 --reps 3 --results "$OUT/convert.md"
 step quality sh -c "$LC convert \"\$($PY -c 'from localctx.paths import default_model_path as d; print(d())')\" \
   /tmp/localctx-verify-32k.gguf --preset yarn-32k --force --verify --verify-tokens 8352 \
   --verify-text ../shared/corpus/alice.txt --json > $OUT/convert_verify.json; rm -f /tmp/localctx-verify-32k.gguf"

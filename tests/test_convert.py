@@ -302,6 +302,26 @@ def test_not_enough_space_is_a_clear_error(tmp_path: Path) -> None:
         check_space(tmp_path, 2**62)
 
 
+def _limit_file_size() -> None:
+    """In the child: writes past 1 MiB fail with EFBIG, as they would on a full disk."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+
+def test_write_failure_mid_copy_leaves_nothing(tmp_path: Path) -> None:
+    src = write_model(tmp_path / "src.gguf", tensor_bytes=8 * 2**20)
+    digest, out = sha256(src), tmp_path / "out" / "o.gguf"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "localctx", "convert", str(src), str(out), "--preset", "yarn-32k"],
+                          cwd=REPO, capture_output=True, text=True, preexec_fn=_limit_file_size)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "nothing was written to the output" in proc.stderr, proc.stderr
+    assert list(out.parent.iterdir()) == []  # no OUT, no temp file
+    assert sha256(src) == digest
+
+
 def test_failed_publish_check_leaves_nothing(small: Path, tmp_path: Path) -> None:
     """A failing --verify (or any error after the copy) removes the temp file; OUT never appears."""
     plan = plan_conversion(small, "yarn-32k")
