@@ -54,7 +54,8 @@ from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, RuntimeParams, file_params,
 PROV_ORIG_FILE_CTX = PROVENANCE_PREFIX + "original.file_context_length"
 TOOL_NAME = "localctx"
 TEMP_MARKER = ".localctx-tmp-"
-COPY_CHUNK = 64 * 2**20  # bytes per copy step: memory stays bounded whatever the model's size
+COPY_CHUNK = 64 * 2**20  # bytes per in-kernel copy step (copy_file_range: no user-space buffer)
+BUFFER_CHUNK = 8 * 2**20  # the one buffer of the fallback copy (across filesystems): bounds peak RSS
 SPACE_MARGIN = 16 * 2**20
 DEFAULT_TOLERANCE = 1e-3
 VERIFY_EXTRA_TOKENS = 256  # how far past the trained context --verify runs
@@ -471,7 +472,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
     use_kernel = hasattr(os, "copy_file_range")
     buf = None
     while done < length:
-        n = min(COPY_CHUNK, length - done)
+        n = min(COPY_CHUNK if use_kernel else BUFFER_CHUNK, length - done)
         if use_kernel:
             try:
                 copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
@@ -482,7 +483,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int,
                 continue
         else:
             if buf is None:
-                buf = memoryview(bytearray(COPY_CHUNK))
+                buf = memoryview(bytearray(BUFFER_CHUNK))
             copied = os.preadv(src_fd, [buf[:n]], offset + done)
             _write_all(dst_fd, buf[:copied])
         if copied == 0:
