@@ -47,11 +47,11 @@ step speed $PY benchmarks/bench_summarize.py --json "$OUT/summarize.json"
 step quality $LC eval ppl --presets $P4R --lengths 16k --end $END
 step quality $LC eval ppl --presets $P4R --lengths 32k --end $END
 step quality $LC eval passkey --presets native --lengths 1k,2k,4k,8k --depths 0,0.5,1
-step quality $LC eval passkey --presets $P4R --lengths 8k --depths 0,0.5,1
 step speed $PY benchmarks/throughput.py --depths 2k,8k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
+step quality $LC eval passkey --presets $P4R --lengths 8k --depths 0,0.5,1
 step quality $LC eval passkey --presets $P4R --lengths 16k --depths 0.5
-step quality $LC eval passkey --presets $P4R --lengths 32k --depths 0.5
 step speed $PY benchmarks/throughput.py --depths 2k,8k,16k,32k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
+step quality $LC eval passkey --presets $P4R --lengths 32k --depths 0.5
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).
