@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from localctx.gguf_meta import ModelFacts, read_facts
-from localctx.paths import default_model_path
+from localctx.paths import CACHE_DIR_ENV, USER_DIR_ENV, default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -37,8 +37,8 @@ def corpus() -> Path:
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("localctx-home")
-    monkeypatch.setenv("LOCALCTX_HOME", str(home))
-    monkeypatch.delenv("LOCALCTX_CACHE_DIR", raising=False)  # e.g. exported by the benchmark runner
+    monkeypatch.setenv(USER_DIR_ENV, str(home))
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)  # e.g. exported by the benchmark runner
     return home
 
 
