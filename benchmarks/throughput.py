@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,17 @@ def peak_rss() -> int:
     return 0
 
 
-def child(config: str, depths: list[int], preset: str) -> None:
+def gpu_memory_used() -> int | None:
+    """Memory in use on the (sole) GPU per nvidia-smi; None without one. The device machines run one
+    process at a time, so this is this process's weights, KV cache and compute buffers."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=False)
+    return int(out.stdout.split()[0]) * 2**20 if out.returncode == 0 and out.stdout.strip() else None
+
+
+def child(config: str, depths: list[int], preset: str, model: str | None) -> None:
     from dataclasses import replace
 
     from localctx.engine import Engine, Offload
@@ -35,7 +46,7 @@ def child(config: str, depths: list[int], preset: str) -> None:
     from localctx.runtime import RunSpec, resolve_spec
 
     fa, cache = CONFIGS[config]
-    facts, params = resolve_spec(RunSpec(preset=preset))
+    facts, params = resolve_spec(RunSpec(model=model, preset=preset))
     params = replace(params, flash_attn=fa, type_k=cache, type_v=cache, n_ctx=max(params.n_ctx, max(depths)))
     engine = Engine.load(facts, params, Offload())
     rss_loaded = peak_rss()
@@ -50,7 +61,9 @@ def child(config: str, depths: list[int], preset: str) -> None:
                      "prompt_tps": round((depth - GEN_TOKENS) / prompt_seconds, 1),
                      "generation_tps": round(gen.timings.generation_tps, 1), "generated": gen.timings.generated_tokens,
                      "estimate_bytes": est.total, "kv_bytes": est.kv_bytes, "peak_rss_bytes": peak_rss(),
-                     "rss_after_load_bytes": rss_loaded, "window": params.n_ctx})
+                     "rss_after_load_bytes": rss_loaded, "window": params.n_ctx,
+                     "device": "cuda" if engine.gpu_layers else "cpu", "gpu_layers": engine.gpu_layers,
+                     "gpu_mem_used_bytes": gpu_memory_used()})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows))
 
@@ -64,16 +77,17 @@ def main() -> None:
     ap.add_argument("--depths", default="2k,8k,16k,32k")
     ap.add_argument("--configs", default="fa-f16,nofa-f16,fa-q8_0")
     ap.add_argument("--preset", default="yarn-32k")
+    ap.add_argument("--model", help="GGUF file [default: the default model]")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     depths = sorted(parse_depths(args.depths))
     if args.child:
-        return child(args.child, depths, args.preset)
+        return child(args.child, depths, args.preset, args.model)
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     for config in args.configs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", config, "--depths", args.depths,
-                               "--preset", args.preset], stdout=subprocess.PIPE, text=True)
+                               "--preset", args.preset] + (["--model", args.model] if args.model else []), stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             print(f"{config}: failed (exit {proc.returncode})", file=sys.stderr)
             continue
@@ -85,7 +99,8 @@ def main() -> None:
         args.out.write_text(json.dumps(sorted(results, key=lambda r: (r["config"], r["depth"])), indent=2))
     for r in sorted(results, key=lambda r: (r["depth"], r["config"])):
         print(f"{r['depth']:>6} {r['config']:<9} prompt {r['prompt_tps']:>7.1f} tok/s  gen {r['generation_tps']:>6.1f} tok/s  "
-              f"est {r['estimate_bytes'] / 2**20:7.0f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB")
+              f"est {r['estimate_bytes'] / 2**20:7.0f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB"
+              + (f"  GPU mem {r['gpu_mem_used_bytes'] / 2**20:7.0f} MiB" if r.get("gpu_mem_used_bytes") else ""))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,15 @@ def cli() -> None:
     """
 
 
+# Commands that run llama.cpp load it before anything imports numpy (gguf does): on a CUDA build
+# under a PyTorch virtualenv (numpy 2.5) llama.cpp's tokenizer segfaulted whenever numpy's shared
+# libraries had been loaded first, and loading llama.cpp first avoided it (benchmarks/RESULTS.md).
+MODEL_COMMANDS = frozenset({"chat", "generate", "summarize", "eval", "convert", "doctor"})
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
+        from . import engine  # noqa: F401
     from .commands import register
 
     register(cli)

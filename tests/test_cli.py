@@ -191,3 +191,34 @@ def test_chat_overflow_is_never_silent(run_cli):
     assert "but the window is 512" in result.stderr and "nothing was dropped" in result.stderr
     alone = run_cli("chat", "--preset", "auto", "--ctx", "256", "--max-tokens", "16", input="word " * 400 + "\n")
     assert "Dropping old turns would not help" in alone.stderr
+
+
+LOAD_ORDER = """
+import sys
+sys.argv = ["localctx", *sys.argv[1:]]
+from localctx.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+loaded = list(sys.modules)  # insertion order is import order; llama_cpp.llama_cpp loads libllama
+print(*(loaded.index(name) if name in loaded else -1 for name in ("llama_cpp.llama_cpp", "numpy")))
+"""
+
+
+@pytest.mark.parametrize("argv, loads_llama", [
+    (["generate", "--help"], True), (["eval", "ppl", "--help"], True), (["doctor", "--json"], True),
+    (["presets", "list"], False), (["inspect", "--json"], False),
+])
+def test_model_commands_load_llama_cpp_before_numpy(argv, loads_llama, isolated_home):
+    """A CUDA build under a PyTorch venv segfaulted in llama.cpp's tokenizer when numpy was loaded
+    first (benchmarks/RESULTS.md); commands that run llama.cpp load it first, the others never load it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LOAD_ORDER, *argv], capture_output=True, text=True, check=True)
+    llama, numpy = map(int, out.stdout.split()[-2:])
+    if loads_llama:
+        assert llama >= 0 and (numpy == -1 or llama < numpy)
+    else:
+        assert llama == -1
