@@ -40,11 +40,18 @@ def cli() -> None:
 # Commands that run llama.cpp load it before anything imports numpy (gguf does): on a CUDA build
 # under a PyTorch virtualenv (numpy 2.5) llama.cpp's tokenizer segfaulted whenever numpy's shared
 # libraries had been loaded first, and loading llama.cpp first avoided it (benchmarks/RESULTS.md).
-MODEL_COMMANDS = frozenset({"chat", "generate", "summarize", "eval", "convert", "doctor"})
+MODEL_COMMANDS = frozenset({"chat", "generate", "summarize", "eval", "doctor"})
+
+
+def runs_llama(argv: list[str]) -> bool:
+    """Whether this command line will load llama.cpp (convert only checks its output with --verify)."""
+    if not argv:
+        return False
+    return "--verify" in argv if argv[0] == "convert" else argv[0] in MODEL_COMMANDS
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
+    if runs_llama(sys.argv[1:]):
         from . import engine  # noqa: F401
     from .commands import register
 

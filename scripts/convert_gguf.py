@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.verify:  # llama.cpp before numpy, as the CLI does (localctx/cli.py says why)
+        import localctx.engine  # noqa: F401
     from localctx.commands.convert import render
     from localctx.convert import convert
     from localctx.errors import LocalctxError

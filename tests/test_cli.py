@@ -208,7 +208,8 @@ print(*(loaded.index(name) if name in loaded else -1 for name in ("llama_cpp.lla
 
 @pytest.mark.parametrize("argv, loads_llama", [
     (["generate", "--help"], True), (["eval", "ppl", "--help"], True), (["doctor", "--json"], True),
-    (["presets", "list"], False), (["inspect", "--json"], False),
+    (["convert", "--verify", "--help"], True),
+    (["presets", "list"], False), (["inspect", "--json"], False), (["convert", "--help"], False),
 ])
 def test_model_commands_load_llama_cpp_before_numpy(argv, loads_llama, isolated_home):
     """A CUDA build under a PyTorch venv segfaulted in llama.cpp's tokenizer when numpy was loaded
