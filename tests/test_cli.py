@@ -122,6 +122,26 @@ def test_memory_refusal_names_what_fits(run_cli):
     assert forced.returncode == 0, forced.stderr
 
 
+def test_memory_estimate_covers_measured_peaks(facts):
+    """The estimate behind the refusal above must not be below what a full window really took:
+    every 32K row of benchmarks/results/throughput.json (peak RSS of a process that filled the
+    whole yarn-32k window, per attention/KV-cache config) against the estimate for that config."""
+    from dataclasses import replace
+
+    from conftest import REPO
+    from localctx.memory import estimate
+    from localctx.presets import load_preset, resolve
+
+    rows = [r for r in json.loads((REPO / "benchmarks/results/throughput.json").read_text())
+            if r["depth"] == 32768 and r.get("device", "cpu") == "cpu"]
+    assert {r["config"] for r in rows} >= {"fa-f16", "nofa-f16"}
+    params = resolve(load_preset("yarn-32k"), facts)
+    for row in rows:
+        flash, cache = row["config"].startswith("fa-"), row["config"].split("-", 1)[1]
+        est = estimate(facts, replace(params, flash_attn=flash, type_k=cache, type_v=cache))
+        assert est.total >= row["peak_rss_bytes"], (row["config"], est.total >> 20, row["peak_rss_bytes"] >> 20)
+
+
 def test_generate_paris(run_cli):
     result = run_cli("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
     assert result.returncode == 0, result.stderr
