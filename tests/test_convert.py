@@ -356,8 +356,11 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def _start_and_wait_for_temp(src: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    # A test run started in the background (`pytest &`) inherits SIGINT ignored, and Python then
+    # never turns it into KeyboardInterrupt: give the child the default disposition.
     proc = subprocess.Popen([sys.executable, "-m", "localctx", "convert", str(src), str(out), "--preset", "yarn-32k"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         temps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}{TEMP_MARKER}")]
