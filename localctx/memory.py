@@ -38,8 +38,8 @@ def estimate(facts: ModelFacts, params: RuntimeParams) -> MemoryEstimate:
     # Logits for one micro-batch (llama.cpp) and one batch (llama-cpp-python's score buffer).
     logits = (params.n_ubatch + params.n_batch) * facts.n_vocab * 4
     # Without flash attention the KQ scores of a micro-batch are materialised, and at full depth the
-    # process needs more than one such matrix (measured at 32K: +312 MiB over one on the CPU,
-    # benchmarks/RESULTS.md section 2), so two are counted.
+    # process needs more than one such matrix (a filled 32K window peaked at 1,830 MiB where counting
+    # one gave 1,696: benchmarks/RESULTS.md section 2), so two are counted.
     kq = 0 if params.flash_attn else 2 * params.n_ubatch * params.n_ctx * max(facts.n_heads, 1) * 4
     activations = params.n_ubatch * max(facts.n_embd, 1) * 4 * 16
     return MemoryEstimate(facts.file_size, kv, logits + kq + activations + _OVERHEAD)
