@@ -86,8 +86,9 @@ def main() -> None:
         return child(args.child, depths, args.preset, args.model)
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     for config in args.configs.split(","):
+        model = ["--model", args.model] if args.model else []
         proc = subprocess.run([sys.executable, __file__, "--child", config, "--depths", args.depths,
-                               "--preset", args.preset] + (["--model", args.model] if args.model else []), stdout=subprocess.PIPE, text=True)
+                               "--preset", args.preset, *model], stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
             print(f"{config}: failed (exit {proc.returncode})", file=sys.stderr)
             continue

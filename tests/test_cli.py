@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import click
 import pytest
 
-from conftest import assert_clean_error
+from conftest import REPO, assert_clean_error
 from gguf_factory import write_model
 
 
@@ -128,7 +130,6 @@ def test_memory_estimate_covers_measured_peaks(facts):
     whole yarn-32k window, per attention/KV-cache config) against the estimate for that config."""
     from dataclasses import replace
 
-    from conftest import REPO
     from localctx.memory import estimate
     from localctx.presets import load_preset, resolve
 
@@ -213,30 +214,31 @@ def test_chat_overflow_is_never_silent(run_cli):
     assert "Dropping old turns would not help" in alone.stderr
 
 
+# Runs a command line in a fresh interpreter, then prints where libllama (llama_cpp.llama_cpp) and
+# numpy entered sys.modules, whose insertion order is import order (-1: never loaded).
 LOAD_ORDER = """
-import sys
-sys.argv = ["localctx", *sys.argv[1:]]
-from localctx.cli import main
+import runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:]
 try:
-    main()
+    runpy.run_module("localctx", run_name="__main__") if target == "localctx" else runpy.run_path(target, run_name="__main__")
 except SystemExit:
     pass
-loaded = list(sys.modules)  # insertion order is import order; llama_cpp.llama_cpp loads libllama
+loaded = list(sys.modules)
 print(*(loaded.index(name) if name in loaded else -1 for name in ("llama_cpp.llama_cpp", "numpy")))
 """
+SCRIPT = str(REPO / "scripts" / "convert_gguf.py")
 
 
 @pytest.mark.parametrize("argv, loads_llama", [
-    (["generate", "--help"], True), (["eval", "ppl", "--help"], True), (["doctor", "--json"], True),
-    (["convert", "--verify", "--help"], True),
-    (["presets", "list"], False), (["inspect", "--json"], False), (["convert", "--help"], False),
+    (["localctx", "generate", "--help"], True), (["localctx", "eval", "ppl", "--help"], True),
+    (["localctx", "doctor", "--json"], True), (["localctx", "convert", "--verify", "--help"], True),
+    ([SCRIPT, "missing.gguf", "out.gguf", "--preset", "yarn-32k", "--verify"], True),
+    (["localctx", "presets", "list"], False), (["localctx", "inspect", "--json"], False),
+    (["localctx", "convert", "--help"], False),
 ])
 def test_model_commands_load_llama_cpp_before_numpy(argv, loads_llama, isolated_home):
     """A CUDA build under a PyTorch venv segfaulted in llama.cpp's tokenizer when numpy was loaded
     first (benchmarks/RESULTS.md); commands that run llama.cpp load it first, the others never load it."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", LOAD_ORDER, *argv], capture_output=True, text=True, check=True)
     llama, numpy = map(int, out.stdout.split()[-2:])
     if loads_llama:

@@ -23,17 +23,18 @@ exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 left() { echo $(( ${DEADLINE_S:-480} - ($(date +%s) - T0) )); }
 export PATH=/usr/local/cuda/bin:$PATH LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-for f in .dev1/model.part00; do [ -f "$f" ] && cp "$f" "$KEEP/"; done
+[ -f .dev1/model.part00 ] && cp .dev1/model.part00 "$KEEP/"
 
 if [ ! -f "$KEEP/site/llama_cpp/__init__.py" ] || [ ! -f "$KEEP/built" ]; then
   echo "== build $(date -Is)"; nvidia-smi -L; nvcc --version | tail -1; nproc
-  [ -f "$SRC/llama_cpp_python-0.3.36/pyproject.toml" ] || tar xzf .dev1/lcp-cuda-src.tgz -C "$SRC"
+  compgen -G "$SRC/llama_cpp_python-*/pyproject.toml" > /dev/null || tar xzf .dev1/lcp-cuda-src.tgz -C "$SRC"
+  sdist=$(dirname "$(compgen -G "$SRC/llama_cpp_python-*/pyproject.toml" | head -1)")  # version: prepare.sh's
   # One architecture (Hopper) keeps the CUDA build short; the CPU flags avoid -march=native (AMX).
   export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=OFF \
 -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
   export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
   time timeout "$(left)" python3 -m pip install -q --no-build-isolation --no-deps --no-index --no-cache-dir \
-    --target "$KEEP/site" -C build-dir="$SRC/build" "$SRC/llama_cpp_python-0.3.36" && touch "$KEEP/built"
+    --target "$KEEP/site" -C build-dir="$SRC/build" "$sdist" && touch "$KEEP/built"
   echo "== build done rc=$? $(date -Is)"
 fi
 
