@@ -113,6 +113,14 @@ class ChatSession:
             self.stats.add(gen.timings)
         return gen.timings
 
+    def ask(self, text: str) -> str:
+        """One turn, as a program takes it: the whole reply. A turn that does not fit the window
+        raises ContextOverflowError and changes nothing (drop turns with `drop_oldest_until_fits`)."""
+        needed = self.needed_for(text)
+        self.engine.check_fits(needed - self.max_tokens, self.max_tokens)
+        self.reply(text, lambda _: None)
+        return self.messages[-1].content
+
     def clear(self) -> None:
         self.messages = [m for m in self.messages if m.role == "system"]
 

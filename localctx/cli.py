@@ -50,10 +50,12 @@ def runs_llama(argv: list[str]) -> bool:
     return "--verify" in argv if argv[0] == "convert" else argv[0] in MODEL_COMMANDS
 
 
-def main() -> None:
-    if runs_llama(sys.argv[1:]):
+def main(argv: list[str] | None = None, prog_name: str = "localctx") -> None:
+    """The `localctx` command (and scripts/convert_gguf.py, which is `localctx convert`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if runs_llama(args):
         from . import engine  # noqa: F401
     from .commands import register
 
     register(cli)
-    cli(prog_name="localctx")
+    cli(args=args, prog_name=prog_name)

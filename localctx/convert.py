@@ -41,13 +41,15 @@ from .gguf_meta import (
     GGUFHeader,
     ModelFacts,
     RopeScaling,
+    arch_key,
     facts_from_header,
     read_header,
 )
 from .fsutil import fsync_dir
 from .memory import human
 from .paths import resolve_model_path
-from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, RuntimeParams, file_params, load_preset, resolve
+from .params import RuntimeParams
+from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, file_params, load_preset, resolve
 
 # The context the file said before any conversion, when it differs from the trained context (a model
 # shipped with its own scaling): `native` needs it to restore the file exactly.
@@ -104,10 +106,6 @@ class Plan:
         return self.header.file_size - self.header.data_offset
 
 
-def _k(template: str, arch: str) -> str:
-    return template.format(arch=arch)
-
-
 def scaling_string(scaling: RopeScaling | None) -> str:
     return "none" if scaling is None else f"{scaling.type}:{scaling.factor!r}:{scaling.original_context}"
 
@@ -137,8 +135,8 @@ def original_of(header: GGUFHeader, facts: ModelFacts) -> Original:
 def _target_rope_state(facts: ModelFacts, params: RuntimeParams, header: GGUFHeader) -> dict[str, Any]:
     """The RoPE keys (arch-qualified) as the preset needs them; None means absent."""
     arch = facts.architecture
-    kt, kf, ko = (_k(t, arch) for t in (Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN))
-    state: dict[str, Any] = {_k(Keys.Rope.FREQ_BASE, arch): params.rope_freq_base}
+    kt, kf, ko = (arch_key(t, arch) for t in (Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN))
+    state: dict[str, Any] = {arch_key(Keys.Rope.FREQ_BASE, arch): params.rope_freq_base}
     if params.rope_scaling_type in ("linear", "yarn"):
         state[kt] = params.rope_scaling_type
         state[kf] = params.scale
@@ -154,13 +152,13 @@ def _target_rope_state(facts: ModelFacts, params: RuntimeParams, header: GGUFHea
 
 def _restored_state(facts: ModelFacts, orig: Original) -> dict[str, Any]:
     arch = facts.architecture
-    state: dict[str, Any] = {_k(Keys.LLM.CONTEXT_LENGTH, arch): orig.file_context}
+    state: dict[str, Any] = {arch_key(Keys.LLM.CONTEXT_LENGTH, arch): orig.file_context}
     if facts.positions == "rope":
         scaling = parse_scaling(orig.scaling)
-        state[_k(Keys.Rope.FREQ_BASE, arch)] = orig.freq_base
-        state[_k(Keys.Rope.SCALING_TYPE, arch)] = scaling.type if scaling else None
-        state[_k(Keys.Rope.SCALING_FACTOR, arch)] = scaling.factor if scaling else None
-        state[_k(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (scaling.original_context or None) if scaling else None
+        state[arch_key(Keys.Rope.FREQ_BASE, arch)] = orig.freq_base
+        state[arch_key(Keys.Rope.SCALING_TYPE, arch)] = scaling.type if scaling else None
+        state[arch_key(Keys.Rope.SCALING_FACTOR, arch)] = scaling.factor if scaling else None
+        state[arch_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (scaling.original_context or None) if scaling else None
     return state
 
 
@@ -211,11 +209,11 @@ def plan_conversion(source: str | os.PathLike[str], preset: str, ctx: int | None
         target = _restored_state(facts, orig)
         target.update({key: None for key in header.kvs if key.startswith(PROVENANCE_PREFIX)})
     else:
-        target = {_k(Keys.LLM.CONTEXT_LENGTH, arch): params.n_ctx}
+        target = {arch_key(Keys.LLM.CONTEXT_LENGTH, arch): params.n_ctx}
         if facts.positions == "rope":
             target.update(_target_rope_state(facts, params, header))
         target.update(_provenance_state(header, facts, params, orig))
-    base_key = _k(Keys.Rope.FREQ_BASE, arch)
+    base_key = arch_key(Keys.Rope.FREQ_BASE, arch)
     if base_key not in header.kvs and target.get(base_key) == facts.rope_freq_base:
         target.pop(base_key)  # absent means llama.cpp's default, which is already the value wanted
     updates, changes = _diff(header, target)
@@ -543,19 +541,19 @@ def verify_conversion(original: Path, converted: Path, params: RuntimeParams, *,
                       threads: int | None = None) -> VerifyResult:
     """Run one prompt longer than the trained context through the original (with the preset's
     runtime parameters) and the converted file (with none), and compare the logits."""
-    from .engine import Engine  # llama_cpp is slow to import; only --verify needs it
+    from .runtime import Resolved, RunSpec, open_engine  # loads llama_cpp: only --verify needs it
 
     start = time.perf_counter()
     facts = facts_from_header(read_header(original))
     n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
-    with Engine.load(facts, params, threads=threads) as engine:
+    with open_engine(Resolved(RunSpec(model=original, threads=threads), facts, params)) as engine:
         tokens = _prompt_tokens(engine, text, n)
         positions = _verify_positions(len(tokens), params.trained_ctx)
         expected = engine.logits_at(tokens, positions)
     conv_facts = facts_from_header(read_header(converted))
     from_file = replace(file_params(conv_facts, params.n_ctx), flash_attn=params.flash_attn, type_k=params.type_k,
                         type_v=params.type_v, n_batch=params.n_batch, n_ubatch=params.n_ubatch)
-    with Engine.load(conv_facts, from_file, threads=threads) as engine:
+    with open_engine(Resolved(RunSpec(model=converted, threads=threads), conv_facts, from_file)) as engine:
         got = engine.logits_at(tokens, positions)
     diff = float(abs(expected.astype("float64") - got.astype("float64")).max())
     if math.isnan(diff):

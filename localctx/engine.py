@@ -1,13 +1,14 @@
 """The only module that imports llama_cpp: load a model with RuntimeParams, tokenize, stream
-tokens, and read logits at chosen positions."""
+tokens, and read logits at chosen positions. It only loads and runs: which parameters, whether
+they fit in memory and what to suggest when a prompt does not fit are decided in `runtime`."""
 from __future__ import annotations
 
 import codecs
 import ctypes
-import sys
 import os
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,7 @@ from llama_cpp import llama_chat_format
 
 from .errors import ContextOverflowError, LocalctxError, ResourceError
 from .gguf_meta import ModelFacts
-from .memory import check_memory
-from .presets import RuntimeParams
+from .params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
 
 _SCALING_TYPES = {
     None: llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
@@ -26,12 +26,7 @@ _SCALING_TYPES = {
     "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
     "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
 }
-_CACHE_TYPES = {
-    "f16": llama_cpp.GGML_TYPE_F16,
-    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-}
-GPU_BACKENDS = {"cuda": "CUDA", "metal": "Metal"}
+_CACHE_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_CACHE_TYPES}
 REBUILD = {
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" bash scripts/install.sh',
@@ -92,21 +87,15 @@ def build_info() -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class Offload:
-    device: str = "auto"  # auto | cpu | cuda | metal
-    gpu_layers: str | int | None = None  # None: all when a GPU is usable; "all" or a count
-
-
-def gpu_layers_for(offload: Offload, facts: ModelFacts) -> int:
-    """How many layers to put on the GPU; refuses a GPU request the build cannot serve."""
-    device, layers = offload.device, offload.gpu_layers
+def offload_layers(device: str = "auto", gpu_layers: GpuLayers = None) -> int:
+    """llama.cpp's n_gpu_layers for a request (-1: all); refuses a GPU request this build cannot
+    serve, with the command that rebuilds it. Never falls back silently."""
+    wanted = gpu_layers not in (None, 0)
     if device == "cpu":
-        if layers not in (None, 0, "0"):
+        if wanted:
             raise ResourceError("--device cpu cannot be combined with --gpu-layers; drop one of them.")
         return 0
     can = supports_gpu_offload()
-    wanted = layers not in (None, 0, "0")
     if device in GPU_BACKENDS:
         if not can or not any(GPU_BACKENDS[device].lower() in b.lower() for b in backends()):
             raise ResourceError(
@@ -120,9 +109,7 @@ def gpu_layers_for(offload: Offload, facts: ModelFacts) -> int:
         )
     if not can:
         return 0
-    if layers is None or layers == "all":
-        return -1
-    return int(layers)
+    return -1 if gpu_layers in (None, "all") else int(gpu_layers)
 
 
 # --- Chat templates ----------------------------------------------------------------------------
@@ -175,13 +162,49 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         return self.chunks
 
+    def finish(self) -> Generation:
+        """Consume whatever is left of the stream; `text`, `timings` and `finish_reason` are then final."""
+        for _ in self.chunks:
+            pass
+        return self
+
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def llama_arguments(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
+                    seed: int = 0, verbose: bool = False) -> dict[str, Any]:
+    """The keyword arguments of `llama_cpp.Llama` for these parameters: the one translation of
+    RuntimeParams into llama-cpp-python (benchmarks build their raw baseline from it too)."""
+    threads = threads or default_threads()
+    return dict(
+        model_path=str(facts.path),
+        n_ctx=params.n_ctx,
+        n_batch=params.n_batch,
+        n_ubatch=params.n_ubatch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=gpu_layers,
+        rope_scaling_type=_SCALING_TYPES[params.rope_scaling_type],
+        rope_freq_base=params.rope_freq_base,
+        rope_freq_scale=params.rope_freq_scale,
+        yarn_ext_factor=params.yarn_ext_factor,
+        yarn_attn_factor=params.yarn_attn_factor,
+        yarn_beta_fast=params.yarn_beta_fast,
+        yarn_beta_slow=params.yarn_beta_slow,
+        yarn_orig_ctx=params.yarn_orig_ctx,
+        flash_attn=params.flash_attn,
+        type_k=_CACHE_TYPES[params.type_k],
+        type_v=_CACHE_TYPES[params.type_v],
+        seed=seed,
+        verbose=verbose,
+    )
+
+
 class Engine:
-    """A loaded model at a resolved context. Create with `Engine.load`."""
+    """A model loaded at a resolved context: tokenize, generate, chat templates, logits.
+    Open one with `localctx.open_model` (or `runtime.open_engine`); close it, or use `with`."""
 
     def __init__(self, llm: llama_cpp.Llama, facts: ModelFacts, params: RuntimeParams, gpu_layers: int) -> None:
         self._llm = llm
@@ -190,39 +213,17 @@ class Engine:
         self.gpu_layers = gpu_layers
         self.n_vocab = llm.n_vocab()
         self.n_ctx = llm.n_ctx()
+        # What to suggest when a prompt does not fit (runtime sets it: it knows the presets).
+        self.overflow_hint: Callable[[int], str] | None = None
 
     @classmethod
-    def load(cls, facts: ModelFacts, params: RuntimeParams, offload: Offload | None = None, *,
-             threads: int | None = None, verbose: bool = False, force: bool = False,
-             seed: int = 0) -> Engine:
-        offload = offload or Offload()
-        gpu_layers = gpu_layers_for(offload, facts)
-        check_memory(facts, params, gpu_layers=gpu_layers, force=force)
-        threads = threads or default_threads()
+    def load(cls, facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
+             verbose: bool = False, seed: int = 0) -> Engine:
+        """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
         try:
             set_llama_log(verbose)
-            llm = llama_cpp.Llama(
-                model_path=str(facts.path),
-                n_ctx=params.n_ctx,
-                n_batch=params.n_batch,
-                n_ubatch=params.n_ubatch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=gpu_layers,
-                rope_scaling_type=_SCALING_TYPES[params.rope_scaling_type],
-                rope_freq_base=params.rope_freq_base,
-                rope_freq_scale=params.rope_freq_scale,
-                yarn_ext_factor=params.yarn_ext_factor,
-                yarn_attn_factor=params.yarn_attn_factor,
-                yarn_beta_fast=params.yarn_beta_fast,
-                yarn_beta_slow=params.yarn_beta_slow,
-                yarn_orig_ctx=params.yarn_orig_ctx,
-                flash_attn=params.flash_attn,
-                type_k=_CACHE_TYPES[params.type_k],
-                type_v=_CACHE_TYPES[params.type_v],
-                seed=seed,
-                verbose=verbose,
-            )
+            llm = llama_cpp.Llama(**llama_arguments(facts, params, gpu_layers=gpu_layers, threads=threads,
+                                                    seed=seed, verbose=verbose))
             set_llama_log(verbose)
         except (ValueError, RuntimeError) as exc:
             raise LocalctxError(
@@ -250,10 +251,6 @@ class Engine:
 
     def count(self, text: str) -> int:
         return len(self.tokenize(text, add_bos=False))
-
-    @property
-    def bos_token(self) -> int:
-        return self._llm.token_bos()
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
@@ -283,11 +280,14 @@ class Engine:
     # --- generation ----------------------------------------------------------------------------
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.n_ctx:
+        """The one overflow check: a prompt and its answer budget must fit the window, or nothing
+        runs (never truncated), and the error names the counts and what would fit."""
+        needed = n_prompt + max_tokens
+        if needed > self.n_ctx:
+            hint = f" A preset that fits: {self.overflow_hint(needed)}" if self.overflow_hint else ""
             raise ContextOverflowError(
-                f"The prompt is {n_prompt:,} tokens and the answer budget {max_tokens:,}: "
-                f"{n_prompt + max_tokens:,} in all, but the window is {self.n_ctx:,} tokens "
-                f"(preset {self.params.preset})."
+                f"The prompt is {n_prompt:,} tokens and the answer budget {max_tokens:,}: {needed:,} in all, "
+                f"but preset {self.params.preset} gives a window of {self.n_ctx:,}. Nothing was truncated.{hint}"
             )
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
@@ -350,10 +350,7 @@ class Engine:
 
     def complete(self, tokens: Sequence[int], **kwargs: Any) -> Generation:
         """Run `generate` to the end and return the finished Generation."""
-        gen = self.generate(tokens, **kwargs)
-        for _ in gen:
-            pass
-        return gen
+        return self.generate(tokens, **kwargs).finish()
 
     # --- scoring -------------------------------------------------------------------------------
 

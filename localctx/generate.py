@@ -7,8 +7,6 @@ from typing import Any
 
 from .documents import read_text
 from .engine import Engine, Generation
-from .errors import ContextOverflowError
-from .presets import suggest_preset
 
 
 @dataclass(frozen=True)
@@ -36,13 +34,7 @@ def build_prompt_tokens(engine: Engine, req: GenerateRequest) -> list[int]:
 def generate(engine: Engine, req: GenerateRequest) -> Generation:
     """Start streaming; fails up front (nothing truncated) when the prompt does not fit the window."""
     tokens = build_prompt_tokens(engine, req)
-    needed = len(tokens) + req.max_tokens
-    if needed > engine.n_ctx:
-        raise ContextOverflowError(
-            f"The prompt is {len(tokens):,} tokens; with --max-tokens {req.max_tokens:,} it needs {needed:,}, "
-            f"but preset {engine.params.preset} gives a window of {engine.n_ctx:,}. "
-            f"Nothing was truncated. A preset that fits: {suggest_preset(engine.facts, needed)}"
-        )
+    engine.check_fits(len(tokens), req.max_tokens)
     stop = engine.format_chat([]).stop if req.chat else []
     return engine.generate(tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed, stop=stop)
 

@@ -19,6 +19,7 @@ import gguf
 from gguf import GGUFValueType, Keys
 
 from .errors import ModelFileError
+from .params import KV_CACHE_TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -279,8 +280,6 @@ ALIBI_ARCHS = frozenset({"bloom", "mpt", "jais", "refact"})
 NO_POSITION_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv7", "rwkv6qwen2", "rwkv7qwen"})
 POS_EMBD_TENSOR = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"
 
-KV_CACHE_TYPES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -341,12 +340,15 @@ class ModelFacts:
             return self.provenance.original_freq_base
         return self.rope_freq_base
 
-    def kv_bytes_per_token(self, cache_type: str = "f16") -> int:
-        per_elem = KV_CACHE_TYPES[cache_type]
-        return int(self.n_layers * self.n_heads_kv * (self.head_dim_k + self.head_dim_v) * per_elem)
+    def kv_cache_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str | None = None) -> int:
+        """The KV cache llama.cpp allocates for `n_ctx` tokens: K and V for every layer."""
+        per_k = self.n_heads_kv * self.head_dim_k * KV_CACHE_TYPES[type_k]
+        per_v = self.n_heads_kv * self.head_dim_v * KV_CACHE_TYPES[type_v or type_k]
+        return int(self.n_layers * (per_k + per_v) * n_ctx)
 
 
-def _arch_key(template: str, arch: str) -> str:
+def arch_key(template: str, arch: str) -> str:
+    """A per-architecture GGUF key from its `gguf.Keys` template, e.g. llama.context_length."""
     return template.format(arch=arch)
 
 
@@ -364,7 +366,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
         raise ModelFileError(f"{header.path} has no {Keys.General.ARCHITECTURE}; it is not a model GGUF.")
 
     def akey(template: str) -> Any:
-        return get(_arch_key(template, arch))
+        return get(arch_key(template, arch))
 
     n_embd = _first_int(akey(Keys.LLM.EMBEDDING_LENGTH)) or 0
     n_heads = _first_int(akey(Keys.Attention.HEAD_COUNT)) or 0
@@ -404,7 +406,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
 def _positions(header: GGUFHeader, arch: str) -> str:
     if any(t.name == POS_EMBD_TENSOR for t in header.tensors):
         return "learned"
-    if arch in ALIBI_ARCHS or _arch_key(Keys.Attention.MAX_ALIBI_BIAS, arch) in header.kvs:
+    if arch in ALIBI_ARCHS or arch_key(Keys.Attention.MAX_ALIBI_BIAS, arch) in header.kvs:
         return "alibi"
     if arch in NO_POSITION_ARCHS:
         return "none"
@@ -424,13 +426,13 @@ def _quantization(header: GGUFHeader) -> str:
 
 
 def _scaling(header: GGUFHeader, arch: str) -> RopeScaling | None:
-    kind = header.get(_arch_key(Keys.Rope.SCALING_TYPE, arch))
-    factor = header.get(_arch_key(Keys.Rope.SCALING_FACTOR, arch))
+    kind = header.get(arch_key(Keys.Rope.SCALING_TYPE, arch))
+    factor = header.get(arch_key(Keys.Rope.SCALING_FACTOR, arch))
     if kind is None and factor is not None:
         kind = "linear"  # llama.cpp's default scaling type when only a factor is given
     if kind in (None, "none") or not factor or float(factor) == 1.0:
         return None
-    orig = header.get(_arch_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch))
+    orig = header.get(arch_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch))
     return RopeScaling(str(kind), float(factor), int(orig) if isinstance(orig, int) else 0)
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import psutil
 
 from .errors import ResourceError
-from .gguf_meta import KV_CACHE_TYPES, ModelFacts
-from .errors import PresetError
-from .presets import RuntimeParams, list_presets, resolve
+from .gguf_meta import ModelFacts
+from .params import KV_CACHE_TYPES, RuntimeParams
+from .presets import best_preset
 
 # Lets users (and tests) cap what localctx may use, e.g. to leave room for other programs.
 MEMORY_LIMIT_ENV = "LOCALCTX_MEMORY_LIMIT"
@@ -27,14 +27,8 @@ class MemoryEstimate:
         return self.model_bytes + self.kv_bytes + self.compute_bytes
 
 
-def kv_cache_bytes(facts: ModelFacts, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    per_layer_k = facts.n_heads_kv * facts.head_dim_k * KV_CACHE_TYPES[type_k]
-    per_layer_v = facts.n_heads_kv * facts.head_dim_v * KV_CACHE_TYPES[type_v]
-    return int(facts.n_layers * (per_layer_k + per_layer_v) * n_ctx)
-
-
 def estimate(facts: ModelFacts, params: RuntimeParams) -> MemoryEstimate:
-    kv = kv_cache_bytes(facts, params.n_ctx, params.type_k, params.type_v)
+    kv = facts.kv_cache_bytes(params.n_ctx, params.type_k, params.type_v)
     # Logits for one micro-batch (llama.cpp) and one batch (llama-cpp-python's score buffer).
     logits = (params.n_ubatch + params.n_batch) * facts.n_vocab * 4
     # Without flash attention the KQ scores of a micro-batch are materialised, and at full depth the
@@ -101,7 +95,7 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
     if smaller:
         lines.append(f"  - a smaller preset fits: --preset {smaller}")
     budget = free - facts.file_size - estimate(facts, params).compute_bytes
-    per_token = kv_cache_bytes(facts, 1, params.type_k, params.type_v)
+    per_token = facts.kv_cache_bytes(1, params.type_k, params.type_v)
     if budget > 0 and per_token:
         fits = int(budget // per_token) // 1024 * 1024
         if fits >= 1024:
@@ -110,15 +104,9 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
 
 
 def _largest_preset_that_fits(facts: ModelFacts, params: RuntimeParams, free: int) -> str | None:
-    best: tuple[int, str] | None = None
-    for preset in list_presets():
-        if preset.method == "auto":
-            continue
-        try:
-            candidate = resolve(preset, facts)
-        except PresetError:
-            continue
-        if candidate.n_ctx < params.n_ctx and estimate(facts, candidate).total <= free:
-            if best is None or candidate.n_ctx > best[0] or (candidate.n_ctx == best[0] and candidate.method == params.method):
-                best = (candidate.n_ctx, preset.name)
-    return best[1] if best else None
+    def smaller_and_fits(_: object, candidate: RuntimeParams) -> bool:
+        return candidate.n_ctx < params.n_ctx and estimate(facts, candidate).total <= free
+
+    # The largest window first; on a tie, the method the user asked for.
+    return best_preset(facts, smaller_and_fits,
+                       lambda _, candidate: (candidate.n_ctx, candidate.method == params.method))

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 
 def shipped_presets_dir() -> Path:
-    """The presets shipped with the package (installed as `localctx.presets` from `presets/`)."""
+    """The presets shipped with the package (installed as `localctx.builtin_presets` from `presets/`)."""
     return Path(str(importlib.resources.files("localctx.builtin_presets")))
 
 

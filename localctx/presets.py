@@ -1,18 +1,17 @@
-"""Presets (validated TOML data) and their resolution against a model's facts into RuntimeParams.
-
-RuntimeParams is the seam of localctx: the engine loads a model with it, the converter writes it
-into GGUF metadata, `presets show` prints it as llama.cpp flags, and eval records it beside numbers.
-"""
+"""Presets (validated TOML data), where they are found, and their resolution against a model's
+facts into RuntimeParams (localctx.params)."""
 from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .errors import PresetError
-from .gguf_meta import KV_CACHE_TYPES, ModelFacts
+from .gguf_meta import ModelFacts
+from .params import KV_CACHE_TYPES, RuntimeParams
 from .paths import shipped_presets_dir, user_presets_dir
 
 if sys.version_info >= (3, 11):
@@ -56,64 +55,6 @@ class Preset:
     source: str = "built-in"
 
 
-@dataclass(frozen=True)
-class RuntimeParams:
-    """Everything llama.cpp needs to run a model at an extended context, fully explicit:
-    the values never depend on scaling metadata already present in the file."""
-
-    preset: str
-    method: str  # the method actually applied: none | extrapolate | linear | ntk | yarn
-    n_ctx: int
-    trained_ctx: int
-    scale: float  # s = n_ctx / trained_ctx (1.0 when nothing is scaled)
-    rope_scaling_type: str | None  # "none" | "linear" | "yarn"; None: whatever the file says
-    rope_freq_base: float  # 0: whatever the file says
-    rope_freq_scale: float  # 0: whatever the file says
-    yarn_orig_ctx: int = 0
-    yarn_ext_factor: float = -1.0
-    yarn_attn_factor: float = -1.0
-    yarn_beta_fast: float = -1.0
-    yarn_beta_slow: float = -1.0
-    flash_attn: bool = True
-    type_k: str = "f16"
-    type_v: str = "f16"
-    n_batch: int = 512
-    n_ubatch: int = 512
-    notes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["notes"] = list(self.notes)
-        return data
-
-    def with_ctx_settings(self, **changes: Any) -> RuntimeParams:
-        return replace(self, **changes)
-
-    def llama_flags(self) -> list[str]:
-        """The equivalent llama-cli / llama-server command-line flags."""
-        flags = ["-c", str(self.n_ctx)]
-        if self.rope_scaling_type is not None:
-            flags += ["--rope-scaling", self.rope_scaling_type]
-        if self.rope_freq_base:
-            flags += ["--rope-freq-base", _num(self.rope_freq_base)]
-        if self.rope_scaling_type in ("linear", "yarn"):
-            flags += ["--rope-scale", _num(1.0 / self.rope_freq_scale)]
-        if self.rope_scaling_type == "yarn":
-            flags += ["--yarn-orig-ctx", str(self.yarn_orig_ctx)]
-            flags += ["--yarn-beta-fast", _num(self.yarn_beta_fast), "--yarn-beta-slow", _num(self.yarn_beta_slow)]
-            if self.yarn_ext_factor >= 0:
-                flags += ["--yarn-ext-factor", _num(self.yarn_ext_factor)]
-            if self.yarn_attn_factor >= 0:
-                flags += ["--yarn-attn-factor", _num(self.yarn_attn_factor)]
-        flags += ["-fa", "on" if self.flash_attn else "off"]
-        if self.type_k != "f16":
-            flags += ["--cache-type-k", self.type_k]
-        if self.type_v != "f16":
-            flags += ["--cache-type-v", self.type_v]
-        flags += ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
-        return flags
-
-
 def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
     """Parameters that leave every RoPE setting to the GGUF file itself, as a plain llama-server
     run would (used to check that a converted file carries its preset on its own)."""
@@ -128,10 +69,6 @@ def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
         rope_freq_base=0.0,
         rope_freq_scale=0.0,
     )
-
-
-def _num(value: float) -> str:
-    return f"{value:.10g}"
 
 
 # --- Loading ---------------------------------------------------------------------------------
@@ -329,18 +266,29 @@ def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
     return True, f"{params.method} to {params.n_ctx}"
 
 
-def suggest_preset(facts: ModelFacts, needed: int) -> str:
-    """The smallest shipped preset whose window holds `needed` tokens on this model."""
-    best: tuple[int, str] | None = None
+def best_preset(facts: ModelFacts, accept: Callable[[Preset, RuntimeParams], bool],
+                rank: Callable[[Preset, RuntimeParams], Any]) -> str | None:
+    """The preset search, in one place: of every preset that resolves on this model ('auto' aside,
+    it has no size of its own), the name of the accepted one ranked highest (the first on a tie)."""
+    candidates = []
     for preset in list_presets():
-        if preset.method not in ("none", "yarn", "extrapolate") or (preset.method == "extrapolate" and facts.positions == "rope"):
+        if preset.method == "auto":
             continue
         try:
             params = resolve(preset, facts)
         except PresetError:
             continue
-        if params.n_ctx >= needed and (best is None or params.n_ctx < best[0]):
-            best = (params.n_ctx, preset.name)
-    if best:
-        return f"--preset {best[1]}"
-    return f"--preset auto --ctx {-(-needed // 1024) * 1024}"
+        if accept(preset, params):
+            candidates.append((rank(preset, params), preset.name))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def suggest_preset(facts: ModelFacts, needed: int) -> str:
+    """The flag for the smallest preset whose window holds `needed` tokens on this model (one that
+    keeps quality: no scaling, YaRN, or extrapolation where the positions extrapolate)."""
+    def keeps_quality(preset: Preset, params: RuntimeParams) -> bool:
+        extrapolates = preset.method == "extrapolate" and facts.positions != "rope"
+        return (preset.method in ("none", "yarn") or extrapolates) and params.n_ctx >= needed
+
+    name = best_preset(facts, keeps_quality, lambda _, params: -params.n_ctx)
+    return f"--preset {name}" if name else f"--preset auto --ctx {-(-needed // 1024) * 1024}"

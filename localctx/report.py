@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LocalctxError
-from .gguf_meta import KV_CACHE_TYPES, ModelFacts
-from .memory import kv_cache_bytes
+from .gguf_meta import ModelFacts
+from .params import KV_CACHE_TYPES
 from .paths import default_model_path, list_user_models
 from .presets import applicable, list_presets
 from .runtime import model_facts
@@ -38,9 +38,9 @@ def model_report(facts: ModelFacts) -> dict[str, Any]:
         "attention_heads": facts.n_heads,
         "kv_heads": facts.n_heads_kv,
         "head_dim": facts.head_dim_k,
-        "kv_cache_bytes_per_token": {t: facts.kv_bytes_per_token(t) for t in KV_CACHE_TYPES},
+        "kv_cache_bytes_per_token": {t: facts.kv_cache_bytes(1, t) for t in KV_CACHE_TYPES},
         "kv_cache_bytes": {
-            str(n): {t: kv_cache_bytes(facts, n, t, t) for t in KV_CACHE_TYPES} for n in REPORT_CONTEXTS
+            str(n): {t: facts.kv_cache_bytes(n, t) for t in KV_CACHE_TYPES} for n in REPORT_CONTEXTS
         },
         "presets": {p.name: _applies(p, facts) for p in list_presets()},
     }

@@ -1,50 +1,99 @@
-"""The one path every command takes: model path → facts → preset resolved → engine."""
+"""The orchestrator: the one path from what a user asked for to a loaded engine.
+
+    RunSpec ──resolve──▶ Resolved (facts + params) ──open_engine──▶ Engine
+                                   offload layers, memory check, load, overflow hint
+
+Commands and library functions resolve a spec once and pass the Resolved on; the engine only
+loads and runs, and the memory check and the preset search stay out of it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .errors import ResourceError
 from .gguf_meta import ModelFacts, read_facts
+from .params import DEVICES, KV_CACHE_TYPES, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
-from .presets import RuntimeParams, load_preset, resolve
+from .presets import load_preset, resolve, suggest_preset
+
+if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs it
+    from .engine import Engine
 
 DEFAULT_PRESET = "native"
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a user asked for on the command line, before anything is loaded."""
+    """What a user asked for, before anything is loaded: a model, a preset and how to run it."""
 
-    model: str | None = None
-    preset: str = DEFAULT_PRESET
-    ctx: int | None = None
+    model: str | Path | None = None  # None: the default model; a path, or a name in the models directory
+    preset: str = DEFAULT_PRESET  # a preset name or a .toml path
+    ctx: int | None = None  # overrides the preset's target context
     cache_type: str | None = None  # overrides the preset's KV cache type (K and V)
-    flash_attn: bool | None = None
-    device: str = "auto"
-    gpu_layers: str | None = None
-    threads: int | None = None
-    force: bool = False
-    verbose: bool = False
+    flash_attn: bool | None = None  # overrides the preset's flash attention setting
+    device: str = "auto"  # auto | cpu | cuda | metal
+    gpu_layers: GpuLayers = None  # a count, "all", or None (all when a GPU is usable)
+    threads: int | None = None  # None: every core this process may use
+    force: bool = False  # load even when the memory estimate exceeds what is available
+    verbose: bool = False  # llama.cpp's own log on stderr
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ResourceError(f"Unknown device {self.device!r}: use one of {', '.join(DEVICES)}.")
+        if self.cache_type is not None and self.cache_type not in KV_CACHE_TYPES:
+            raise ResourceError(f"Unknown KV cache type {self.cache_type!r}: use one of {', '.join(KV_CACHE_TYPES)}.")
+        layers = self.gpu_layers
+        if not (layers is None or layers == "all" or (isinstance(layers, int) and not isinstance(layers, bool)
+                                                      and layers >= 0)):
+            raise ResourceError(f"gpu_layers must be a number of layers, 'all' or None, not {layers!r}.")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec resolved against its model: the facts read from the GGUF header and the exact
+    llama.cpp parameters. Resolved once, then passed to whatever loads or records it."""
+
+    spec: RunSpec
+    facts: ModelFacts
+    params: RuntimeParams
+
+    def with_preset(self, preset: str) -> Resolved:
+        """The same model and run options under another preset (the facts are not read again)."""
+        spec = replace(self.spec, preset=preset)
+        return Resolved(spec, self.facts, _params(spec, self.facts))
 
 
 def model_facts(model: str | Path | None) -> ModelFacts:
     return read_facts(resolve_model_path(model))
 
 
-def resolve_spec(spec: RunSpec) -> tuple[ModelFacts, RuntimeParams]:
+def resolve_spec(spec: RunSpec) -> Resolved:
     facts = model_facts(spec.model)
+    return Resolved(spec, facts, _params(spec, facts))
+
+
+def _params(spec: RunSpec, facts: ModelFacts) -> RuntimeParams:
     params = resolve(load_preset(spec.preset), facts, ctx=spec.ctx)
     if spec.cache_type:
+        # llama.cpp quantizes the V cache only with flash attention.
         params = replace(params, type_k=spec.cache_type, type_v=spec.cache_type,
                          flash_attn=True if spec.cache_type != "f16" else params.flash_attn)
     if spec.flash_attn is not None:
         params = replace(params, flash_attn=spec.flash_attn)
-    return facts, params
+    return params
 
 
-def open_engine(spec: RunSpec, seed: int = 0):  # -> Engine (imported lazily: llama_cpp is slow to import)
-    from .engine import Engine, Offload
+def open_engine(target: RunSpec | Resolved, seed: int = 0) -> Engine:
+    """Resolve (unless already resolved), choose the offload, check memory, load."""
+    from .engine import Engine, offload_layers
+    from .memory import check_memory
 
-    facts, params = resolve_spec(spec)
-    return Engine.load(facts, params, Offload(spec.device, spec.gpu_layers), threads=spec.threads,
-                       verbose=spec.verbose, force=spec.force, seed=seed)
+    resolved = target if isinstance(target, Resolved) else resolve_spec(target)
+    spec, facts, params = resolved.spec, resolved.facts, resolved.params
+    gpu_layers = offload_layers(spec.device, spec.gpu_layers)
+    check_memory(facts, params, gpu_layers=gpu_layers, force=spec.force)
+    engine = Engine.load(facts, params, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose, seed=seed)
+    engine.overflow_hint = lambda needed: suggest_preset(facts, needed)
+    return engine

@@ -22,7 +22,7 @@ from typing import IO, Any
 from .documents import decode_bytes, read_text
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir
-from .runtime import RunSpec, open_engine, resolve_spec
+from .runtime import Resolved, RunSpec, open_engine, resolve_spec
 from .fsutil import atomic_write
 from .summary_store import Store, markdown, sha256_text, write_jsonl
 
@@ -376,15 +376,11 @@ class Summarizer:
                 "summary": summary.strip(), "error": None}
 
     def _check_stuff(self, plan: Plan) -> None:
-        if plan.tokens > self.room:
-            from .presets import suggest_preset
-
-            needed = plan.tokens + self.map_frame.overhead + self.options.max_summary_tokens
-            raise ContextOverflowError(
-                f"--strategy stuff: the document is {plan.tokens:,} tokens and needs a {needed:,}-token "
-                f"window, but preset {self.engine.params.preset} gives {self.engine.n_ctx:,}. Use "
-                f"--strategy auto (map-reduce) or {suggest_preset(self.engine.facts, needed)}."
-            )
+        try:
+            self.engine.check_fits(plan.tokens + self.map_frame.overhead, self.options.max_summary_tokens)
+        except ContextOverflowError as exc:
+            raise ContextOverflowError(f"--strategy stuff: the document is {plan.tokens:,} tokens. {exc} "
+                                       "Or use --strategy auto (map-reduce).") from None
 
     def _map_reduce(self, plan: Plan, calls: list[dict[str, Any]]) -> str:
         parts = []
@@ -443,7 +439,7 @@ def store_dir() -> Path:
     return cache_dir() / "summarize"
 
 
-def summarize_batch(inputs: Sequence[str], spec: RunSpec, options: SummarizeOptions, *,
+def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: SummarizeOptions, *,
                     out: Path | None = None, stdin: IO[bytes] | None = None, reporter: Reporter | None = None,
                     on_record: Callable[[dict[str, Any]], None] | None = None, engine: Any = None,
                     store: Store | None = None) -> BatchResult:
@@ -456,12 +452,16 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec, options: SummarizeOpti
     docs, skipped = read_documents(sources, stdin, reporter.warn)
     if not docs:
         raise InputError(f"No readable files among {', '.join(inputs)}: " + "; ".join(r["error"] for r in skipped))
-    facts, params = (engine.facts, engine.params) if engine is not None else resolve_spec(spec)
+    if engine is not None:
+        facts, params = engine.facts, engine.params
+    else:  # resolved once: the engine is opened with the same Resolved
+        resolved = spec if isinstance(spec, Resolved) else resolve_spec(spec)
+        facts, params = resolved.facts, resolved.params
     fp = fingerprint(facts, params, options)
     store = store or Store(store_dir())
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
                    {"model": facts.path.name, "preset": params.preset})
-    batch.run(lambda: engine if engine is not None else open_engine(spec, seed=options.seed),
+    batch.run(lambda: engine if engine is not None else open_engine(resolved, seed=options.seed),
               close=engine is None)
     batch.stats.seconds = time.perf_counter() - started
     reporter.batch_done(batch.stats)

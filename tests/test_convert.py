@@ -215,7 +215,9 @@ def test_standalone_script(small: Path, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(script), str(small), str(small), "--preset", "yarn-32k"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
-    assert "usage" in subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    # The script is `localctx convert` itself: the same options, so the two cannot drift apart.
+    usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    assert usage.startswith("Usage: convert_gguf.py convert [OPTIONS] IN OUT") and "--verify" in usage
 
 
 def test_non_default_yarn_overrides_refused(small: Path, tmp_path: Path, isolated_home: Path) -> None:

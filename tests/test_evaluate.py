@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localctx.engine import Engine, Offload
+from localctx.engine import Engine
 from localctx.errors import InputError
-from localctx.evaluate import (
-    KEY_LINE, QUESTION, TASK, CellCache, PasskeyRequest, PplRequest, Text, build_passkey_prompt, first_integer,
-    fixed_window, load_text, parse_depths, parse_lengths, passkey_key, run_passkey, run_ppl, token_nll,
-)
-from localctx.presets import load_preset, resolve
-from localctx.runtime import RunSpec
+from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, Text, load_text, parse_depths, parse_lengths
+from localctx.evaluate.passkey import KEY_LINE, QUESTION, TASK, build_passkey_prompt, first_integer, passkey_key, run_passkey
+from localctx.evaluate.ppl import fixed_window, run_ppl, token_nll
+from localctx.runtime import Resolved, RunSpec, open_engine
 
 from conftest import assert_clean_error
 
@@ -52,7 +50,7 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def engine(facts) -> Engine:
-    with Engine.load(facts, resolve(load_preset("native"), facts, ctx=2048), Offload("cpu")) as e:
+    with open_engine(RunSpec(preset="native", ctx=2048, device="cpu")) as e:
         yield e
 
 
@@ -60,7 +58,7 @@ def engine(facts) -> Engine:
 def factory(engine):
     made: list[Counting] = []
 
-    def make(spec: RunSpec) -> Counting:
+    def make(resolved: Resolved) -> Counting:
         made.append(Counting(engine))
         return made[-1]
 

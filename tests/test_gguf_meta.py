@@ -18,7 +18,7 @@ def test_default_model_facts(facts):
     assert (facts.n_layers, facts.n_heads, facts.n_heads_kv, facts.head_dim_k) == (30, 9, 3, 64)
     assert facts.scaling is None and facts.provenance is None
     # 30 layers × 3 KV heads × (64 + 64) dims × 2 bytes
-    assert facts.kv_bytes_per_token("f16") == 30 * 3 * 128 * 2
+    assert facts.kv_cache_bytes(1, "f16") == 30 * 3 * 128 * 2
     assert facts.chat_template and "im_start" in facts.chat_template
 
 

@@ -27,7 +27,7 @@ def _reader(interactive: bool):
 @click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Answer budget per turn.")
 @click.option("-t", "--temperature", type=click.FloatRange(0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@run_options
+@run_options()
 def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float, seed: int) -> None:
     """Chat with a model in its own chat template, at a context extended by a preset.
 

@@ -56,7 +56,7 @@ def convert(source: Path, out: Path, preset: str, ctx: int | None, dry_run: bool
 
 
 def render(r: dict[str, Any]) -> None:
-    """The diff table, then what was written and verified (shared with scripts/convert_gguf.py)."""
+    """The diff table, then what was written and verified."""
     p = r["params"]
     click.echo(f"{r['input']} → {r['output']}: preset {r['preset']} ({r['method']}, "
                f"context {p['n_ctx']:,}, trained {p['trained_ctx']:,})")

@@ -9,7 +9,7 @@ import click
 
 from .output import echo_json
 from ..memory import human
-from ..options import json_option, model_option, run_options
+from ..options import ctx_option, json_option, model_option, run_options
 from ..runtime import RunSpec
 
 
@@ -104,7 +104,7 @@ def presets_list(as_json: bool) -> None:
 @presets.command("show")
 @click.argument("name")
 @model_option
-@click.option("--ctx", type=click.IntRange(16), help="Target context (overrides the preset's; needed by 'auto').")
+@ctx_option
 @json_option
 def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -> None:
     """Resolve a preset against a model and print the llama.cpp parameters and flags.
@@ -115,7 +115,8 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
     """
     from ..runtime import resolve_spec
 
-    facts, params = resolve_spec(RunSpec(model=model, preset=name, ctx=ctx))
+    resolved = resolve_spec(RunSpec(model=model, preset=name, ctx=ctx))
+    facts, params = resolved.facts, resolved.params
     flags = " ".join(params.llama_flags())
     if as_json:
         echo_json({"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
@@ -184,7 +185,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="System prompt (with --chat).")
-@run_options
+@run_options()
 @json_option
 def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_tokens: int, temperature: float,
              seed: int, chat: bool, system: str | None, as_json: bool) -> None:

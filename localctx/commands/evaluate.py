@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from .output import echo_json
-from ..options import _gpu_layers, json_option, model_option
+from ..options import json_option, run_options
 from ..runtime import RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -16,16 +16,12 @@ DEFAULT_PRESETS = "extrapolate-32k,linear-32k,ntk-32k,yarn-32k"
 
 
 def eval_options(f: F) -> F:
-    """Options shared by both evaluations; model and runtime options are gathered into `spec`."""
+    """Options shared by both evaluations; the model and run options are gathered into `spec`."""
     options = [
-        model_option,
         click.option("--presets", default=DEFAULT_PRESETS, show_default=True, help="Comma-separated presets to compare."),
         click.option("--lengths", default="2k,4k,8k,16k,32k", show_default=True,
                      help="Comma-separated context lengths in tokens (k = 1024)."),
-        click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores]."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True),
-        click.option("--gpu-layers", callback=_gpu_layers, metavar="N|all", help="Layers to offload to the GPU."),
-        click.option("--force", is_flag=True, help="Load even when the memory estimate exceeds free memory."),
+        run_options(preset=False, ctx=False),
         click.option("--no-cache", is_flag=True, help="Recompute every cell (finished cells are still saved)."),
         click.option("--cached-only", is_flag=True, help="Compute nothing: report finished cells, '-' for the rest."),
         json_option,
@@ -36,10 +32,6 @@ def eval_options(f: F) -> F:
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def _spec(model: str | None, threads: int | None, device: str, gpu_layers: str | None, force: bool) -> RunSpec:
-    return RunSpec(model=model, threads=threads, device=device, gpu_layers=gpu_layers, force=force)
 
 
 def _progress(message: str) -> None:
@@ -84,9 +76,9 @@ def eval_group() -> None:
 @click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
 @click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
 @click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
-def ppl(model: str | None, presets: str, lengths: str, threads: int | None, device: str, gpu_layers: str | None,
-        force: bool, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool, plot_file: Path | None, text_file: Path | None,
-        mode: str, span: int, end: int | None, ctx: int | None, max_chunks: int | None) -> None:
+def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
+        plot_file: Path | None, text_file: Path | None, mode: str, span: int, end: int | None, ctx: int | None,
+        max_chunks: int | None) -> None:
     """Perplexity against context length, one row per preset.
 
     In fixed mode the same target span (the SPAN tokens ending at token END) is scored after
@@ -105,8 +97,7 @@ def ppl(model: str | None, presets: str, lengths: str, threads: int | None, devi
 
     request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
                          mode=mode, span=span, end=end, max_chunks=max_chunks)
-    result = run_ppl(request, _spec(model, threads, device, gpu_layers, force),
-                     cache=CellCache(enabled=not no_cache), progress=_progress,
+    result = run_ppl(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
                      compute=not cached_only)
     _render(result, ppl_table, as_json, as_csv, plot_file)
 
@@ -117,9 +108,8 @@ def ppl(model: str | None, presets: str, lengths: str, threads: int | None, devi
               help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
 @click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
-def passkey(model: str | None, presets: str, lengths: str, threads: int | None, device: str, gpu_layers: str | None,
-            force: bool, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool, plot_file: Path | None, depths: str,
-            trials: int, seed: int) -> None:
+def passkey(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
+            as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int) -> None:
     """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?
 
     Each cell is exactly LENGTH tokens: the prompt (task line, filler with the key sentence at
@@ -135,9 +125,8 @@ def passkey(model: str | None, presets: str, lengths: str, threads: int | None, 
                             run_passkey)
 
     request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
-    result = run_passkey(request, _spec(model, threads, device, gpu_layers, force),
-                         cache=CellCache(enabled=not no_cache), progress=_progress,
-                     compute=not cached_only)
+    result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
+                         compute=not cached_only)
     _render(result, passkey_table, as_json, as_csv, plot_file)
 
 

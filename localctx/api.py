@@ -1,0 +1,140 @@
+"""The public Python API: what a program needs without the CLI. Everything here is exported from
+`localctx` itself (`import localctx`); the CLI commands call the same functions' building blocks.
+
+Run options, wherever a function loads a model (`**run` below): `ctx`, `cache_type` ("f16",
+"q8_0", "q4_0"), `flash_attn`, `device` ("auto", "cpu", "cuda", "metal"), `gpu_layers` (a count,
+"all" or None), `threads`, `force` (skip the memory refusal), `verbose` (llama.cpp's log).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import engine as _engine  # noqa: F401  llama.cpp before numpy: see cli.MODEL_COMMANDS
+from .chat import ChatSession
+from .convert import ConversionResult, convert
+from .engine import Engine, Generation
+from .errors import InputError
+from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_lengths, run_passkey, run_ppl
+from .gguf_meta import ModelFacts
+from .generate import GenerateRequest, generate
+from .params import GpuLayers, RuntimeParams
+from .runtime import DEFAULT_PRESET, RunSpec, model_facts, open_engine, resolve_spec
+from .summarize import BatchResult, Reporter, SummarizeOptions, summarize_batch
+
+ModelRef = str | os.PathLike[str] | None  # None: the default model; a GGUF path or a models-directory name
+
+
+def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int | None = None,
+               cache_type: str | None = None, flash_attn: bool | None = None, device: str = "auto",
+               gpu_layers: GpuLayers = None, threads: int | None = None, force: bool = False,
+               verbose: bool = False, seed: int = 0) -> Engine:
+    """Load a model at a preset's context: resolved against its GGUF metadata, checked against the
+    memory available (refused with what would fit, unless `force`), then loaded by llama.cpp.
+
+    Use it as a context manager, or call `.close()`:
+
+        with localctx.open_model(preset="yarn-32k") as model:
+            print(localctx.generate_text(model, "The capital of France is", max_tokens=8).text)
+    """
+    spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn,
+                   device=device, gpu_layers=gpu_layers, threads=threads, force=force, verbose=verbose)
+    return open_engine(spec, seed=seed)
+
+
+def read_model_facts(model: ModelRef = None) -> ModelFacts:
+    """What a GGUF header says (architecture, trained context, RoPE, layers, heads...). Reads the
+    header only, never the weights."""
+    return model_facts(_model(model))
+
+
+def resolve_preset(preset: str = DEFAULT_PRESET, model: ModelRef = None, *, ctx: int | None = None,
+                   cache_type: str | None = None, flash_attn: bool | None = None) -> RuntimeParams:
+    """The exact llama.cpp parameters a preset gives on a model (`.llama_flags()` prints them as
+    llama-cli flags). Nothing is loaded."""
+    spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn)
+    return resolve_spec(spec).params
+
+
+def generate_text(model: Engine, prompt: str, *, document: str | os.PathLike[str] | None = None,
+                  chat: bool = False, system: str | None = None, max_tokens: int = 256, temperature: float = 0.0,
+                  seed: int = 0, stream: bool = False) -> Generation:
+    """Complete `prompt` (after `document`'s text, when given) on an open model. A prompt that does
+    not fit the window raises ContextOverflowError with the counts; nothing is truncated.
+
+    With `stream=True` iterate over the result for text as it is generated; otherwise it is
+    finished: `.text`, `.finish_reason` and `.timings` are final."""
+    request = GenerateRequest(prompt, Path(document) if document is not None else None, chat, system, max_tokens,
+                              temperature, seed)
+    gen = generate(model, request)
+    return gen if stream else gen.finish()
+
+
+def start_chat(model: Engine, *, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
+               seed: int = 0) -> ChatSession:
+    """A conversation in the model's own chat template: `.ask(text)` returns each reply, `.attach(path)`
+    adds a document, `.save(path)` / `.load(path)` keep it. The KV cache is reused turn to turn."""
+    return ChatSession(model, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+
+def convert_model(source: str | os.PathLike[str], out: str | os.PathLike[str], preset: str, *,
+                  ctx: int | None = None, dry_run: bool = False, force: bool = False, verify: bool = False,
+                  verify_text: str | None = None, verify_tokens: int | None = None) -> ConversionResult:
+    """Write `out`: a copy of `source` whose metadata carries the preset, so any llama.cpp-based
+    runtime runs it at the extended window with no flags. Atomic: a failure leaves no `out`.
+    With `verify`, `out` is published only if it alone gives the same logits as `source` with the preset."""
+    return convert(source, out, preset, ctx=ctx, dry_run=dry_run, force=force, verify=verify,
+                   verify_text=verify_text, verify_tokens=verify_tokens)
+
+
+def summarize_files(paths: Sequence[str | os.PathLike[str]], *, model: ModelRef = None,
+                    preset: str = DEFAULT_PRESET, out: str | os.PathLike[str] | None = None,
+                    options: SummarizeOptions | None = None, reporter: Reporter | None = None,
+                    engine: Engine | None = None, **run: Any) -> BatchResult:
+    """Summarize files, directories and glob patterns: one pass when a document fits the window,
+    map-reduce when not. Finished work is stored, so a repeated or interrupted batch resumes.
+    With `out`, writes a Markdown file per input and `summaries.jsonl` there. Pass an open `engine`
+    to reuse a loaded model (then `model`, `preset` and `run` are not used)."""
+    spec = RunSpec(model=_model(model), preset=preset, **run)
+    return summarize_batch([str(p) for p in paths], spec, options or SummarizeOptions(),
+                           out=Path(out) if out is not None else None, reporter=reporter, engine=engine)
+
+
+def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *, model: ModelRef = None,
+                        text: str | os.PathLike[str] | None = None, mode: str = "fixed", span: int = 256,
+                        end: int | None = None, max_chunks: int | None = None, use_cache: bool = True,
+                        progress: Callable[[str], None] | None = None, **run: Any) -> EvalResult:
+    """Perplexity of each preset against context length (lengths as 8192 or "8k"). Fixed mode scores
+    the same `span` tokens after each length of context; "chunks" is llama-perplexity's method.
+    Cells are cached (resumable) unless `use_cache` is False. `text` defaults to the shared corpus."""
+    request = PplRequest(list(presets), _lengths(lengths), load_text(text), mode=mode, span=span, end=end,
+                         max_chunks=max_chunks)
+    return run_ppl(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
+                   progress=progress or _quiet)
+
+
+def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
+                     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, trials: int = 1, seed: int = 0,
+                     model: ModelRef = None, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+                     **run: Any) -> EvalResult:
+    """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
+    for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`."""
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise InputError("Depths are fractions from 0 (start) to 1 (end).")
+    request = PasskeyRequest(list(presets), _lengths(lengths), sorted(set(depths)), trials, seed)
+    return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
+                       progress=progress or _quiet)
+
+
+def _model(model: ModelRef) -> str | None:
+    return None if model is None else os.fspath(model)
+
+
+def _lengths(lengths: Sequence[int | str]) -> list[int]:
+    return parse_lengths(",".join(str(n) for n in lengths))
+
+
+def _quiet(_: str) -> None:
+    pass

@@ -1,0 +1,123 @@
+"""The one loop both evaluations share: for each preset, resolve it once, take finished cells from
+the cache, mark cells past the window n/a, and load the model only when a cell is left to compute."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..params import RuntimeParams
+from ..runtime import Resolved, RunSpec, resolve_spec
+from .cache import CellCache, model_key
+
+Progress = Callable[[str], None]
+Cell = dict[str, Any]  # what a result row says about one cell: preset, length, ... and its result
+Key = dict[str, Any]  # everything a cell's result depends on: its cache key
+
+
+class EvalEngine(Protocol):
+    """What evaluation needs from an engine (the real Engine, or a test's counting wrapper)."""
+
+    n_ctx: int
+    params: RuntimeParams
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
+    def complete(self, tokens: Sequence[int], **kwargs: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[[Resolved], EvalEngine]
+
+
+def open_eval_engine(resolved: Resolved) -> EvalEngine:
+    from ..runtime import open_engine  # loads llama_cpp: only when a cell needs the model
+
+    return open_engine(resolved)
+
+
+@dataclass
+class EvalResult:
+    kind: str  # "ppl" | "passkey"
+    model: str
+    settings: dict[str, Any]
+    cells: list[Cell] = field(default_factory=list)
+    computed: int = 0  # cells computed in this run (the rest came from the cache or were n/a)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "settings": self.settings, "cells": self.cells}
+
+
+class Evaluation(Protocol):
+    """One kind of evaluation, as the grid loop drives it."""
+
+    kind: str
+    settings: dict[str, Any]
+
+    def cells(self, resolved: Resolved, model: str) -> list[tuple[Cell, Key]]:
+        """Every cell of one preset (each with its 'length'), and its cache key."""
+
+    def compute(self, engine: EvalEngine, resolved: Resolved, todo: list[tuple[Cell, Key]],
+                progress: Progress) -> Iterator[tuple[Cell, Key, dict[str, Any]]]:
+        """Compute the cells left to do, in whatever order suits the engine; yield each result."""
+
+    def describe(self, cell: Cell, found: dict[str, Any]) -> str:
+        """A cell's result in a few words, for progress lines."""
+
+    def order(self, cell: Cell) -> tuple[Any, ...]:
+        """Where a cell goes in the result, within its preset."""
+
+
+def label(cell: Cell) -> str:
+    where = f" depth {cell['depth']:g} trial {cell['trial']}" if "depth" in cell else ""
+    return f"{cell['preset']} {cell['length']:,}{where}"
+
+
+def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Resolved, *,
+             cache: CellCache | None = None, engine_factory: EngineFactory = open_eval_engine,
+             progress: Progress = lambda _: None, compute: bool = True) -> EvalResult:
+    """Every cell of every preset; cached cells are not recomputed, and a preset's model is loaded
+    only when one of its cells needs computing. With `compute=False` missing cells are reported as
+    "not run" (a report of what a long run has finished so far)."""
+    cache = cache or CellCache()
+    base = spec if isinstance(spec, Resolved) else resolve_spec(replace(spec, preset=presets[0]))
+    mkey = model_key(base.facts)
+    result = EvalResult(evaluation.kind, str(base.facts.path), evaluation.settings)
+    plans = [(resolved, evaluation.cells(resolved, mkey)) for resolved in map(base.with_preset, presets)]
+    total, done = sum(len(cells) for _, cells in plans), 0
+    for resolved, cells in plans:
+        todo = []
+        for cell, key in cells:
+            window = resolved.params.n_ctx
+            cell = {"preset": resolved.spec.preset, "method": resolved.params.method, "window": window, **cell,
+                    "params": resolved.params.to_dict()}
+            found = None if cell["length"] > window else cache.get(key)
+            if cell["length"] > window:
+                cell.update(status="n/a", reason=f"length {cell['length']:,} exceeds the preset's {window:,}-token window")
+            elif found is not None:
+                cell.update(found)
+                progress(f"[{done + 1}/{total}] {label(cell)}: {evaluation.describe(cell, found)} (cached)")
+            elif not compute:
+                cell["status"] = "not run"
+            else:
+                todo.append((cell, key))
+                continue
+            done += 1
+            result.cells.append(cell)
+        if not todo:
+            continue
+        progress(f"loading {resolved.facts.name} with preset {resolved.spec.preset} (window {resolved.params.n_ctx:,})")
+        engine = engine_factory(resolved)
+        try:
+            for cell, key, found in evaluation.compute(engine, resolved, todo, progress):
+                cache.put(key, found)
+                result.computed += 1
+                done += 1
+                progress(f"[{done}/{total}] {label(cell)}: {evaluation.describe(cell, found)} ({found['seconds']:.0f} s)")
+                result.cells.append({**cell, **found})
+        finally:
+            engine.close()
+    result.cells.sort(key=lambda c: (presets.index(c["preset"]), evaluation.order(c)))
+    return result

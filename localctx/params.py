@@ -1,0 +1,85 @@
+"""RuntimeParams, the seam of localctx, and the vocabularies it is made of (KV cache types,
+devices). Each is declared here once: the engine maps them to llama.cpp, the CLI offers them as
+choices, the memory estimate and the GGUF facts size the cache with them.
+
+The engine loads a model with RuntimeParams, the converter writes them into GGUF metadata,
+`presets show` prints them as llama.cpp flags, and eval records them beside its numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Union
+
+# Bytes per element of each KV cache type llama.cpp offers for K and V (q8_0: 34-byte blocks of
+# 32 values, q4_0: 18-byte blocks of 32).
+KV_CACHE_TYPES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+# Where a model runs: "auto" offloads every layer when the build can, else runs on the CPU.
+DEVICES = ("auto", "cpu", "cuda", "metal")
+# The GPU devices, with the name of the ggml backend each needs in the llama.cpp build.
+GPU_BACKENDS = {"cuda": "CUDA", "metal": "Metal"}
+
+# How many layers to put on the GPU: a count, every layer, or None (all when a GPU is usable).
+GpuLayers = Union[int, Literal["all"], None]
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Everything llama.cpp needs to run a model at an extended context, fully explicit:
+    the values never depend on scaling metadata already present in the file."""
+
+    preset: str
+    method: str  # the method actually applied: none | extrapolate | linear | ntk | yarn
+    n_ctx: int
+    trained_ctx: int
+    scale: float  # s = n_ctx / trained_ctx (1.0 when nothing is scaled)
+    rope_scaling_type: str | None  # "none" | "linear" | "yarn"; None: whatever the file says
+    rope_freq_base: float  # 0: whatever the file says
+    rope_freq_scale: float  # 0: whatever the file says
+    yarn_orig_ctx: int = 0
+    yarn_ext_factor: float = -1.0
+    yarn_attn_factor: float = -1.0
+    yarn_beta_fast: float = -1.0
+    yarn_beta_slow: float = -1.0
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_batch: int = 512
+    n_ubatch: int = 512
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    def with_ctx_settings(self, **changes: Any) -> RuntimeParams:
+        return replace(self, **changes)
+
+    def llama_flags(self) -> list[str]:
+        """The equivalent llama-cli / llama-server command-line flags."""
+        flags = ["-c", str(self.n_ctx)]
+        if self.rope_scaling_type is not None:
+            flags += ["--rope-scaling", self.rope_scaling_type]
+        if self.rope_freq_base:
+            flags += ["--rope-freq-base", _num(self.rope_freq_base)]
+        if self.rope_scaling_type in ("linear", "yarn"):
+            flags += ["--rope-scale", _num(1.0 / self.rope_freq_scale)]
+        if self.rope_scaling_type == "yarn":
+            flags += ["--yarn-orig-ctx", str(self.yarn_orig_ctx)]
+            flags += ["--yarn-beta-fast", _num(self.yarn_beta_fast), "--yarn-beta-slow", _num(self.yarn_beta_slow)]
+            if self.yarn_ext_factor >= 0:
+                flags += ["--yarn-ext-factor", _num(self.yarn_ext_factor)]
+            if self.yarn_attn_factor >= 0:
+                flags += ["--yarn-attn-factor", _num(self.yarn_attn_factor)]
+        flags += ["-fa", "on" if self.flash_attn else "off"]
+        if self.type_k != "f16":
+            flags += ["--cache-type-k", self.type_k]
+        if self.type_v != "f16":
+            flags += ["--cache-type-v", self.type_v]
+        flags += ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        return flags
+
+
+def _num(value: float) -> str:
+    return f"{value:.10g}"
