@@ -26,7 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from localctx.paths import default_model_path
+import localctx
 
 PIECE = 256 * 2**20  # synthetic tensors of 256 MiB, written from one reused random buffer
 
@@ -124,7 +124,7 @@ def main() -> None:
         big = write_synthetic(work / "synthetic.gguf", size)
         lines.append(row("synthetic (random f32)", big.stat().st_size, bench(big, work, args.reps)))
         big.unlink()
-        model = default_model_path()
+        model = localctx.read_model_facts().path
         lines.append(row(model.name, model.stat().st_size, bench(model, work, args.reps)))
     table = "\n".join(lines)
     print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import raw_llama
+from common import CORPUS, raw_llama
 
-from localctx.evaluate import default_text_path
-from localctx.runtime import RunSpec, open_engine
-from localctx.summarize import REPEAT_PENALTY, SummarizeOptions, summarize_batch
-from localctx.summary_store import Store
+import localctx
 
-CORPUS = default_text_path().parent
+OPTIONS = localctx.SummarizeOptions()
 ONE_PASS_CHARS = 42_000  # ~9.5K tokens of Pride and Prejudice: past the native 8K, inside yarn-32k
 
 
@@ -50,8 +48,9 @@ class Recorder:
 def run_summarizer(engine: Any, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     recorder = Recorder(engine)
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LOCALCTX_CACHE_DIR"] = tmp  # an empty store: every call is made, none reused
         start = time.perf_counter()
-        result = summarize_batch([str(path)], RunSpec(), SummarizeOptions(), engine=recorder, store=Store(Path(tmp)))
+        result = localctx.summarize_files([path], options=OPTIONS, engine=recorder)
         seconds = time.perf_counter() - start
     record = result.records[0]
     if record["status"] != "ok":
@@ -67,7 +66,7 @@ def replay_raw(llm: Any, calls: list[dict[str, Any]]) -> float:
         wanted = call["generated"] + (1 if call["stopped"] else 0)  # the end-of-generation token is sampled too
         n = 0
         for _ in llm.generate(call["tokens"], temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
-                              repeat_penalty=REPEAT_PENALTY):
+                              repeat_penalty=OPTIONS.repeat_penalty):
             n += 1
             if n >= wanted:
                 break
@@ -90,7 +89,7 @@ def bench_document(engine: Any, llm: Any, label: str, path: Path) -> dict[str, A
 
 def native_calls(path: Path) -> dict[str, Any]:
     print(f"native: summarizing {path.name} at the trained 8K window ...", file=sys.stderr, flush=True)
-    with open_engine(RunSpec(preset="native")) as engine:
+    with localctx.open_model(preset="native") as engine:
         record, calls, seconds = run_summarizer(engine, path)
     return {"preset": "native", "window": engine.n_ctx, "chunks": record["chunks"], "model_calls": len(calls),
             "prompt_tokens": sum(len(c["tokens"]) for c in calls), "seconds": round(seconds, 1),
@@ -107,7 +106,7 @@ def main() -> None:
         one_pass = Path(tmp) / "pride_excerpt.txt"
         one_pass.write_text((CORPUS / "pride_and_prejudice.txt").read_text(encoding="utf-8")[:ONE_PASS_CHARS],
                             encoding="utf-8")
-        engine = open_engine(RunSpec(preset=args.preset))
+        engine = localctx.open_model(preset=args.preset)
         llm = raw_llama(engine)
         rows = [bench_document(engine, llm, "one pass", one_pass),
                 bench_document(engine, llm, "map-reduce", CORPUS / "alice.txt")]

@@ -14,18 +14,16 @@ import time
 from pathlib import Path
 
 import llama_cpp
-from common import raw_llama
+from common import CORPUS, raw_llama
 
-from localctx.evaluate import default_text_path
-from localctx.generate import GenerateRequest, generate
-from localctx.runtime import RunSpec, open_engine
+import localctx
 
 SAMPLING = dict(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
 
 
 def time_localctx(engine, prompt: str, max_tokens: int) -> tuple[float, int]:
     start = time.perf_counter()
-    gen = generate(engine, GenerateRequest(prompt, max_tokens=max_tokens, temperature=0.0))
+    gen = localctx.generate_text(engine, prompt, max_tokens=max_tokens, temperature=0.0, stream=True)
     for _ in gen:
         pass
     return time.perf_counter() - start, gen.timings.generated_tokens
@@ -47,9 +45,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    engine = open_engine(RunSpec(preset=args.preset))
+    engine = localctx.open_model(preset=args.preset)
     llm = raw_llama(engine)
-    tokens = engine.tokenize(default_text_path().read_text(encoding="utf-8"), add_bos=False)
+    tokens = engine.tokenize((CORPUS / "pride_and_prejudice.txt").read_text(encoding="utf-8"), add_bos=False)
     # A different prompt per rep (the same for both sides) so neither reuses a cached prefix.
     prompts = [engine.detokenize(tokens[20000 + i * 3000 : 20000 + i * 3000 + args.prompt_tokens])
                for i in range(args.reps + 1)]

@@ -36,7 +36,7 @@ echo "== start $(date -Is), $(nproc) cores, ONLY=$ONLY" >&2
 # Highest value first: a budget cut or a lost machine costs only the tail of this list.
 step speed $PY benchmarks/overhead.py --reps 9 --prompt-tokens 512 --max-tokens 128 --json "$OUT/overhead.json"
 step speed $PY benchmarks/bench_convert.py --gib 3 --reps 3 --results "$OUT/convert.md"
-step quality sh -c "$LC convert \"\$($PY -c 'from localctx.paths import default_model_path as d; print(d())')\" \
+step quality sh -c "$LC convert \"\$($PY -c 'import localctx; print(localctx.read_model_facts().path)')\" \
   /tmp/localctx-verify-32k.gguf --preset yarn-32k --force --verify --verify-tokens 8352 \
   --verify-text ../shared/corpus/alice.txt --json > $OUT/convert_verify.json; rm -f /tmp/localctx-verify-32k.gguf"
 step quality $LC eval ppl --presets native --lengths 2k,4k,8k --end $END

@@ -38,25 +38,22 @@ def gpu_memory_used() -> int | None:
 
 
 def child(config: str, depths: list[int], preset: str, model: str | None) -> None:
-    from dataclasses import replace
-
-    from localctx.engine import Engine, Offload
-    from localctx.evaluate import default_text_path
-    from localctx.memory import estimate
-    from localctx.runtime import RunSpec, resolve_spec
+    import localctx
+    from common import CORPUS
 
     fa, cache = CONFIGS[config]
-    facts, params = resolve_spec(RunSpec(model=model, preset=preset))
-    params = replace(params, flash_attn=fa, type_k=cache, type_v=cache, n_ctx=max(params.n_ctx, max(depths)))
-    engine = Engine.load(facts, params, Offload())
+    window = max(localctx.resolve_preset(preset, model).n_ctx, max(depths))
+    run = dict(ctx=window, flash_attn=fa, cache_type=cache)
+    engine = localctx.open_model(model, preset, **run)
+    params = engine.params
     rss_loaded = peak_rss()
-    tokens = engine.tokenize(default_text_path().read_text(encoding="utf-8"), add_bos=False)
+    tokens = engine.tokenize((CORPUS / "pride_and_prejudice.txt").read_text(encoding="utf-8"), add_bos=False)
     engine.complete(tokens[-64:], max_tokens=4)  # warm-up, on tokens no measured prompt starts with
     prompt_seconds, rows = 0.0, []
     for depth in depths:
         gen = engine.complete(tokens[: depth - GEN_TOKENS], max_tokens=GEN_TOKENS, temperature=0.0)
         prompt_seconds += gen.timings.prompt_seconds  # only the tokens not already cached were processed
-        est = estimate(facts, replace(params, n_ctx=depth))
+        est = localctx.estimate_memory(preset, model, **{**run, "ctx": depth})
         rows.append({"config": config, "depth": depth, "prompt_tokens": depth - GEN_TOKENS,
                      "prompt_tps": round((depth - GEN_TOKENS) / prompt_seconds, 1),
                      "generation_tps": round(gen.timings.generation_tps, 1), "generated": gen.timings.generated_tokens,

@@ -19,6 +19,7 @@ from .engine import Engine, Generation
 from .errors import InputError
 from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_lengths, run_passkey, run_ppl
 from .gguf_meta import ModelFacts
+from .memory import MemoryEstimate, estimate
 from .generate import GenerateRequest, generate
 from .params import GpuLayers, RuntimeParams
 from .runtime import DEFAULT_PRESET, RunSpec, model_facts, open_engine, resolve_spec
@@ -56,6 +57,15 @@ def resolve_preset(preset: str = DEFAULT_PRESET, model: ModelRef = None, *, ctx:
     llama-cli flags). Nothing is loaded."""
     spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn)
     return resolve_spec(spec).params
+
+
+def estimate_memory(preset: str = DEFAULT_PRESET, model: ModelRef = None, *, ctx: int | None = None,
+                    cache_type: str | None = None, flash_attn: bool | None = None) -> MemoryEstimate:
+    """What loading the model at this preset will take in memory (weights, KV cache, compute
+    buffers): the estimate the memory refusal compares with what is available."""
+    spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn)
+    resolved = resolve_spec(spec)
+    return estimate(resolved.facts, resolved.params)
 
 
 def generate_text(model: Engine, prompt: str, *, document: str | os.PathLike[str] | None = None,

@@ -547,21 +547,30 @@ def verify_conversion(original: Path, converted: Path, params: RuntimeParams, *,
     facts = facts_from_header(read_header(original))
     n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
     with open_engine(Resolved(RunSpec(model=original, threads=threads), facts, params)) as engine:
-        tokens = _prompt_tokens(engine, text, n)
-        positions = _verify_positions(len(tokens), params.trained_ctx)
+        tokens = prompt_tokens(engine, text, n)
+        positions = verify_positions(len(tokens), params.trained_ctx)
         expected = engine.logits_at(tokens, positions)
-    conv_facts = facts_from_header(read_header(converted))
-    from_file = replace(file_params(conv_facts, params.n_ctx), flash_attn=params.flash_attn, type_k=params.type_k,
-                        type_v=params.type_v, n_batch=params.n_batch, n_ubatch=params.n_ubatch)
-    with open_engine(Resolved(RunSpec(model=converted, threads=threads), conv_facts, from_file)) as engine:
-        got = engine.logits_at(tokens, positions)
+    got = logits_from_file(converted, params, tokens, positions, threads=threads)
     diff = float(abs(expected.astype("float64") - got.astype("float64")).max())
     if math.isnan(diff):
         diff = math.inf
     return VerifyResult(len(tokens), tuple(positions), diff, tolerance, time.perf_counter() - start)
 
 
-def _prompt_tokens(engine: Any, text: str | None, n: int) -> list[int]:
+def logits_from_file(converted: Path, params: RuntimeParams, tokens: list[int], positions: list[int], *,
+                     threads: int | None = None) -> Any:
+    """Logits of `converted` run with no RoPE settings at all, as a plain llama-server run would
+    (only the window and the context settings of `params`): what the file alone carries."""
+    from .runtime import Resolved, RunSpec, open_engine
+
+    facts = facts_from_header(read_header(converted))
+    from_file = replace(file_params(facts, params.n_ctx), flash_attn=params.flash_attn, type_k=params.type_k,
+                        type_v=params.type_v, n_batch=params.n_batch, n_ubatch=params.n_ubatch)
+    with open_engine(Resolved(RunSpec(model=converted, threads=threads), facts, from_file)) as engine:
+        return engine.logits_at(tokens, positions)
+
+
+def prompt_tokens(engine: Any, text: str | None, n: int) -> list[int]:
     """`n` tokens of `text`, repeated when it is too short (a prompt still exercises every position)."""
     text = text or FALLBACK_TEXT
     tokens = engine.tokenize(text, add_bos=True)
@@ -571,7 +580,7 @@ def _prompt_tokens(engine: Any, text: str | None, n: int) -> list[int]:
     return tokens[:n]
 
 
-def _verify_positions(n: int, trained: int) -> list[int]:
+def verify_positions(n: int, trained: int) -> list[int]:
     wanted = {n // 4, n // 2, trained - 1, trained, n - 3, n - 2, n - 1}
     return sorted(p for p in wanted if 0 <= p < n)
 

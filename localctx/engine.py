@@ -215,22 +215,27 @@ class Engine:
         self.n_ctx = llm.n_ctx()
         # What to suggest when a prompt does not fit (runtime sets it: it knows the presets).
         self.overflow_hint: Callable[[int], str] | None = None
+        # The llama_cpp.Llama keyword arguments it was loaded with (a raw baseline can reuse them).
+        self.llama_arguments: dict[str, Any] = {}
 
     @classmethod
     def load(cls, facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
              verbose: bool = False, seed: int = 0) -> Engine:
         """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
+        arguments = llama_arguments(facts, params, gpu_layers=gpu_layers, threads=threads, seed=seed,
+                                    verbose=verbose)
         try:
             set_llama_log(verbose)
-            llm = llama_cpp.Llama(**llama_arguments(facts, params, gpu_layers=gpu_layers, threads=threads,
-                                                    seed=seed, verbose=verbose))
+            llm = llama_cpp.Llama(**arguments)
             set_llama_log(verbose)
         except (ValueError, RuntimeError) as exc:
             raise LocalctxError(
                 f"llama.cpp could not load {facts.path} at {params.n_ctx} tokens ({exc}). "
                 "Run again with --verbose to see llama.cpp's own log."
             ) from None
-        return cls(llm, facts, params, gpu_layers)
+        engine = cls(llm, facts, params, gpu_layers)
+        engine.llama_arguments = arguments
+        return engine
 
     def close(self) -> None:
         self._llm.close()
@@ -357,7 +362,7 @@ class Engine:
     def logits_at(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """Evaluate `tokens` from an empty cache and return the next-token logits after each index in
         `positions` (shape len(positions) × n_vocab). Logits are requested for those positions only,
-        so memory does not grow with the window."""
+        so memory does not grow with the window. The tokens stay in the KV cache for reuse."""
         n = len(tokens)
         if n > self.n_ctx:
             raise ContextOverflowError(f"{n:,} tokens do not fit the {self.n_ctx:,}-token window.")
@@ -386,9 +391,11 @@ class Engine:
                 if k is not None:
                     ptr = ctx.get_logits_ith(j)
                     out[k] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        # The cache now holds tokens llama-cpp-python does not know about: forget them.
-        ctx.kv_cache_clear()
-        self._llm.reset()
+        # Keep the evaluated tokens and tell llama-cpp-python they are there, so a generation over
+        # the same prompt (score it, then answer it) evaluates only its last token again.
+        self._llm.input_ids[:n] = tokens
+        self._llm.n_tokens = n
+        self._llm._requires_eval = True  # the sampler's logits are not this decode's
         return out[[index[p] for p in positions]] if list(positions) != wanted else out
 
 

@@ -59,6 +59,7 @@ class SummarizeOptions:
     retry_failed: bool = False
     temperature: float = 0.0
     seed: int = 0
+    repeat_penalty: float = REPEAT_PENALTY
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -230,7 +231,7 @@ def fingerprint(facts: Any, params: Any, options: SummarizeOptions) -> str:
         "params": settings,
         "prompt": options.prompt,
         "max_summary_tokens": options.max_summary_tokens,
-        "sampling": [options.temperature, options.seed, REPEAT_PENALTY],
+        "sampling": [options.temperature, options.seed, options.repeat_penalty],
     }, sort_keys=True))
 
 
@@ -278,6 +279,19 @@ class Frame:
 
 def _join_parts(parts: Sequence[str]) -> str:
     return "\n\n".join(f"Part {i}:\n{p.strip()}" for i, p in enumerate(parts, 1))
+
+
+def group_parts(parts: Sequence[str], count: Callable[[str], int], room: int) -> list[list[str]]:
+    """Consecutive partial summaries, as many per reduce call as `room` tokens hold (as joined for
+    the call). A part too large to share a call gets one of its own."""
+    groups: list[list[str]] = [[]]
+    for part in parts:
+        candidate = groups[-1] + [part]
+        if groups[-1] and count(_join_parts(candidate)) > room:
+            groups.append([part])
+        else:
+            groups[-1] = candidate
+    return groups
 
 
 # --- One document ------------------------------------------------------------------------------
@@ -395,15 +409,7 @@ class Summarizer:
         return parts[0]
 
     def _group(self, parts: list[str]) -> list[list[str]]:
-        """Consecutive partial summaries, as many per reduce call as the window holds."""
-        groups: list[list[str]] = [[]]
-        for part in parts:
-            candidate = groups[-1] + [part]
-            if groups[-1] and self.engine.count(_join_parts(candidate)) > self.reduce_room:
-                groups.append([part])
-            else:
-                groups[-1] = candidate
-        return groups
+        return group_parts(parts, self.engine.count, self.reduce_room)
 
     def _call(self, role: str, frame: Frame, body: str, calls: list[dict[str, Any]], doc_tokens: int = 0) -> str:
         key = call_key(self.fp, role, body)
@@ -416,7 +422,7 @@ class Summarizer:
         start = time.perf_counter()
         gen = self.engine.complete(tokens, max_tokens=self.options.max_summary_tokens,
                                    temperature=self.options.temperature, seed=self.options.seed,
-                                   stop=frame.stop, repeat_penalty=REPEAT_PENALTY)
+                                   stop=frame.stop, repeat_penalty=self.options.repeat_penalty)
         info = {"role": role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
                 "seconds": round(time.perf_counter() - start, 3), "summary": gen.text.strip()}
         self.store.put_call(key, info)

@@ -1,17 +1,30 @@
-"""Shared fixtures: the real default model, the shared corpus, an isolated user directory, and a
-CLI runner that runs the real `localctx` in a subprocess (so exit codes and stderr are real)."""
+"""Shared fixtures: the real default model (and engines loaded once per session), the shared
+corpus, an isolated user directory, and two ways to run the CLI: `cli` in-process (Click's runner:
+the real commands, parsing and error boundary, without a new interpreter and model load per call)
+and `run_cli` in a real subprocess, for what only a process shows (exit codes of signals, import
+order, llama.cpp's own writes to file descriptors, stdin bytes)."""
 from __future__ import annotations
+
+import localctx.engine  # noqa: F401  llama.cpp before numpy, as the CLI does (localctx/cli.py)
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from localctx.cli import cli as cli_group
+from localctx.commands import register
+from localctx.engine import Engine
 from localctx.gguf_meta import ModelFacts, read_facts
 from localctx.paths import CACHE_DIR_ENV, USER_DIR_ENV, default_model_path
+from localctx.runtime import RunSpec, open_engine
+
+register(cli_group)
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -47,6 +60,36 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+@pytest.fixture(scope="session")
+def native_engine() -> Iterator[Engine]:
+    """The default model at its trained 8,192-token window, shared by every test that does not
+    depend on how it was loaded (tests that generate leave the KV cache to the next: the engine
+    reuses or replaces it, as it does between calls of one batch)."""
+    with open_engine(RunSpec(preset="native")) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def small_engine() -> Iterator[Engine]:
+    """The default model at a 512-token window, for overflow handling without long prompts."""
+    with open_engine(RunSpec(preset="auto", ctx=512)) as engine:
+        yield engine
+
+
+def invoke(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run `localctx ARGS...` in this process; an exception the error boundary let through fails
+    the test with its traceback (a user must never see one)."""
+    result = CliRunner().invoke(cli_group, list(args), input=input, env=env, catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def cli():
+    return invoke
 
 
 @pytest.fixture

@@ -6,14 +6,7 @@ import io
 import pytest
 
 from localctx.chat import ChatSession, Console, Message, run_repl
-from localctx.runtime import RunSpec, open_engine
-
-
-@pytest.fixture(scope="module")
-def small_engine():
-    engine = open_engine(RunSpec(preset="auto", ctx=512))
-    yield engine
-    engine.close()
+from localctx.errors import ContextOverflowError
 
 
 def scripted(lines: list[str], interactive: bool = True) -> tuple[Console, io.StringIO, io.StringIO]:
@@ -74,3 +67,13 @@ def test_interrupted_reply_keeps_partial_text(small_engine):
     assert session.messages[-1].role == "assistant"
     assert session.messages[-1].content == "".join(written).strip()
     assert session.stats.turns == 1
+
+
+def test_ask_returns_the_reply_and_refuses_what_does_not_fit(small_engine):
+    session = ChatSession(small_engine, max_tokens=24, temperature=0)
+    reply = session.ask("What is the capital of France?")
+    assert reply.strip() and session.messages[-1] == Message("assistant", reply)
+    before = list(session.messages)
+    with pytest.raises(ContextOverflowError, match="window of 512"):
+        session.ask("word " * 600)
+    assert session.messages == before  # nothing sent, nothing dropped

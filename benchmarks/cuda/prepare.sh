@@ -16,7 +16,7 @@ src=$tmp/llama_cpp_python-$VERSION V=$tmp/llama_cpp_python-$VERSION/vendor/llama
 rm -rf "$src/.git" "$V"/{models,docs,benches,tests,examples,conversion,media,gguf-py} "$V/tools/ui" "$V/tools/server" \
   "$V"/ggml/src/ggml-{et,metal,hexagon,sycl,vulkan,opencl}
 tar czf .dev1/lcp-cuda-src.tgz -C "$tmp" "llama_cpp_python-$VERSION"
-model=$($PY -c 'from localctx.paths import default_model_path as d; print(d())')
+model=$($PY -c 'import localctx; print(localctx.read_model_facts().path)')
 split -b 52000000 -d "$model" "$tmp/model.part"
 mv "$tmp/model.part00" .dev1/ && mv "$tmp/model.part01" .dev2/
 sha256sum "$model" > .dev2/model.sha256
