@@ -15,7 +15,7 @@ from localctx.errors import InputError
 from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, Text, load_text, parse_depths, parse_lengths
 from localctx.evaluate.passkey import KEY_LINE, QUESTION, TASK, build_passkey_prompt, first_integer, passkey_key, run_passkey
 from localctx.evaluate.ppl import fixed_window, run_ppl, token_nll
-from localctx.runtime import Resolved, RunSpec, open_engine
+from localctx.runtime import Resolved
 
 from conftest import assert_clean_error
 
@@ -49,9 +49,8 @@ class Counting:
 
 
 @pytest.fixture(scope="module")
-def engine(facts) -> Engine:
-    with open_engine(RunSpec(preset="native", ctx=2048, device="cpu")) as e:
-        yield e
+def engine(native_engine: Engine) -> Engine:
+    return native_engine
 
 
 @pytest.fixture
@@ -219,15 +218,15 @@ def test_passkey_run_uses_exact_lengths_and_caches(factory):
     assert na.cells[0]["status"] == "n/a" and len(factory.made) == 1
 
 
-# --- the CLI (real subprocesses) ---------------------------------------------------------------
+# --- the CLI (in-process) ---------------------------------------------------------------
 
 
-def test_cli_ppl_fixed_and_chunks_json_csv_plot(run_cli, corpus, tmp_path):
+def test_cli_ppl_fixed_and_chunks_json_csv_plot(cli, corpus, tmp_path):
     text = str(corpus / "alice.txt")
-    fixed = run_cli("eval", "ppl", "--presets", "native", "--lengths", "512", "--text", text, "--json")
+    fixed = cli("eval", "ppl", "--presets", "native", "--lengths", "512", "--text", text, "--json")
     assert fixed.returncode == 0, fixed.stderr
     fixed_ppl = json.loads(fixed.stdout)["cells"][0]["ppl"]
-    chunks = run_cli("eval", "ppl", "--presets", "native", "--mode", "chunks", "--ctx", "512", "--chunks", "3",
+    chunks = cli("eval", "ppl", "--presets", "native", "--mode", "chunks", "--ctx", "512", "--chunks", "3",
                      "--text", text, "--json")
     assert chunks.returncode == 0, chunks.stderr
     chunk_cell = json.loads(chunks.stdout)["cells"][0]
@@ -236,24 +235,24 @@ def test_cli_ppl_fixed_and_chunks_json_csv_plot(run_cli, corpus, tmp_path):
     assert 0.2 < chunk_cell["ppl"] / fixed_ppl < 5, (chunk_cell["ppl"], fixed_ppl)
     # The same cell again: from the cache (no model work), as CSV, with a plot.
     png = tmp_path / "ppl.png"
-    again = run_cli("eval", "ppl", "--presets", "native", "--lengths", "512", "--text", text, "--csv", "--plot", str(png))
+    again = cli("eval", "ppl", "--presets", "native", "--lengths", "512", "--text", text, "--csv", "--plot", str(png))
     assert again.returncode == 0, again.stderr
     assert "0 cell(s) computed" in again.stderr and "loading" not in again.stderr
     header, row = again.stdout.strip().splitlines()
     assert header.startswith("preset,method,window,length,status,ppl") and row.startswith("native,none,8192,512,ok,")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     # With 16K in the run the span would end at token 16384: pin --end to ask for the same cell.
-    table = run_cli("eval", "ppl", "--presets", "native", "--lengths", "512,16k", "--end", "512", "--text", text,
+    table = cli("eval", "ppl", "--presets", "native", "--lengths", "512,16k", "--end", "512", "--text", text,
                     "--cached-only")
     assert table.returncode == 0, table.stderr
     assert table.stdout.split("\n")[1].split() == ["native", f"{fixed_ppl:.3f}", "n/a"]
-    moved = run_cli("eval", "ppl", "--presets", "native", "--lengths", "512,1k", "--text", text, "--cached-only")
+    moved = cli("eval", "ppl", "--presets", "native", "--lengths", "512,1k", "--text", text, "--cached-only")
     assert moved.stdout.split("\n")[1].split() == ["native", "-", "-"]  # another span: not computed yet
 
 
-def test_cli_passkey_table_and_heatmap(run_cli, tmp_path):
+def test_cli_passkey_table_and_heatmap(cli, tmp_path):
     png = tmp_path / "passkey.png"
-    result = run_cli("eval", "passkey", "--presets", "native", "--lengths", "256", "--depths", "0.5",
+    result = cli("eval", "passkey", "--presets", "native", "--lengths", "256", "--depths", "0.5",
                      "--plot", str(png))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -261,19 +260,19 @@ def test_cli_passkey_table_and_heatmap(run_cli, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_errors_are_clean(run_cli, tmp_path):
+def test_cli_errors_are_clean(cli, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Too short. " * 30)
-    assert_clean_error(run_cli("eval", "ppl", "--presets", "native", "--lengths", "1k", "--text", str(short)),
+    assert_clean_error(cli("eval", "ppl", "--presets", "native", "--lengths", "1k", "--text", str(short)),
                        "longer --text")
-    assert_clean_error(run_cli("eval", "ppl", "--lengths", "2q"), "Bad length")
-    assert_clean_error(run_cli("eval", "ppl", "--text", str(tmp_path / "missing.txt")), "not found")
-    assert_clean_error(run_cli("eval", "passkey", "--presets", "nope", "--lengths", "1k"), "Unknown preset")
+    assert_clean_error(cli("eval", "ppl", "--lengths", "2q"), "Bad length")
+    assert_clean_error(cli("eval", "ppl", "--text", str(tmp_path / "missing.txt")), "not found")
+    assert_clean_error(cli("eval", "passkey", "--presets", "nope", "--lengths", "1k"), "Unknown preset")
 
 
-def test_cli_help_has_examples(run_cli):
+def test_cli_help_has_examples(cli):
     for args in (("eval",), ("eval", "ppl"), ("eval", "passkey")):
-        result = run_cli(*args, "--help")
+        result = cli(*args, "--help")
         assert result.returncode == 0 and "Example" in result.stdout
 
 

@@ -122,8 +122,7 @@ def _plot_passkey(plt: Any, result: EvalResult) -> Any:
     acc, missing = passkey_accuracy(result.cells), _not_run(result.cells)
     fig, axes = plt.subplots(1, len(presets), figsize=(2.2 + 2.6 * len(presets), 0.8 + 0.5 * len(lengths) + 1.5),
                              squeeze=False)
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")
     for ax, preset in zip(axes[0], presets):
         grid = np.array([[np.nan if acc.get((preset, n, d)) is None else acc[(preset, n, d)] for d in depths]
                          for n in lengths], dtype=float)
