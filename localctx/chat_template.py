@@ -51,9 +51,9 @@ class ChatTemplateError(ModelFileError):
     """A model's chat template that cannot render a conversation."""
 
 
-# What compiling a template can raise: llama-cpp-python compiles every chat template in a model
-# file while loading it, and a syntax error there stops the load.
-TEMPLATE_COMPILE_ERRORS = (jinja2.TemplateError,)
+# What compiling a template can raise (a syntax error; nesting too deep for jinja2's recursive
+# parser): llama-cpp-python compiles every chat template in a model file while loading it.
+TEMPLATE_COMPILE_ERRORS = (jinja2.TemplateError, RecursionError)
 
 
 def uncompilable_template(origin: str, exc: BaseException) -> ChatTemplateError:

@@ -230,14 +230,14 @@ class Engine:
             llm = llama_cpp.Llama(**llama_arguments(facts, params, gpu_layers=gpu_layers, threads=threads,
                                                     seed=seed, verbose=verbose))
             set_llama_log(verbose)
+        except TEMPLATE_COMPILE_ERRORS as exc:
+            # llama-cpp-python compiles every chat template in the file while loading it.
+            raise uncompilable_template(str(facts.path), exc) from None
         except (ValueError, RuntimeError) as exc:
             raise LocalctxError(
                 f"llama.cpp could not load {facts.path} at {params.n_ctx} tokens ({exc}). "
                 "Run again with --verbose to see llama.cpp's own log."
             ) from None
-        except TEMPLATE_COMPILE_ERRORS as exc:
-            # llama-cpp-python compiles every chat template in the file while loading it.
-            raise uncompilable_template(str(facts.path), exc) from None
         return cls(llm, facts, params, gpu_layers)
 
     def close(self) -> None:

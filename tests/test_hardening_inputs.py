@@ -5,8 +5,11 @@ a hang or a partial file. Anything that could hang runs in a subprocess with a t
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -272,10 +275,46 @@ def test_documents_are_bounded(tmp_path: Path) -> None:
 
 
 def test_non_utf8_stdin_is_decoded_for_generate_and_chat() -> None:
-    for args in (["generate", "--max-tokens", "2"], ["chat", "--max-tokens", "2"]):
-        proc = run(*args, input=b"\xff\xfe hi\n")
+    for command in ("generate", "chat"):
+        proc = run(command, "--max-tokens", "2", "--preset", "auto", "--ctx", "512", input=b"\xff\xfe hi\n")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stdout.strip(), proc.stderr  # an answer
+
+
+def test_non_utf8_line_at_an_interactive_chat_prompt() -> None:
+    # On a terminal the REPL reads with input(), which decodes with stdin's own error handler.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "localctx", "chat", "--max-tokens", "2", "--preset", "auto",
+                             "--ctx", "512"], stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    try:
+        seen = _read_until(master, b">>> ")
+        os.write(master, b"\xff\xfe hi\n")
+        seen += _read_until(master, b">>> ")
+        os.write(master, b"/exit\n")
+        seen += _read_until(master, None)
+        assert proc.wait(timeout=HANG_GUARD) == 0, seen
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"Traceback" not in seen and b"tokens" in seen  # answered, then the context meter
+
+
+def _read_until(fd: int, prompt: bytes | None) -> bytes:
+    """What a terminal shows until it waits at `prompt` (None: until the program ends)."""
+    seen = b""
+    deadline = time.monotonic() + HANG_GUARD
+    while prompt is None or not seen.endswith(prompt):
+        assert time.monotonic() < deadline, seen
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
 
 
 # --- Outputs that cannot be written ------------------------------------------------------------------
@@ -284,8 +323,8 @@ def test_non_utf8_stdin_is_decoded_for_generate_and_chat() -> None:
 def test_convert_refuses_unwritable_outputs_before_copying(model_path: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    for out in (blocker / "out.gguf", tmp_path / ("x" * 300 + ".gguf")):
-        clean_error(run("convert", str(model_path), str(out), "--preset", "yarn-32k", timeout=30), "out")
+    for out, fragment in ((blocker / "out.gguf", "Not a directory"), (tmp_path / ("x" * 300 + ".gguf"), "too long")):
+        clean_error(run("convert", str(model_path), str(out), "--preset", "yarn-32k", timeout=30), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
