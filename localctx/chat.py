@@ -68,6 +68,8 @@ class ChatSession:
         return self.engine.n_ctx
 
     def tokens_for(self, messages: list[Message], generation_prompt: bool = True) -> list[int]:
+        """The conversation's tokens: typed messages and attached documents are data, tokenized
+        without special-token parsing (a `<|im_end|>` in them is text, not a turn boundary)."""
         return self.engine.chat_tokens([m.as_dict() for m in messages], add_generation_prompt=generation_prompt)
 
     def used_tokens(self) -> int:
@@ -98,9 +100,10 @@ class ChatSession:
 
     def reply(self, user_text: str, write: Callable[[str], None]) -> Timings:
         """Stream the answer to `user_text`; on Ctrl-C the partial answer is kept."""
+        # Built before the message is added: a template that fails leaves the conversation as it was.
+        tokens = self.tokens_for(self.messages + [Message("user", user_text)])
         self.messages.append(Message("user", user_text))
-        tokens = self.tokens_for(self.messages)
-        stop = self.engine.format_chat([]).stop
+        stop = self.engine.chat_stop
         gen = self.engine.generate(tokens, max_tokens=self.max_tokens, temperature=self.temperature,
                                    seed=self.seed, stop=stop)
         try:

@@ -9,6 +9,7 @@ final name only after it is complete and fsynced, so an interrupted run never le
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import secrets
@@ -323,8 +324,11 @@ class WriteStats:
     seconds: float
 
 
-def check_output(source: Path, out: Path, force: bool) -> None:
-    """Refuse OUT when it is IN (same path, symlink or hard link), a directory, or exists without --force."""
+def check_output(source: Path, out: Path, force: bool, *, probe: bool = True) -> None:
+    """Refuse OUT before any work when it is IN (same path, symlink or hard link), a directory,
+    exists without --force, has a name the filesystem cannot hold, or lies in a directory that
+    cannot be written (`probe`: create and remove a file there; access() alone says yes to root
+    even on a read-only filesystem)."""
     src = os.stat(source)
     try:
         dst = os.stat(out)  # follows a symlink: OUT pointing at IN is IN
@@ -341,12 +345,44 @@ def check_output(source: Path, out: Path, force: bool) -> None:
         raise ConversionError(f"{out} is a directory; give the output file's path, e.g. {out / source.name}.")
     if not out.parent.is_dir():
         raise ConversionError(f"The output directory {out.parent} does not exist; create it first.")
+    limit = name_max(out.parent)
+    if len(os.fsencode(out.name)) > limit:
+        raise ConversionError(f"The output name {out.name[:40]}… is {len(os.fsencode(out.name))} bytes long; "
+                              f"the filesystem of {out.parent} allows at most {limit}. Choose a shorter name.")
     if os.path.lexists(out) and not force:
         raise ConversionError(f"{out} already exists; pass --force to replace it.")
+    if probe:
+        _probe_writable(out)
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (in bytes) the filesystem holding `directory` allows."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _probe_writable(out: Path) -> None:
+    probe = out.parent / f"{temp_prefix(out)}{os.getpid()}-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # a leftover of this very process: the directory is writable
+    except OSError as exc:
+        raise ConversionError(f"Cannot write the output in {out.parent}: {exc.strerror}. "
+                              "Choose a directory you can write to.") from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
 
 
 def temp_prefix(out: Path) -> str:
-    return f".{out.name}{TEMP_MARKER}"
+    """The name prefix of OUT's temp files. A name too long to take the suffix (pid and random
+    part) is replaced by its hash, so every OUT the filesystem can hold can be converted."""
+    prefix = f".{out.name}{TEMP_MARKER}"
+    if len(os.fsencode(prefix)) + 32 > name_max(out.parent):
+        prefix = f".{hashlib.sha256(os.fsencode(out.name)).hexdigest()[:32]}{TEMP_MARKER}"
+    return prefix
 
 
 def clean_stale_temps(out: Path) -> list[Path]:
@@ -440,7 +476,10 @@ def _read_exact(fh: Any, n: int, path: Path) -> bytes:
 def _write_temp(src: Any, tmp: Path, header: bytes, plan: Plan, progress: Callable[[int, int], None] | None) -> None:
     if os.fstat(src.fileno()).st_size != plan.header.file_size:
         raise ConversionError(f"{plan.source} changed size since its header was read; try again.")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise ConversionError(f"Cannot create {tmp}: {exc.strerror}; nothing was written to the output.") from None
     try:
         try:
             _write_all(fd, header)
@@ -624,7 +663,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], preset:
         raise ConversionError("--verify needs the converted file; drop --dry-run to convert and verify.")
     plan = plan_conversion(source, preset, ctx)
     if dry_run:
-        check_output(plan.source, out, force)
+        check_output(plan.source, out, force, probe=False)  # a dry run writes nothing, not even a probe
         return ConversionResult(plan, out, False, None, None)
     results: list[VerifyResult] = []
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import llama_chat_format
 
-from .errors import ContextOverflowError, LocalctxError, ResourceError
+from .chat_template import TEMPLATE_COMPILE_ERRORS, ChatTemplate, Segment, uncompilable_template
+from .errors import ContextOverflowError, InputError, LocalctxError, ResourceError
 from .gguf_meta import ModelFacts
 from .params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
 
@@ -27,6 +27,10 @@ _SCALING_TYPES = {
     "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
 }
 _CACHE_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_CACHE_TYPES}
+# Tokens llama.cpp matches in text when it parses special tokens (its cache_special_tokens).
+_SPECIAL_ATTRS = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                  | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+_C_SPACE = " \t\n\v\f\r"  # C's isspace(), which llama.cpp's lstrip/rstrip use
 REBUILD = {
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" bash scripts/install.sh',
@@ -217,6 +221,7 @@ class Engine:
         self.overflow_hint: Callable[[int], str] | None = None
         # The llama_cpp.Llama keyword arguments it was loaded with (a raw baseline can reuse them).
         self.llama_arguments: dict[str, Any] = {}
+        self._template: ChatTemplate | None = None
 
     @classmethod
     def load(cls, facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
@@ -228,6 +233,9 @@ class Engine:
             set_llama_log(verbose)
             llm = llama_cpp.Llama(**arguments)
             set_llama_log(verbose)
+        except TEMPLATE_COMPILE_ERRORS as exc:
+            # llama-cpp-python compiles every chat template in the file while loading it.
+            raise uncompilable_template(str(facts.path), exc) from None
         except (ValueError, RuntimeError) as exc:
             raise LocalctxError(
                 f"llama.cpp could not load {facts.path} at {params.n_ctx} tokens ({exc}). "
@@ -262,25 +270,111 @@ class Engine:
 
     # --- chat ----------------------------------------------------------------------------------
 
+    def _chat_template(self) -> ChatTemplate:
+        """The model's own chat template (from its GGUF metadata), compiled once, on first use:
+        a model whose template is broken still runs plain completions."""
+        if self._template is None:
+            model = self._llm._model
+            eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
+            bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
+            self._template = ChatTemplate(self.facts.chat_template, origin=str(self.facts.path),
+                                          bos_token=bos, eos_token=eos)
+        return self._template
+
+    @property
+    def chat_stop(self) -> list[str]:
+        """The strings that end a chat reply."""
+        return self._chat_template().stop
+
     def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
-        """Render messages with the model's own chat template (from its GGUF metadata)."""
-        template = self.facts.chat_template
-        if not template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-            return ChatPrompt(text + ("assistant: " if add_generation_prompt else ""), ["\nuser:"])
-        model = self._llm._model
-        eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
-        bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt
-        )
-        result = formatter(messages=messages)
-        return ChatPrompt(result.prompt, [s for s in (result.stop or []) if s])
+        """Render messages with the model's own chat template; ChatTemplateError (a clean error)
+        when the template fails, loops past its budget or renders nothing."""
+        template = self._chat_template()
+        return ChatPrompt(template.render(messages, add_generation_prompt), template.stop)
 
     def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        prompt = self.format_chat(messages, add_generation_prompt)
-        # The template writes any BOS itself; tokenize its special tokens, add nothing.
-        return self.tokenize(prompt.text, add_bos=False, special=True)
+        """The conversation's tokens. The template's own text is tokenized with its control tokens
+        (<|im_start|>, BOS: the template writes any BOS itself, nothing is added); message text is
+        data, tokenized without special-token parsing, so a document cannot inject chat markup.
+        For text without control-token strings the tokens are those of the whole rendered prompt."""
+        text, segments = self._chat_template().split(messages, add_generation_prompt)
+        if segments is None:
+            # The template rewrites message text, so it cannot be told apart from the template's:
+            # safe only while no message carries a control token's text.
+            self._refuse_control_text(messages)
+            return self.tokenize(text, add_bos=False, special=True)
+        return self._tokenize_segments(segments)
+
+    def _token_attr(self, token: int) -> int:
+        return int(llama_cpp.llama_vocab_get_attr(self._llm._model.vocab, token))
+
+    def _token_text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self._llm._model.vocab, token).decode("utf-8", errors="replace")
+
+    def _tokenize_segments(self, segments: Sequence[Segment]) -> list[int]:
+        """Tokenize as llama.cpp tokenizes the whole prompt with special tokens, except that only
+        the template's text may yield them: each run of plain text between two special tokens
+        (template text and message text together) is tokenized in one piece, without special
+        parsing, exactly as llama.cpp tokenizes the fragments it splits at special tokens."""
+        tokens: list[int] = []
+        run: list[str] = []
+        before = 0  # attributes of the special token before the current run (0: start of text)
+        for seg in segments:
+            if seg.data:
+                run.append(seg.text)
+                continue
+            head, middle, tail, first, last = self._split_at_specials(seg.text)
+            if middle is None:
+                run.append(seg.text)
+                continue
+            run.append(head)
+            tokens += self._tokenize_run("".join(run), before, first)
+            tokens += self.tokenize(middle, add_bos=False, special=True)
+            run, before = [tail], last
+        tokens += self._tokenize_run("".join(run), before, 0)
+        return tokens
+
+    def _tokenize_run(self, text: str, before: int, after: int) -> list[int]:
+        # Special tokens marked rstrip/lstrip eat the whitespace beside them (llama.cpp's rule).
+        if before & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP:
+            text = text.lstrip(_C_SPACE)
+        if after & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+            text = text.rstrip(_C_SPACE)
+        return self.tokenize(text, add_bos=False, special=False) if text else []
+
+    def _split_at_specials(self, text: str) -> tuple[str, str | None, str, int, int]:
+        """Template text as (plain head, middle from the first special token to the end of the
+        last, plain tail, attributes of the first and last special token); middle is None when
+        the text holds no special token."""
+        spans: list[tuple[int, int, int]] = []
+        pos = 0
+        for token in self.tokenize(text, add_bos=False, special=True):
+            attr = self._token_attr(token)
+            if attr & _SPECIAL_ATTRS:
+                piece = self._token_text(token)
+                at = text.find(piece, pos)
+                if not piece or at < 0:  # cannot place it: keep the whole text as one special block
+                    return "", text, "", 0, 0
+                spans.append((at, at + len(piece), attr))
+                pos = at + len(piece)
+        if not spans:
+            return text, None, "", 0, 0
+        return text[: spans[0][0]], text[spans[0][0] : spans[-1][1]], text[spans[-1][1] :], spans[0][2], spans[-1][2]
+
+    def _refuse_control_text(self, messages: list[dict[str, str]]) -> None:
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        for m in messages:
+            content = m.get("content")
+            if not isinstance(content, str):
+                continue
+            for token in self.tokenize(content, add_bos=False, special=True):
+                if self._token_attr(token) & control:
+                    raise InputError(
+                        f"A {m.get('role', 'chat')} message contains {self._token_text(token)!r}, a control token "
+                        f"of this model, and the chat template in {self.facts.path} rewrites message text, so "
+                        "localctx cannot keep it as plain text. Remove that marker from the text, or run "
+                        "`localctx generate` without --chat."
+                    )
 
     # --- generation ----------------------------------------------------------------------------
 

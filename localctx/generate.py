@@ -21,6 +21,8 @@ class GenerateRequest:
 
 
 def build_prompt_tokens(engine: Engine, req: GenerateRequest) -> list[int]:
+    """The prompt's tokens. The prompt, system prompt and document are data: only the chat
+    template's own text yields control tokens (see Engine.chat_tokens)."""
     text = req.prompt
     if req.document is not None:
         doc = read_text(req.document)
@@ -35,7 +37,7 @@ def generate(engine: Engine, req: GenerateRequest) -> Generation:
     """Start streaming; fails up front (nothing truncated) when the prompt does not fit the window."""
     tokens = build_prompt_tokens(engine, req)
     engine.check_fits(len(tokens), req.max_tokens)
-    stop = engine.format_chat([]).stop if req.chat else []
+    stop = engine.chat_stop if req.chat else []
     return engine.generate(tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed, stop=stop)
 
 

@@ -19,6 +19,7 @@ import gguf
 from gguf import GGUFValueType, Keys
 
 from .errors import ModelFileError
+from .files import open_regular
 from .params import KV_CACHE_TYPES
 
 GGUF_MAGIC = b"GGUF"
@@ -194,23 +195,19 @@ def _tensor_nbytes(cur: _Cursor, name: str, shape: tuple[int, ...], ggml_type: i
 def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse and bounds-check a GGUF header. Raises ModelFileError with a clear reason."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 24:
-                raise ModelFileError(f"{path} is not a GGUF file: it is only {size} bytes long.")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    return _parse(view, path, size)
-                finally:
-                    view.release()
-    except FileNotFoundError:
-        raise ModelFileError(f"Model file not found: {path}") from None
-    except IsADirectoryError:
-        raise ModelFileError(f"{path} is a directory, not a GGUF file.") from None
-    except PermissionError:
-        raise ModelFileError(f"Cannot read {path}: permission denied.") from None
+    if not os.path.lexists(path):
+        raise ModelFileError(f"Model file not found: {path}")
+    # A FIFO or device is refused here, before anything blocks on it or maps it.
+    with open_regular(path, ModelFileError, "model") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise ModelFileError(f"{path} is not a GGUF file: it is only {size} bytes long.")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                return _parse(view, path, size)
+            finally:
+                view.release()
 
 
 def _parse(view: memoryview, path: Path, size: int) -> GGUFHeader:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import PresetError
+from .files import read_limited
 from .gguf_meta import ModelFacts
 from .params import KV_CACHE_TYPES, RuntimeParams
 from .paths import shipped_presets_dir, user_presets_dir
@@ -129,14 +130,25 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
     return Preset(name, method, target, description, context, yarn, source)
 
 
+MAX_PRESET_BYTES = 2**20  # a preset is a few hundred bytes; anything near this is not one
+
+
 def load_preset_file(path: Path) -> Preset:
+    """A preset from its TOML file; PresetError naming the file for anything wrong with it."""
+    data = read_limited(path, MAX_PRESET_BYTES, PresetError, "preset file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PresetError(f"{path}: cannot read preset file: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"{path}: not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PresetError(f"{path}: cannot read preset file: {exc}") from None
-    return parse_preset(data, path.stem, str(path))
+    except RecursionError:
+        raise PresetError(f"{path}: not a preset: its tables or arrays are nested too deeply to read.") from None
+    except Exception as exc:  # the TOML parser on hostile input: a clean refusal, whatever it raises
+        raise PresetError(f"{path}: not valid TOML ({type(exc).__name__}: {exc}).") from None
+    return parse_preset(parsed, path.stem, str(path))
 
 
 def preset_files() -> dict[str, Path]:
@@ -149,8 +161,30 @@ def preset_files() -> dict[str, Path]:
     return found
 
 
+@dataclass(frozen=True)
+class PresetProblem:
+    """A preset file that could not be loaded, and why (listings skip it and report it)."""
+
+    path: Path
+    reason: str
+
+
+def scan_presets() -> tuple[list[Preset], list[PresetProblem]]:
+    """Every preset that loads, and the files that do not: one bad user file must not hide the
+    others. Callers decide how to report the problems (the library never prints)."""
+    presets: list[Preset] = []
+    problems: list[PresetProblem] = []
+    for path in preset_files().values():
+        try:
+            presets.append(load_preset_file(path))
+        except PresetError as exc:
+            problems.append(PresetProblem(path, str(exc).removeprefix(f"{path}: ")))
+    return presets, problems
+
+
 def list_presets() -> list[Preset]:
-    return [load_preset_file(path) for path in preset_files().values()]
+    """Every preset that loads (see `scan_presets` for the ones that do not)."""
+    return scan_presets()[0]
 
 
 def load_preset(name: str) -> Preset:

@@ -2,24 +2,62 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
 import click
 
+from ..documents import MAX_DOCUMENT_BYTES, decode_text
+from ..errors import InputError
 from ..options import run_options
 from ..runtime import RunSpec
 
+MAX_LINE_BYTES = MAX_DOCUMENT_BYTES
 
-def _reader(interactive: bool):
-    def read(prompt: str) -> str | None:
-        try:
-            if interactive:
-                return input(prompt)
+
+def _reader(interactive: bool) -> Callable[[str], str | None]:
+    """How the REPL reads a line: input() on a terminal (line editing), else the raw bytes of
+    stdin. Either way bytes that are not UTF-8 are decoded with the documents' fallbacks
+    (cp1252, Latin-1) instead of raising."""
+    if interactive:
+        _tolerate_undecodable(sys.stdin)
+
+        def read(prompt: str) -> str | None:
+            try:
+                return _redecode(input(prompt))
+            except EOFError:
+                return None
+
+        return read
+    stream = getattr(sys.stdin, "buffer", None)
+
+    def read_piped(prompt: str) -> str | None:
+        if stream is None:  # a text-only stdin (embedding): already decoded
             line = sys.stdin.readline()
             return line.rstrip("\n") if line else None
-        except EOFError:
+        raw = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw:
             return None
+        if len(raw) > MAX_LINE_BYTES:
+            raise InputError(f"A line on stdin is longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                             "attach long text with /read FILE instead.")
+        return decode_text(raw).removesuffix("\n").removesuffix("\r")
 
-    return read
+    return read_piped
+
+
+def _tolerate_undecodable(stream: TextIO) -> None:
+    # input() decodes with stdin's own error handler: make undecodable bytes survive as
+    # surrogates, which _redecode turns back into bytes and decodes with the fallbacks.
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
+def _redecode(line: str) -> str:
+    if not any("\udc80" <= c <= "\udcff" for c in line):
+        return line
+    return decode_text(line.encode(sys.stdin.encoding or "utf-8", "surrogateescape"))
 
 
 @click.command()
@@ -39,7 +77,7 @@ def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float,
       localctx chat --preset yarn-32k
       printf 'hi\\n' | localctx chat
     """
-    from ..chat import ChatSession, Console, run_repl
+    from ..chat import ChatSession, Console, Message, run_repl
     from ..runtime import open_engine
 
     interactive = sys.stdin.isatty()
@@ -50,6 +88,8 @@ def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float,
             pass
     with open_engine(spec, seed=seed) as engine:
         session = ChatSession(engine, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        # A chat template that cannot render fails here, with a clean error, before the first prompt.
+        session.tokens_for(session.messages + [Message("user", "Hello.")])
         run_repl(session, Console(_reader(interactive), sys.stdout, sys.stderr, interactive))
 
 

@@ -43,8 +43,9 @@ def convert(source: Path, out: Path, preset: str, ctx: int | None, dry_run: bool
       localctx convert model-32k.gguf model-again.gguf --preset native
     """
     from ..convert import convert as run_convert
+    from ..documents import read_text
 
-    text = verify_text.read_text(encoding="utf-8", errors="replace") if verify_text else None
+    text = read_text(verify_text) if verify_text else None  # a regular file, bounded, any encoding
     if verify and not as_json:
         click.echo("verifying: running the prompt through both files (this takes a while)...", err=True)
     result = run_convert(source, out, preset, ctx=ctx, dry_run=dry_run, force=force, verify=verify,

@@ -29,6 +29,7 @@ def inspect(model: str | None, as_json: bool) -> None:
     from ..report import inspect_model
 
     report = inspect_model(model)
+    warn_skipped_presets()
     if as_json:
         echo_json(report)
         return
@@ -68,6 +69,18 @@ def render_inspect(r: dict[str, Any]) -> None:
         click.echo(f"  {mark} {name:<18}{info['detail']}")
 
 
+def warn_skipped_presets() -> None:
+    """One line on stderr per preset file that does not load (listings skip it and go on)."""
+    from ..presets import scan_presets
+
+    _warn(scan_presets()[1])
+
+
+def _warn(problems: list[Any]) -> None:
+    for problem in problems:
+        click.echo(f"Warning: skipped {problem.path}: {problem.reason}", err=True)
+
+
 @click.group()
 def presets() -> None:
     """List and resolve context-extension presets.
@@ -88,9 +101,10 @@ def presets_list(as_json: bool) -> None:
       localctx presets list --json
     """
     from ..paths import user_presets_dir
-    from ..presets import list_presets
+    from ..presets import scan_presets
 
-    items = list_presets()
+    items, problems = scan_presets()
+    _warn(problems)
     if as_json:
         echo_json([{"name": p.name, "method": p.method, "target_ctx": p.target_ctx,
                     "description": p.description, "source": p.source} for p in items])
@@ -203,7 +217,7 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
     from ..runtime import open_engine
 
     if prompt is None:
-        prompt = "" if (document and sys.stdin.isatty()) else sys.stdin.read()
+        prompt = "" if (document and sys.stdin.isatty()) else read_stdin_text()
     if not prompt and document is None:
         raise click.UsageError("Give a PROMPT argument, a --file, or text on stdin.")
     request = GenerateRequest(prompt, document, chat, system, max_tokens, temperature, seed)
@@ -216,6 +230,18 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
             echo_json(generation_report(engine, gen))
         else:
             click.echo()
+
+
+def read_stdin_text() -> str:
+    """All of stdin as text: bytes decoded with the documents' fallbacks (UTF-8, cp1252, Latin-1),
+    so undecodable input is text, not a traceback; bounded like a document."""
+    from ..documents import MAX_DOCUMENT_BYTES, decode_bytes
+    from ..files import read_stream
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stdin (embedding): already decoded
+        return sys.stdin.read()
+    return decode_bytes(read_stream(stream, MAX_DOCUMENT_BYTES), "stdin")
 
 
 def register(group: click.Group) -> None:

@@ -38,6 +38,14 @@ def _progress(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _check_plot(plot_file: Path | None) -> None:
+    """A --plot FILE that cannot be written fails now, not after the whole evaluation."""
+    if plot_file:
+        from ..evaluate.render import check_plot_path
+
+        check_plot_path(plot_file)
+
+
 def _render(result: Any, table: Callable[[Any], str], as_json: bool, as_csv: bool, plot_file: Path | None) -> None:
     from ..evaluate import plot, to_csv
 
@@ -95,6 +103,7 @@ def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: 
     """
     from ..evaluate import CellCache, PplRequest, load_text, parse_lengths, parse_presets, ppl_table, run_ppl
 
+    _check_plot(plot_file)
     request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
                          mode=mode, span=span, end=end, max_chunks=max_chunks)
     result = run_ppl(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
@@ -124,6 +133,7 @@ def passkey(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_on
     from ..evaluate import (CellCache, PasskeyRequest, parse_depths, parse_lengths, parse_presets, passkey_table,
                             run_passkey)
 
+    _check_plot(plot_file)
     request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
     result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
                          compute=not cached_only)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -85,17 +86,88 @@ def _pyplot():
     return plt
 
 
+# Formats that need more than matplotlib and its own dependencies (pgf needs a LaTeX install).
+_EXTERNAL_FORMATS = {"pgf"}
+
+
+def plot_formats() -> list[str]:
+    """The file suffixes --plot can write (without the dot)."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - _EXTERNAL_FORMATS)
+
+
+def check_plot_path(path: str | os.PathLike[str]) -> Path:
+    """Refuse a --plot FILE that cannot be written before any cell is computed: matplotlib
+    missing, a suffix it cannot draw, a directory that is missing or cannot be written (probed by
+    creating and removing a file: access() says yes to root even on a read-only filesystem)."""
+    path = Path(path)
+    formats = plot_formats()
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise LocalctxError(f"Cannot plot to {path}: the file name must end in one of "
+                            f"{', '.join('.' + f for f in formats)} (the format is chosen by the suffix).")
+    directory = path.parent
+    if not directory.is_dir():
+        raise LocalctxError(f"Cannot plot to {path}: the directory {directory} does not exist; create it first.")
+    if path.is_dir():
+        raise LocalctxError(f"Cannot plot to {path}: it is a directory.")
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if len(os.fsencode(path.name)) > limit:
+        raise LocalctxError(f"Cannot plot to {path}: the name is longer than the {limit} bytes "
+                            f"the filesystem of {directory} allows.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=".probe")
+    except OSError as exc:
+        raise LocalctxError(f"Cannot plot to {path}: cannot write in {directory} ({exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+_TEMP_PREFIX = ".localctx-plot-"
+
+
 def plot(result: EvalResult, path: str | os.PathLike[str]) -> Path:
+    """Draw the results into `path`, all or nothing: the image is rendered in memory, written to
+    a temp file beside `path`, synced and renamed; any failure removes the temp file and raises."""
+    path = check_plot_path(path)
     plt = _pyplot()
     fig = _plot_ppl(plt, result) if result.kind == "ppl" else _plot_passkey(plt, result)
-    path = Path(path)
+    image = io.BytesIO()
     try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except OSError as exc:
-        raise LocalctxError(f"Cannot write the plot to {path}: {exc.strerror or exc}") from None
+        fig.savefig(image, format=path.suffix.lower().lstrip("."), dpi=120, bbox_inches="tight")
+    except Exception as exc:  # a backend failure: report it, write nothing
+        raise LocalctxError(f"Cannot draw the plot for {path}: {exc}") from None
     finally:
         plt.close(fig)
+    _write_file(path, image.getbuffer())
     return path
+
+
+def _write_file(path: Path, data: memoryview) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=".tmp")
+    try:
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a plot should look like any file
+            view = data
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LocalctxError(f"Cannot write the plot to {path}: {exc.strerror or exc}; nothing was written.") from None
+        raise
 
 
 def _plot_ppl(plt: Any, result: EvalResult) -> Any:
