@@ -361,20 +361,26 @@ class Engine:
             return text, None, "", 0, 0
         return text[: spans[0][0]], text[spans[0][0] : spans[-1][1]], text[spans[-1][1] :], spans[0][2], spans[-1][2]
 
-    def _refuse_control_text(self, messages: list[dict[str, str]]) -> None:
+    def control_tokens_in(self, text: str) -> list[str]:
+        """The control tokens of this model (<|im_end|>, BOS ...) that `text` would produce if it
+        were tokenized as template text: what a user's text must not carry into a template."""
         control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        return [self._token_text(t) for t in self.tokenize(text, add_bos=False, special=True)
+                if self._token_attr(t) & control]
+
+    def _refuse_control_text(self, messages: list[dict[str, str]]) -> None:
         for m in messages:
             content = m.get("content")
             if not isinstance(content, str):
                 continue
-            for token in self.tokenize(content, add_bos=False, special=True):
-                if self._token_attr(token) & control:
-                    raise InputError(
-                        f"A {m.get('role', 'chat')} message contains {self._token_text(token)!r}, a control token "
-                        f"of this model, and the chat template in {self.facts.path} rewrites message text, so "
-                        "localctx cannot keep it as plain text. Remove that marker from the text, or run "
-                        "`localctx generate` without --chat."
-                    )
+            found = self.control_tokens_in(content)
+            if found:
+                raise InputError(
+                    f"A {m.get('role', 'chat')} message contains {found[0]!r}, a control token "
+                    f"of this model, and the chat template in {self.facts.path} rewrites message text, so "
+                    "localctx cannot keep it as plain text. Remove that marker from the text, or run "
+                    "`localctx generate` without --chat."
+                )
 
     # --- generation ----------------------------------------------------------------------------
 

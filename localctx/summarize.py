@@ -266,6 +266,10 @@ class Frame:
     def render(cls, engine: Any, instruction: str) -> Frame:
         # The instruction is repeated after the text: past a few thousand tokens a small model
         # loses an instruction it read only at the start and continues the text instead.
+        control = engine.control_tokens_in(instruction)
+        if control:  # the instruction is tokenized with the template's text, so it must not carry markup
+            raise InputError(f"The summary prompt contains {control[0]!r}, a control token of this model's chat "
+                             "template; remove it from --prompt / --prompt-file.")
         content = f"{instruction}\n\nText:\n{_BODY}\n\nEnd of the text. {instruction}"
         prompt = engine.format_chat([{"role": "user", "content": content}])
         head, tail = prompt.text.split(_BODY)
