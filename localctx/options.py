@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .params import DEVICES, KV_CACHE_TYPES, GpuLayers
-from .runtime import DEFAULT_PRESET, RunSpec
+from .params import DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers
+from .runtime import C_INT_MAX, DEFAULT_PRESET, RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -15,9 +15,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _gpu_layers(ctx: click.Context, param: click.Parameter, value: str | None) -> GpuLayers:
     if value is None or value == "all":
         return value
-    if value.isdigit():
+    if value.isdigit() and int(value) <= C_INT_MAX:
         return int(value)
-    raise click.BadParameter("must be a number of layers or 'all'")
+    raise click.BadParameter(f"must be a number of layers from 0 to {C_INT_MAX} or 'all'")
 
 
 def model_option(f: F) -> F:
@@ -26,7 +26,7 @@ def model_option(f: F) -> F:
 
 
 def ctx_option(f: F) -> F:
-    return click.option("--ctx", type=click.IntRange(16),
+    return click.option("--ctx", type=click.IntRange(MIN_CTX, MAX_CTX),
                         help="Target context in tokens (overrides the preset's; needed by 'auto').")(f)
 
 
@@ -42,7 +42,7 @@ _HOW = [  # how to run, whatever the preset: KV cache, attention, device, thread
     click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                  help="Where to run; cuda/metal fail if this llama.cpp build lacks them."),
     click.option("--gpu-layers", callback=_gpu_layers, metavar="N|all", help="Layers to offload to the GPU."),
-    click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores]."),
+    click.option("--threads", type=click.IntRange(1, C_INT_MAX), help="CPU threads [default: all cores]."),
     click.option("--force", is_flag=True, help="Load even when the memory estimate exceeds free memory."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log on stderr."),
 ]
