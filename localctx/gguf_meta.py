@@ -8,9 +8,12 @@ it records, so untouched metadata is copied bit for bit.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
+import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,17 @@ from .params import KV_CACHE_TYPES
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_TENSOR_DIMS = 4
-# Arrays longer than this keep only their count; nothing localctx reads from a header is that long.
-MAX_DECODED_ARRAY = 64
+U32_MAX = 2**32 - 1
+# llama.cpp keeps RoPE bases and factors as C floats: a larger value would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+# Limits of the llama.cpp build localctx runs on. Past them llama.cpp aborts while loading
+# (GGML_ASSERT: exit 134 and no message), so the header check refuses them first.
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+# The RoPE scaling types llama.cpp knows; any other name in a file aborts it.
+ROPE_SCALING_TYPES = tuple(t.value for t in gguf.RopeScalingType)
+# Arrays longer than this keep only their count; the longest localctx reads are per-layer values.
+MAX_DECODED_ARRAY = LLAMA_MAX_LAYERS
 
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -41,6 +53,9 @@ _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.FLOAT64: "<d",
     GGUFValueType.BOOL: "<?",
 }
+_INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                        GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
+_NUMBER_TYPES = _INT_TYPES | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 
 
 @dataclass(frozen=True)
@@ -255,7 +270,7 @@ def _alignment(cur: _Cursor, kvs: dict[str, KeyValue]) -> int:
     kv = kvs.get(Keys.General.ALIGNMENT)
     if kv is None:
         return gguf.GGUF_DEFAULT_ALIGNMENT
-    if not isinstance(kv.value, int) or kv.value <= 0 or kv.value & (kv.value - 1):
+    if kv.type not in _INT_TYPES or kv.value <= 0 or kv.value & (kv.value - 1):
         raise cur.fail(f"{Keys.General.ALIGNMENT} must be a power of two, not {kv.value!r}")
     return kv.value
 
@@ -275,6 +290,8 @@ PROV_ORIG_SCALING = PROVENANCE_PREFIX + "original.rope.scaling"  # "type:factor:
 
 ALIBI_ARCHS = frozenset({"bloom", "mpt", "jais", "refact"})
 NO_POSITION_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv7", "rwkv6qwen2", "rwkv7qwen"})
+# Architectures whose rotary dimensions llama.cpp requires to equal the head size.
+FULL_ROTARY_ARCHS = frozenset({"llama", "deci", "falcon", "llama-embed"})
 POS_EMBD_TENSOR = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"
 
 
@@ -349,55 +366,212 @@ def arch_key(template: str, arch: str) -> str:
     return template.format(arch=arch)
 
 
-def _first_int(value: Any) -> int | None:
-    if isinstance(value, list):
-        values = [v for v in value if isinstance(v, int)]
-        return max(values) if values else None
-    return value if isinstance(value, int) else None
+# --- Metadata validation ---------------------------------------------------------------------
+
+
+class _Fields:
+    """The one gate for the metadata values localctx uses: typed, range-checked getters. A bad
+    value is refused here, naming the file, the key, the value and what is allowed, so neither a
+    Python traceback nor a llama.cpp assertion is ever what the user sees."""
+
+    def __init__(self, header: GGUFHeader) -> None:
+        self.header = header
+
+    def refuse(self, key: str, problem: str) -> ModelFileError:
+        return ModelFileError(
+            f"{self.header.path}: metadata {key} {problem}. The file is damaged or was written by a faulty "
+            "tool: download or convert it again (localctx refuses it rather than let llama.cpp crash on it)."
+        )
+
+    def invalid(self, key: str, kv: KeyValue, rule: str) -> ModelFileError:
+        return self.refuse(key, f"= {_shown(kv)} is invalid: {rule}")
+
+    def _get(self, key: str, required: bool) -> KeyValue | None:
+        kv = self.header.kvs.get(key)
+        if kv is None and required:
+            raise self.refuse(key, "is missing (llama.cpp requires it)")
+        return kv
+
+    def integer(self, key: str, lo: int, hi: int, default: int | None = None, *, required: bool = False,
+                why: str = "") -> int | None:
+        kv = self._get(key, required)
+        if kv is None:
+            return default
+        rule = f"it must be an integer from {lo:,} to {hi:,}{why}"
+        if kv.type not in _INT_TYPES or not lo <= kv.value <= hi:
+            raise self.invalid(key, kv, rule)
+        return int(kv.value)
+
+    def per_layer(self, key: str, lo: int, hi: int, n_layers: int, *, why: str = "") -> list[int] | None:
+        """A count given once for all layers or as an array of one per layer (llama.cpp takes both)."""
+        kv = self._get(key, False)
+        if kv is None:
+            return None
+        if kv.type != GGUFValueType.ARRAY:
+            value = self.integer(key, lo, hi, why=why)
+            return [value] * n_layers if value is not None else None
+        rule = f"it must be one integer from {lo:,} to {hi:,}{why}, or an array of {n_layers} of them (one per layer)"
+        if kv.item_type not in _INT_TYPES or kv.count != n_layers or kv.value is None:
+            raise self.invalid(key, kv, rule)
+        bad = [v for v in kv.value if not lo <= v <= hi]
+        if bad:
+            raise self.refuse(key, f"holds {bad[0]} (an array item), which is invalid: {rule}")
+        return [int(v) for v in kv.value]
+
+    def number(self, key: str, default: float | None = None) -> float | None:
+        """A finite number above 0: llama.cpp divides by RoPE factors and raises bases to powers."""
+        kv = self._get(key, False)
+        if kv is None:
+            return default
+        value = float(kv.value) if kv.type in _NUMBER_TYPES else math.nan
+        if not (math.isfinite(value) and 0 < value <= FLOAT32_MAX):
+            raise self.invalid(key, kv, f"it must be a finite number above 0 (at most {FLOAT32_MAX:.4g})")
+        return value
+
+    def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
+        kv = self._get(key, False)
+        if kv is None:
+            return default
+        if kv.type != GGUFValueType.STRING or (choices and kv.value not in choices):
+            raise self.invalid(key, kv, f"it must be one of {', '.join(choices)}" if choices else "it must be a string")
+        return str(kv.value)
+
+    def array_count(self, key: str) -> int:
+        kv = self._get(key, False)
+        if kv is None:
+            return 0
+        if kv.type != GGUFValueType.ARRAY:
+            raise self.invalid(key, kv, "it must be an array")
+        return kv.count
+
+
+def _shown(kv: KeyValue) -> str:
+    if kv.type == GGUFValueType.ARRAY:
+        return f"an array of {kv.count:,} {getattr(kv.item_type, 'name', '').lower()} values"
+    if kv.type == GGUFValueType.STRING:
+        text = kv.value if len(kv.value) <= 60 else kv.value[:57] + "..."
+        return f"{text!r} (a string)"
+    if kv.type == GGUFValueType.BOOL:
+        return f"{kv.value} (a bool)"
+    return repr(kv.value)
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
 
 
 def facts_from_header(header: GGUFHeader) -> ModelFacts:
-    get = header.get
-    arch = get(Keys.General.ARCHITECTURE)
-    if not isinstance(arch, str) or not arch:
+    """The model facts, every value validated (see _Fields): a file that would make llama.cpp
+    assert, or localctx compute nonsense, is refused with the key named."""
+    f = _Fields(header)
+    arch = f.string(Keys.General.ARCHITECTURE)
+    if not arch:
         raise ModelFileError(f"{header.path} has no {Keys.General.ARCHITECTURE}; it is not a model GGUF.")
 
-    def akey(template: str) -> Any:
-        return get(arch_key(template, arch))
+    def k(template: str) -> str:
+        return arch_key(template, arch)
 
-    n_embd = _first_int(akey(Keys.LLM.EMBEDDING_LENGTH)) or 0
-    n_heads = _first_int(akey(Keys.Attention.HEAD_COUNT)) or 0
-    n_heads_kv = _first_int(akey(Keys.Attention.HEAD_COUNT_KV)) or n_heads
-    head_dim = n_embd // n_heads if n_heads else 0
-    head_dim_k = _first_int(akey(Keys.Attention.KEY_LENGTH)) or head_dim
-    head_dim_v = _first_int(akey(Keys.Attention.VALUE_LENGTH)) or head_dim
+    n_layers = _layer_count(f, k(Keys.LLM.BLOCK_COUNT))
+    _check_llama_limits(f, k, n_layers)
     positions = _positions(header, arch)
-    rope_base = akey(Keys.Rope.FREQ_BASE)
-    if positions == "rope" and rope_base is None:
-        rope_base = 10000.0  # llama.cpp's default when the key is absent
-    rope_dims = _first_int(akey(Keys.Rope.DIMENSION_COUNT)) or (head_dim_k if positions == "rope" else None)
-    tokens_kv = header.kvs.get(Keys.Tokenizer.LIST)
+    n_embd = f.integer(k(Keys.LLM.EMBEDDING_LENGTH), 1, U32_MAX, required=True)
+    assert n_embd is not None
+    n_heads, n_heads_kv, head_dim_k, head_dim_v = _attention(f, k, n_layers, n_embd, positions)
+    rope_base, rope_dims = _rope(f, arch, positions, head_dim_k)
     return ModelFacts(
         path=header.path,
         file_size=header.file_size,
         architecture=arch,
-        name=str(get(Keys.General.NAME) or header.path.stem),
-        quantization=_quantization(header),
+        name=f.string(Keys.General.NAME) or header.path.stem,
+        quantization=_quantization(header, f.integer(Keys.General.FILE_TYPE, 0, U32_MAX)),
         positions=positions,
-        context_length=_first_int(akey(Keys.LLM.CONTEXT_LENGTH)) or 0,
-        rope_freq_base=float(rope_base) if rope_base is not None else None,
-        rope_dims=rope_dims if positions == "rope" else None,
-        scaling=_scaling(header, arch),
-        n_layers=_first_int(akey(Keys.LLM.BLOCK_COUNT)) or 0,
+        context_length=f.integer(k(Keys.LLM.CONTEXT_LENGTH), 0, U32_MAX, 0) or 0,
+        rope_freq_base=rope_base,
+        rope_dims=rope_dims,
+        scaling=_scaling(f, k),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_heads_kv=n_heads_kv,
         head_dim_k=head_dim_k,
         head_dim_v=head_dim_v,
         n_embd=n_embd,
-        n_vocab=tokens_kv.count if tokens_kv else 0,
-        provenance=_provenance(header),
-        chat_template=get(Keys.Tokenizer.CHAT_TEMPLATE),
+        n_vocab=f.array_count(Keys.Tokenizer.LIST),
+        provenance=_provenance(f),
+        chat_template=f.string(Keys.Tokenizer.CHAT_TEMPLATE),
     )
+
+
+def _layer_count(f: _Fields, key: str) -> int:
+    """{arch}.block_count, which llama.cpp sizes its per-layer arrays by: in its range, and equal
+    to the number of blk.N tensor groups when the file has any (a synthetic header may have none)."""
+    n_layers = f.integer(key, 1, LLAMA_MAX_LAYERS, required=True, why=" (llama.cpp's layer limit)")
+    assert n_layers is not None
+    indices = [int(m.group(1)) for t in f.header.tensors if (m := _BLOCK_TENSOR.match(t.name))]
+    if indices and max(indices) + 1 != n_layers:
+        raise f.refuse(key, f"= {n_layers} does not match the tensors: they hold layers blk.0 to "
+                            f"blk.{max(indices)} ({max(indices) + 1} layers)")
+    return n_layers
+
+
+def _check_llama_limits(f: _Fields, k: Callable[[str], str], n_layers: int) -> None:
+    """Values localctx does not use but llama.cpp asserts on while loading any model."""
+    experts = f.integer(k(Keys.LLM.EXPERT_COUNT), 0, LLAMA_MAX_EXPERTS, 0, why=" (llama.cpp's expert limit)") or 0
+    used_key = k(Keys.LLM.EXPERT_USED_COUNT)
+    used = f.per_layer(used_key, 0, experts, n_layers, why=f" (at most {k(Keys.LLM.EXPERT_COUNT)})") or [0]
+    if experts and not max(used):
+        raise f.refuse(used_key, f"is 0 or missing, but {k(Keys.LLM.EXPERT_COUNT)} = {experts}: a mixture of "
+                                 "experts must route each token to at least one")
+    groups = f.integer(k(Keys.LLM.EXPERT_GROUP_COUNT), 0, max(experts - 1, 0), 0,
+                       why=f" (below {k(Keys.LLM.EXPERT_COUNT)})") or 0
+    if groups > 1:
+        if experts % groups:
+            raise f.refuse(k(Keys.LLM.EXPERT_GROUP_COUNT), f"= {groups} does not divide "
+                                                           f"{k(Keys.LLM.EXPERT_COUNT)} = {experts}")
+        f.integer(k(Keys.LLM.EXPERT_GROUP_USED_COUNT), 1, groups - 1, required=True)
+    f.integer(k(Keys.LLM.NEXTN_PREDICT_LAYERS), 0, n_layers, why=f" (at most {k(Keys.LLM.BLOCK_COUNT)})")
+
+
+def _attention(f: _Fields, k: Callable[[str], str], n_layers: int, n_embd: int,
+               positions: str) -> tuple[int, int, int, int]:
+    """Head counts and head sizes, which size the KV cache and the rotary dimensions."""
+    heads_key, kv_key = k(Keys.Attention.HEAD_COUNT), k(Keys.Attention.HEAD_COUNT_KV)
+    heads = f.per_layer(heads_key, 0, U32_MAX, n_layers) or [0] * n_layers
+    kv_heads = f.per_layer(kv_key, 0, U32_MAX, n_layers) or heads
+    for h, kv in zip(heads, kv_heads):
+        # Grouped-query attention shares each KV head among a whole number of query heads.
+        if kv and h % kv:
+            raise f.refuse(kv_key, f"= {kv} does not divide {heads_key} = {h}: each KV head must serve a whole "
+                                   "number of attention heads")
+    n_heads, n_heads_kv = max(heads), max(kv_heads)
+    if positions != "none" and not (n_heads and n_heads_kv):
+        key = heads_key if not n_heads else kv_key
+        raise f.refuse(key, f"is 0 or missing, but a {positions} attention model needs at least one head")
+    head_dim_k = f.integer(k(Keys.Attention.KEY_LENGTH), 1, U32_MAX)
+    head_dim_v = f.integer(k(Keys.Attention.VALUE_LENGTH), 1, U32_MAX)
+    derived = 0
+    if n_heads and (head_dim_k is None or head_dim_v is None):
+        if n_embd % n_heads:
+            raise f.refuse(k(Keys.LLM.EMBEDDING_LENGTH), f"= {n_embd} is not a multiple of {heads_key} = "
+                                                          f"{n_heads}, so the head size is undefined")
+        derived = n_embd // n_heads
+    return n_heads, n_heads_kv, head_dim_k or derived, head_dim_v or derived
+
+
+def _rope(f: _Fields, arch: str, positions: str, head_dim_k: int) -> tuple[float | None, int | None]:
+    base = f.number(arch_key(Keys.Rope.FREQ_BASE, arch))
+    dims_key = arch_key(Keys.Rope.DIMENSION_COUNT, arch)
+    dims = f.integer(dims_key, 0, U32_MAX)
+    if positions != "rope":
+        return base, None
+    if dims is None:
+        dims = head_dim_k  # llama.cpp's default: rotate the whole head
+    if dims < 2 or dims % 2 or dims > head_dim_k:
+        source = "" if dims_key in f.header.kvs else " (absent: the head size)"
+        raise f.refuse(dims_key, f"= {dims}{source} is invalid: rotary dimensions turn in pairs, so it must be an "
+                                 f"even number from 2 to the head size {head_dim_k}")
+    if arch in FULL_ROTARY_ARCHS and dims != head_dim_k:
+        raise f.refuse(dims_key, f"= {dims} is invalid: {arch} rotates whole heads, so llama.cpp requires it to equal "
+                                 f"the head size {head_dim_k}")
+    return (10000.0 if base is None else base), dims  # 10000: llama.cpp's default base
 
 
 def _positions(header: GGUFHeader, arch: str) -> str:
@@ -410,9 +584,8 @@ def _positions(header: GGUFHeader, arch: str) -> str:
     return "rope"
 
 
-def _quantization(header: GGUFHeader) -> str:
-    file_type = header.get(Keys.General.FILE_TYPE)
-    if isinstance(file_type, int):
+def _quantization(header: GGUFHeader, file_type: int | None) -> str:
+    if file_type is not None:
         try:
             return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
@@ -422,31 +595,47 @@ def _quantization(header: GGUFHeader) -> str:
     return "/".join(names) or "unknown"
 
 
-def _scaling(header: GGUFHeader, arch: str) -> RopeScaling | None:
-    kind = header.get(arch_key(Keys.Rope.SCALING_TYPE, arch))
-    factor = header.get(arch_key(Keys.Rope.SCALING_FACTOR, arch))
+def _scaling(f: _Fields, k: Callable[[str], str]) -> RopeScaling | None:
+    kind = f.string(k(Keys.Rope.SCALING_TYPE), choices=ROPE_SCALING_TYPES)
+    factor = f.number(k(Keys.Rope.SCALING_FACTOR))
+    orig = f.integer(k(Keys.Rope.SCALING_ORIG_CTX_LEN), 0, U32_MAX, 0) or 0
     if kind is None and factor is not None:
         kind = "linear"  # llama.cpp's default scaling type when only a factor is given
-    if kind in (None, "none") or not factor or float(factor) == 1.0:
+    if kind in (None, "none") or factor is None or factor == 1.0:
         return None
-    orig = header.get(arch_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch))
-    return RopeScaling(str(kind), float(factor), int(orig) if isinstance(orig, int) else 0)
+    return RopeScaling(kind, factor, orig)
 
 
-def _provenance(header: GGUFHeader) -> Provenance | None:
-    if PROV_TOOL not in header.kvs:
+def _provenance(f: _Fields) -> Provenance | None:
+    if PROV_TOOL not in f.header.kvs:
         return None
-    get = header.get
+    original_scaling = f.string(PROV_ORIG_SCALING, "none") or "none"
+    _check_scaling_text(f, original_scaling)
     return Provenance(
-        tool=str(get(PROV_TOOL)),
-        version=str(get(PROV_VERSION, "")),
-        preset=str(get(PROV_PRESET, "")),
-        method=str(get(PROV_METHOD, "")),
-        source_file=str(get(PROV_SOURCE, "")),
-        original_context=int(get(PROV_ORIG_CTX, 0)),
-        original_freq_base=float(get(PROV_ORIG_BASE)) if get(PROV_ORIG_BASE) is not None else None,
-        original_scaling=str(get(PROV_ORIG_SCALING, "none")),
+        tool=f.string(PROV_TOOL) or "",
+        version=f.string(PROV_VERSION, "") or "",
+        preset=f.string(PROV_PRESET, "") or "",
+        method=f.string(PROV_METHOD, "") or "",
+        source_file=f.string(PROV_SOURCE, "") or "",
+        original_context=f.integer(PROV_ORIG_CTX, 1, U32_MAX, required=True) or 0,
+        original_freq_base=f.number(PROV_ORIG_BASE),
+        original_scaling=original_scaling,
     )
+
+
+def _check_scaling_text(f: _Fields, text: str) -> None:
+    """The original scaling as `localctx convert` records it: "none" or "type:factor:original_context"."""
+    if text == "none":
+        return
+    parts = text.split(":")
+    try:
+        ok = (len(parts) == 3 and parts[0] in ROPE_SCALING_TYPES and math.isfinite(float(parts[1]))
+              and float(parts[1]) > 0 and 0 <= int(parts[2]) <= U32_MAX)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise f.refuse(PROV_ORIG_SCALING, f"= {text[:60]!r} is invalid: it must be 'none' or "
+                                          "'type:factor:original_context', e.g. 'yarn:4.0:8192'")
 
 
 def read_facts(path: str | os.PathLike[str]) -> ModelFacts:

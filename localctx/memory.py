@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import psutil
@@ -46,15 +47,21 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
 def parse_size(text: str) -> int:
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise ResourceError(f"{MEMORY_LIMIT_ENV}={text!r} is not a size such as 8G or 512M.") from None
+    """A memory size such as 8G, 512MiB or 1.5g, in bytes. Only digits and a unit are accepted, so
+    inf, nan and negative sizes are refused rather than reaching the estimate."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    size = int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+    if size < 1:
+        raise ResourceError(
+            f"{MEMORY_LIMIT_ENV}={text!r} is not a memory size: use a positive number with an optional unit, "
+            "such as 8G, 512M or 1.5GiB (or unset it to use the memory available)."
+        )
+    return size
 
 
 def human(n: float) -> str:

@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .params import DEVICES, KV_CACHE_TYPES, GpuLayers
-from .runtime import DEFAULT_PRESET, RunSpec
+from .params import DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers
+from .runtime import C_INT_MAX, DEFAULT_PRESET, RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -15,9 +15,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _gpu_layers(ctx: click.Context, param: click.Parameter, value: str | None) -> GpuLayers:
     if value is None or value == "all":
         return value
-    if value.isdigit():
+    if value.isdigit() and int(value) <= C_INT_MAX:
         return int(value)
-    raise click.BadParameter("must be a number of layers or 'all'")
+    raise click.BadParameter(f"must be a number of layers from 0 to {C_INT_MAX} or 'all'")
 
 
 def model_option(f: F) -> F:
@@ -26,7 +26,7 @@ def model_option(f: F) -> F:
 
 
 def ctx_option(f: F) -> F:
-    return click.option("--ctx", type=click.IntRange(16),
+    return click.option("--ctx", type=click.IntRange(MIN_CTX, MAX_CTX),
                         help="Target context in tokens (overrides the preset's; needed by 'auto').")(f)
 
 

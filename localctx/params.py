@@ -14,6 +14,12 @@ from typing import Any, Literal, Union
 # 32 values, q4_0: 18-byte blocks of 32).
 KV_CACHE_TYPES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
+# The context windows localctx accepts, in tokens (--ctx, RunSpec.ctx, a resolved n_ctx). llama.cpp
+# takes n_ctx as a C uint32 and would silently wrap a larger value; 16M tokens is past the trained
+# window of any current model (Llama 4 Scout's is 10M).
+MIN_CTX = 16
+MAX_CTX = 2**24
+
 # Where a model runs: "auto" offloads every layer when the build can, else runs on the CPU.
 DEVICES = ("auto", "cpu", "cuda", "metal")
 # The GPU devices, with the name of the ggml backend each needs in the llama.cpp build.

@@ -9,10 +9,12 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from gguf import Keys
+
 from .errors import PresetError
 from .files import read_limited
-from .gguf_meta import ModelFacts
-from .params import KV_CACHE_TYPES, RuntimeParams
+from .gguf_meta import FLOAT32_MAX, ModelFacts, arch_key
+from .params import KV_CACHE_TYPES, MAX_CTX, MIN_CTX, RuntimeParams
 from .paths import shipped_presets_dir, user_presets_dir
 
 if sys.version_info >= (3, 11):
@@ -211,18 +213,21 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
     `ctx` overrides the preset's target (and is what `auto` needs). Scaling is always computed
     from the model's trained context, never from scaling already in the file.
     """
-    trained = facts.trained_context
-    if trained <= 0:
-        raise PresetError(f"{facts.path} does not record its context length; pass --ctx and preset 'extrapolate'.")
     method = preset.method
     target = ctx if ctx is not None else preset.target_ctx
+    trained = facts.trained_context
+    notes: list[str] = []
+    if trained <= 0:
+        trained = _unscaled_window(preset, facts, target)
+        notes.append(f"the file records no trained context: {trained} tokens, RoPE unscaled")
     if method == "auto" and target is None:
         raise PresetError("Preset 'auto' needs a target context: pass --ctx N (for example --ctx 32768).")
     if method == "none":
         target = target or trained
     target = int(target or trained)
-    if target < 16:
-        raise PresetError(f"A context of {target} tokens is too small.")
+    if not MIN_CTX <= target <= MAX_CTX:
+        raise PresetError(f"A context of {target:,} tokens is outside the range localctx runs "
+                          f"({MIN_CTX} to {MAX_CTX:,}): pass --ctx N within it.")
     scale = target / trained
     if method == "auto":
         if target <= trained:
@@ -234,10 +239,22 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         method = "none"
     elif method == "none" and target > trained:
         method = "extrapolate"
-    notes: list[str] = []
     if target <= trained and preset.method in ROPE_METHODS:
         notes.append(f"target {target} fits the trained context {trained}: no scaling applied")
     return _build(preset, facts, method, target, trained, scale if target > trained else 1.0, notes)
+
+
+def _unscaled_window(preset: Preset, facts: ModelFacts, target: int | None) -> int:
+    """The window for a file that records no trained context ({arch}.context_length 0 or absent):
+    with nothing to scale from, only an unscaled window the user names can run."""
+    if target is None or preset.method in ROPE_METHODS:
+        key = arch_key(Keys.LLM.CONTEXT_LENGTH, facts.architecture)
+        raise PresetError(
+            f"{facts.name} does not record the context it was trained on ({key} is 0 or missing), so there "
+            f"is nothing to scale from. Name the window yourself, unscaled: --preset native --ctx N "
+            "(for example --ctx 4096)."
+        )
+    return target
 
 
 def _check_positions(preset: Preset, facts: ModelFacts, method: str, target: int) -> None:
@@ -279,9 +296,7 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
     if method == "linear":
         return RuntimeParams(rope_scaling_type="linear", rope_freq_base=base, rope_freq_scale=1.0 / scale, **common)
     if method == "ntk":
-        dims = facts.rope_dims or facts.head_dim_k
-        new_base = base * scale ** (dims / (dims - 2))
-        return RuntimeParams(rope_scaling_type="none", rope_freq_base=new_base, rope_freq_scale=1.0, **common)
+        return _ntk(preset, facts, base, scale, common)
     y = preset.yarn
     return RuntimeParams(
         rope_scaling_type="yarn", rope_freq_base=base, rope_freq_scale=1.0 / scale, yarn_orig_ctx=trained,
@@ -289,6 +304,24 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
         yarn_attn_factor=-1.0 if y.attn_factor is None else float(y.attn_factor),
         yarn_beta_fast=float(y.beta_fast), yarn_beta_slow=float(y.beta_slow), **common,
     )
+
+
+def _ntk(preset: Preset, facts: ModelFacts, base: float, scale: float, common: dict[str, Any]) -> RuntimeParams:
+    """NTK-aware scaling: the base grows by s^(d/(d-2)) for d rotary dimensions, which is undefined
+    at d = 2 and can overflow the C float llama.cpp keeps the base in."""
+    dims = facts.rope_dims or facts.head_dim_k
+    if dims <= 2:
+        raise PresetError(
+            f"Preset {preset.name!r} (NTK) needs more than 2 rotary dimensions, and {facts.name} has {dims}: "
+            "NTK's base exponent d/(d-2) is undefined there. Use a YaRN or linear preset instead."
+        )
+    new_base = base * scale ** (dims / (dims - 2))
+    if not new_base <= FLOAT32_MAX:
+        raise PresetError(
+            f"Preset {preset.name!r} (NTK) would raise the RoPE base of {facts.name} from {base:g} to {new_base:.3g}, "
+            "past what llama.cpp can hold. Use a YaRN or linear preset instead."
+        )
+    return RuntimeParams(rope_scaling_type="none", rope_freq_base=new_base, rope_freq_scale=1.0, **common)
 
 
 def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
@@ -325,4 +358,11 @@ def suggest_preset(facts: ModelFacts, needed: int) -> str:
         return (preset.method in ("none", "yarn") or extrapolates) and params.n_ctx >= needed
 
     name = best_preset(facts, keeps_quality, lambda _, params: -params.n_ctx)
-    return f"--preset {name}" if name else f"--preset auto --ctx {-(-needed // 1024) * 1024}"
+    if name:
+        return f"--preset {name}"
+    window = -(-needed // 1024) * 1024
+    if window > MAX_CTX:
+        # No window localctx runs holds it: suggesting a --ctx the CLI refuses would mislead.
+        return (f"none: {needed:,} tokens exceed the largest window localctx runs ({MAX_CTX:,}); shorten the "
+                "input or the answer budget, or summarize with `localctx summarize`")
+    return f"--preset auto --ctx {window}"

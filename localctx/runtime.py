@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ResourceError
+from .errors import PresetError, ResourceError
 from .gguf_meta import ModelFacts, read_facts
-from .params import DEVICES, KV_CACHE_TYPES, GpuLayers, RuntimeParams
+from .params import DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
 from .presets import load_preset, resolve, suggest_preset
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs
     from .engine import Engine
 
 DEFAULT_PRESET = "native"
+C_INT_MAX = 2**31 - 1  # threads and GPU layers are C ints in llama.cpp
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,23 @@ class RunSpec:
     verbose: bool = False  # llama.cpp's own log on stderr
 
     def __post_init__(self) -> None:
+        # Every number here reaches a C integer in llama.cpp, which would wrap an out-of-range value.
+        if self.ctx is not None and not _is_int(self.ctx, MIN_CTX, MAX_CTX):
+            raise PresetError(f"ctx must be a number of tokens from {MIN_CTX} to {MAX_CTX:,}, not {self.ctx!r}.")
+        if self.threads is not None and not _is_int(self.threads, 1, C_INT_MAX):
+            raise ResourceError(f"threads must be a number from 1 to {C_INT_MAX:,}, not {self.threads!r}.")
         if self.device not in DEVICES:
             raise ResourceError(f"Unknown device {self.device!r}: use one of {', '.join(DEVICES)}.")
         if self.cache_type is not None and self.cache_type not in KV_CACHE_TYPES:
             raise ResourceError(f"Unknown KV cache type {self.cache_type!r}: use one of {', '.join(KV_CACHE_TYPES)}.")
         layers = self.gpu_layers
-        if not (layers is None or layers == "all" or (isinstance(layers, int) and not isinstance(layers, bool)
-                                                      and layers >= 0)):
-            raise ResourceError(f"gpu_layers must be a number of layers, 'all' or None, not {layers!r}.")
+        if not (layers is None or layers == "all" or _is_int(layers, 0, C_INT_MAX)):
+            raise ResourceError(f"gpu_layers must be a number of layers (0 to {C_INT_MAX:,}), 'all' or None, "
+                                f"not {layers!r}.")
+
+
+def _is_int(value: object, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 @dataclass(frozen=True)
