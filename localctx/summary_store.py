@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, locked
 
 
 def sha256_text(text: str) -> str:
@@ -90,20 +90,53 @@ JSONL_NAME = "summaries.jsonl"
 
 
 def write_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Merge `records` into OUT/summaries.jsonl (one line per path; lines for paths outside this
-    batch are kept) and rewrite the file atomically, so it never has torn or duplicate lines."""
+    """Merge `records` into OUT/summaries.jsonl and replace the file atomically, under a lock.
+
+    One line per path: a line for a path in `records` is replaced, every other line is kept as it
+    was, byte for byte (another batch's documents, lines without a path, text that is not JSON),
+    except blank lines, a repeated line for one path, and a torn last line (no newline, not JSON).
+    The lock is held from the read to the rename, so batches sharing OUT never lose each other's
+    lines; the rename means a reader, or a crash, never sees a torn file."""
     path = out / JSONL_NAME
     fresh = {r["path"]: r for r in records}
-    kept = [r for r in read_jsonl(path) if r.get("path") not in fresh]
-    seen: set[str] = set()
-    lines = []
-    for row in [*kept, *fresh.values()]:
-        if row.get("path") in seen:
-            continue
-        seen.add(row.get("path"))
-        lines.append(json.dumps(row, ensure_ascii=False))
-    atomic_write(path, "".join(line + "\n" for line in lines))
+    with locked(path):
+        lines = [line for line in _kept_lines(path) if _path_of(line) not in fresh]
+        lines += [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in fresh.values()]
+        atomic_write(path, b"".join(line + b"\n" for line in lines))
     return path
+
+
+def _kept_lines(path: Path) -> list[bytes]:
+    """The existing lines worth keeping, deduplicated by path (the first line of a path wins)."""
+    if not path.is_file():  # also a FIFO or a device in its place: never read (it could block)
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and not data.endswith(b"\n") and _json_object(lines[-1]) is None:
+        lines.pop()  # torn by a writer that died mid-line (ours never tear: we rename whole files)
+    kept, seen = [], set()
+    for line in lines:
+        key = _path_of(line)
+        if not line.strip() or (key is not None and key in seen):
+            continue
+        seen.add(key)
+        kept.append(line)
+    return kept
+
+
+def _json_object(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _path_of(line: bytes) -> str | None:
+    """The document path a line is about, or None for a line that is not one of ours."""
+    row = _json_object(line)
+    path = row.get("path") if row is not None else None
+    return path if isinstance(path, str) else None
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from ..runtime import RunSpec
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", type=click.Path(path_type=Path), metavar="DIRECTORY",  # checked by summarize_batch
               help="Write one Markdown file per input and summaries.jsonl here.")
 @click.option("--strategy", type=click.Choice(["auto", "stuff", "map-reduce"]), default="auto", show_default=True,
               help="auto: one pass when the document fits the window, else map-reduce.")
