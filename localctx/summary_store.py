@@ -21,6 +21,18 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def dumps(obj: Any) -> str:
+    """One line of JSON that always encodes as UTF-8. A file name that is not UTF-8 reaches Python
+    as lone surrogates, which UTF-8 cannot hold: such a line is written with \\u escapes, which
+    json.loads turns back into the same string."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The valid JSON-object lines of `path`; a torn or foreign line is skipped, never fatal."""
     if not path.is_file():
@@ -55,14 +67,14 @@ class Store:
         return self._get("calls", key)
 
     def put_call(self, key: str, data: dict[str, Any]) -> None:
-        atomic_write(self._file("calls", key), json.dumps(data, ensure_ascii=False))
+        atomic_write(self._file("calls", key), dumps(data))
         self.log({"event": "call", "key": key, **{k: v for k, v in data.items() if k != "summary"}})
 
     def get_document(self, key: str) -> dict[str, Any] | None:
         return self._get("documents", key)
 
     def put_document(self, key: str, record: dict[str, Any]) -> None:
-        atomic_write(self._file("documents", key), json.dumps(record, ensure_ascii=False))
+        atomic_write(self._file("documents", key), dumps(record))
         self.log({"event": "document", "key": key, "status": record.get("status"), "sha256": record.get("sha256")})
 
     @property
@@ -72,7 +84,7 @@ class Store:
     def log(self, event: dict[str, Any]) -> None:
         """Append one line with a single write and fsync: a kill cannot interleave two lines."""
         self.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (dumps(event) + "\n").encode("utf-8")
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -101,7 +113,7 @@ def write_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> Path:
     fresh = {r["path"]: r for r in records}
     with locked(path):
         lines = [line for line in _kept_lines(path) if _path_of(line) not in fresh]
-        lines += [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in fresh.values()]
+        lines += [dumps(r).encode("utf-8") for r in fresh.values()]
         atomic_write(path, b"".join(line + b"\n" for line in lines))
     return path
 
@@ -127,7 +139,7 @@ def _kept_lines(path: Path) -> list[bytes]:
 def _json_object(line: bytes) -> dict[str, Any] | None:
     try:
         row = json.loads(line)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; JSON nested too deep
         return None
     return row if isinstance(row, dict) else None
 
@@ -139,8 +151,9 @@ def _path_of(line: bytes) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def markdown(record: dict[str, Any]) -> str:
+def markdown(record: dict[str, Any]) -> bytes:
     chunks = f" · {record['chunks']} chunks" if record["chunks"] > 1 else ""
     meta = (f"*{record['strategy']} · {record['tokens']:,} tokens{chunks} · "
             f"{record['model']} · preset {record['preset']}*")
-    return f"# {record['path']}\n\n{record['summary'].strip()}\n\n{meta}\n"
+    text = f"# {record['path']}\n\n{record['summary'].strip()}\n\n{meta}\n"
+    return text.encode("utf-8", "surrogateescape")  # a non-UTF-8 file name as its own bytes

@@ -194,6 +194,23 @@ def test_output_never_replaces_an_input(tmp_path: Path, monkeypatch: pytest.Monk
     assert not {p.resolve() for p in result.out_files} & {tmp_path / n for n in before}
 
 
+def test_file_name_that_is_not_utf8_is_written_everywhere(tmp_path: Path) -> None:
+    """Python holds such a name as lone surrogates, which UTF-8 cannot encode: the store, the
+    Markdown and summaries.jsonl must still be written, and the JSON must give the name back."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    write(tmp_path / name, "Alice went to the cafe.")
+    prefill("Alice went to the cafe.")
+    out = tmp_path / "out"
+
+    result = summarize_batch([str(tmp_path / name)], RunSpec(), SummarizeOptions(), out=out)
+
+    assert [p.name for p in result.out_files] == [os.fsdecode(b"caf\xe9.md")]
+    assert result.out_files[0].read_bytes().startswith(b"# " + os.fsencode(tmp_path) + b"/caf\xe9.txt\n")
+    [row] = read_jsonl(out / "summaries.jsonl")
+    assert row["path"] == str(tmp_path / name) and row["status"] == "ok"
+    (out / "summaries.jsonl").read_bytes().decode("utf-8")  # valid UTF-8 throughout
+
+
 # --- summaries.jsonl: a lock, a merge by path, foreign lines kept ---------------------------------
 
 
