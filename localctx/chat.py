@@ -10,6 +10,7 @@ from typing import TextIO
 from .documents import read_text
 from .engine import Engine, Timings
 from .errors import InputError, LocalctxError
+from .fsutil import atomic_write
 
 HELP = """Commands:
   \"\"\"            start or end a multi-line message
@@ -128,18 +129,36 @@ class ChatSession:
         self.messages = [m for m in self.messages if m.role == "system"]
 
     def save(self, path: Path) -> None:
+        """Write the conversation as JSON, atomically: a failed save leaves a previous file intact."""
         data = {"model": str(self.engine.facts.path), "preset": self.engine.params.preset,
                 "messages": [{**m.as_dict(), "pinned": m.pinned} for m in self.messages]}
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (undecodable input bytes) survive as \u escapes
+            text = json.dumps(data, indent=2) + "\n"
+        try:
+            if not path.parent.is_dir():  # a typo should not create directories
+                raise NotADirectoryError(0, f"{path.parent} is not a directory")
+            atomic_write(path, text)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise LocalctxError(f"Cannot save to {path}: {reason}. Nothing was written; "
+                                "choose another path.") from None
 
     def load(self, path: Path) -> None:
+        """Replace the conversation with one saved by `save`; anything else changes nothing."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            messages = [Message(m["role"], m["content"], bool(m.get("pinned"))) for m in data["messages"]]
+            if path.exists() and not path.is_file():  # a directory, or a FIFO that would block
+                raise InputError(f"{path} is not a file.")
+            data = json.loads(path.read_bytes())
+            messages = [_message(m) for m in data["messages"]]
         except FileNotFoundError:
             raise InputError(f"File not found: {path}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path} is not a conversation saved by /save ({exc}).") from None
+        except OSError as exc:
+            raise InputError(f"Cannot read {path}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise InputError(f"{path} is not a conversation saved by /save ({type(exc).__name__}: {exc}).") from None
         self.messages = messages
 
     def stats_text(self) -> str:
@@ -160,6 +179,16 @@ class ChatSession:
         width = 20
         filled = min(width, round(width * used / self.window))
         return f"[{'#' * filled}{'.' * (width - filled)}] {used:,}/{self.window:,} tokens"
+
+
+def _message(data: object) -> Message:
+    """A saved message; TypeError/ValueError for anything `save` would not have written."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a message is {type(data).__name__}, not an object")
+    role, content = data["role"], data["content"]
+    if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        raise ValueError(f"not a message: role {role!r}, content of type {type(content).__name__}")
+    return Message(role, content, bool(data.get("pinned")))
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -251,6 +280,13 @@ def _make_room(session: ChatSession, console: Console, text: str) -> bool:
     return False
 
 
+def _user_path(arg: str) -> Path:
+    try:
+        return Path(arg).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise InputError(f"{arg}: no such user's home directory.") from None
+
+
 def _command(session: ChatSession, console: Console, line: str) -> str | None:
     name, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -267,18 +303,20 @@ def _command(session: ChatSession, console: Console, line: str) -> str | None:
         elif name in ("/read", "/save", "/load") and not arg:
             console.say(f"Usage: {name} FILE")
         elif name == "/read":
-            n = session.attach(Path(arg).expanduser())
+            n = session.attach(_user_path(arg))
             console.say(f"Attached {arg} ({n:,} tokens). {session.meter()}")
             if session.used_tokens() > session.window:
                 console.say("Warning: the conversation no longer fits the window; /clear or use a larger --preset.")
         elif name == "/save":
-            session.save(Path(arg).expanduser())
+            session.save(_user_path(arg))
             console.say(f"Saved to {arg}.")
         elif name == "/load":
-            session.load(Path(arg).expanduser())
+            session.load(_user_path(arg))
             console.say(f"Loaded {len(session.messages)} messages. {session.meter()}")
         else:
             console.say(f"Unknown command {name}; /help lists them.")
     except LocalctxError as exc:
         console.say(f"Error: {exc}")
+    except (OSError, ValueError) as exc:  # not a bug but the world (a path, a file): the session goes on
+        console.say(f"Error: {name}: {exc}")
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from .documents import decode_bytes, read_text
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir
 from .runtime import Resolved, RunSpec, open_engine, resolve_spec
-from .fsutil import atomic_write
-from .summary_store import Store, markdown, sha256_text, write_jsonl
+from .fsutil import atomic_write, check_output_dir
+from .summary_store import JSONL_NAME, Store, markdown, sha256_text, write_jsonl
 
 DEFAULT_PROMPT = ("Summarize the following text in a few sentences. "
                   "Name the main characters and say what happens.")
@@ -165,15 +166,19 @@ def _walk(directory: Path, exclude: Path | None) -> list[Source]:
         files.append(p)
     if not files:
         raise InputError(f"{directory} contains no files to summarize.")
-    base = _out_name(directory) if not directory.is_absolute() else Path(directory.resolve().name)
+    base = _out_name(directory)
     return [Source(str(p), p, base / p.relative_to(directory)) for p in files]
 
 
 def _out_name(path: Path) -> Path:
-    # Mirror a plain relative path (docs/a.txt → docs/a.txt); otherwise keep only the file name.
+    """The name of an input under --out, made of plain components only (see output_path): a plain
+    relative path is mirrored (docs/a.txt → docs/a.txt); any other (absolute, with '..', '.') is
+    named by its last component, read from the path as given, so a symbolic link is named by the
+    link and '..' by the directory it stands for. The root directory has no name: its files are
+    named by their paths below it."""
     if not path.is_absolute() and ".." not in path.parts:
         return path
-    return Path(path.name)
+    return Path(Path(os.path.abspath(path)).name)
 
 
 def _dedupe_out_names(sources: list[Source]) -> list[Source]:
@@ -190,6 +195,46 @@ def _dedupe_out_names(sources: list[Source]) -> list[Source]:
         seen.add(name)
         s.out_name = name
     return unique
+
+
+def output_path(out: Path, source: Source, taken: set[Path], inputs: set[Path]) -> Path:
+    """Where `source`'s Markdown goes: OUT/<its out_name>, PROVEN inside OUT: the name has no
+    absolute or '..' part, and the directory it lands in, with every symbolic link on the way
+    resolved, is OUT or below it. It is never an input of the batch (a.md summarized into its own
+    directory becomes a.summary.md) nor a file another source of the batch already writes
+    (`taken`, resolved paths; the chosen one is added)."""
+    name = source.out_name
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise LocalctxError(f"Bug: unsafe output name {name} for {source.label}.")
+    candidates = [name, name.with_suffix(".summary.md"),
+                  *(name.with_suffix(f".summary-{n}.md") for n in range(2, len(taken) + 3))]
+    for candidate in candidates:
+        target = out / candidate
+        real = resolved_inside(out, target)
+        if real not in taken and real not in inputs:
+            taken.add(real)
+            return target
+    raise LocalctxError(f"Bug: no free output name for {source.label}.")  # pragma: no cover - len(taken)+2 candidates
+
+
+def resolved_inside(out: Path, target: Path) -> Path:
+    """`target` with its directory's symbolic links resolved (not its own: a link at `target` is
+    replaced by the write, not followed); raises unless that directory is OUT or below it."""
+    try:
+        root, where = out.resolve(), target.parent.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of symbolic links
+        raise InputError(f"Cannot check where {target} leads: {exc}") from None
+    if where != root and root not in where.parents:
+        raise InputError(f"Refusing to write {target}: {target.parent} leads outside --out {out} (to {where}) "
+                         "through a symbolic link. Remove the link or use another --out.")
+    return where / target.name
+
+
+def output_paths(out: Path, sources: Sequence[Source]) -> dict[str, Path]:
+    """Each source's output file by label (see output_path); raises before any work if one cannot be."""
+    inputs = {s.path.resolve() for s in sources if s.path is not None}
+    taken: set[Path] = set()
+    return {s.label: output_path(out, s, taken, inputs) for s in sources}
 
 
 def read_documents(sources: Iterable[Source], stdin: IO[bytes] | None,
@@ -458,7 +503,10 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     as soon as it is final. With `out`, Markdown files and summaries.jsonl are kept up to date."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    if out is not None:
+        check_output_dir(out, "--out")
     sources = expand_inputs(inputs, exclude=out)
+    targets = output_paths(out, sources) if out is not None else {}
     docs, skipped = read_documents(sources, stdin, reporter.warn)
     if not docs:
         raise InputError(f"No readable files among {', '.join(inputs)}: " + "; ".join(r["error"] for r in skipped))
@@ -470,7 +518,7 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     fp = fingerprint(facts, params, options)
     store = store or Store(store_dir())
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
-                   {"model": facts.path.name, "preset": params.preset})
+                   targets, {"model": facts.path.name, "preset": params.preset})
     batch.run(lambda: engine if engine is not None else open_engine(resolved, seed=options.seed),
               close=engine is None)
     batch.stats.seconds = time.perf_counter() - started
@@ -482,9 +530,10 @@ class _Batch:
     def __init__(self, docs: list[Document], skipped: list[dict[str, Any]], order: list[str],
                  options: SummarizeOptions, fp: str,
                  store: Store, reporter: Reporter, on_record: Callable[[dict[str, Any]], None] | None,
-                 out: Path | None, meta: dict[str, str]) -> None:
+                 out: Path | None, targets: dict[str, Path], meta: dict[str, str]) -> None:
         self.docs, self.options, self.fp, self.store = docs, options, fp, store
         self.reporter, self.on_record, self.out, self.meta = reporter, on_record, out, meta
+        self.targets = targets  # label → output file, proven inside `out` (output_paths)
         self.records: dict[str, dict[str, Any]] = {r["path"]: r for r in skipped}
         self.order = order
         self.stats = BatchStats(documents=len(docs) + len(skipped), skipped=len(skipped))
@@ -531,6 +580,7 @@ class _Batch:
                 record = self._finished(doc)  # a duplicate earlier in this batch may have done it
                 if record is not None:
                     self._emit(doc, record, cached=True)
+                    self._write_jsonl()
                     continue
                 self._run_one(summarizer, doc, plan, i, len(pending))
         finally:
@@ -569,10 +619,9 @@ class _Batch:
             self.stats.summarized += 1
         self.records[doc.label] = record
         if self.out is not None and record["status"] == "ok":
-            target = self.out / doc.source.out_name
-            if doc.source.path is not None and target.resolve() == doc.source.path.resolve():
-                target = target.with_suffix(".summary.md")  # never overwrite an input
-            atomic_write(target, markdown(record))
+            target = self.targets[doc.label]
+            resolved_inside(self.out, target)  # again: a link swapped into OUT since the start must not lead out
+            self._write(target, lambda: atomic_write(target, markdown(record)))
             self.out_files.append(target)
         self.reporter.doc_done(record, cached)
         if self.on_record:
@@ -580,7 +629,15 @@ class _Batch:
 
     def _write_jsonl(self) -> None:
         if self.out is not None:
-            write_jsonl(self.out, self.ordered_records())
+            self._write(self.out / JSONL_NAME, lambda: write_jsonl(self.out, self.ordered_records()))
+
+    @staticmethod
+    def _write(target: Path, write: Callable[[], Any]) -> None:
+        try:
+            write()
+        except OSError as exc:  # full disk, a directory in the way, permissions changed mid-batch
+            raise LocalctxError(f"Cannot write {target}: {exc.strerror or exc}. Finished documents are saved "
+                                "in the cache; fix the output and run the same command again.") from None
 
     def ordered_records(self) -> list[dict[str, Any]]:
         return [self.records[p] for p in dict.fromkeys(self.order) if p in self.records]

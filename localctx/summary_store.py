@@ -14,11 +14,23 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, locked
 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def dumps(obj: Any) -> str:
+    """One line of JSON that always encodes as UTF-8. A file name that is not UTF-8 reaches Python
+    as lone surrogates, which UTF-8 cannot hold: such a line is written with \\u escapes, which
+    json.loads turns back into the same string."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -55,14 +67,14 @@ class Store:
         return self._get("calls", key)
 
     def put_call(self, key: str, data: dict[str, Any]) -> None:
-        atomic_write(self._file("calls", key), json.dumps(data, ensure_ascii=False))
+        atomic_write(self._file("calls", key), dumps(data))
         self.log({"event": "call", "key": key, **{k: v for k, v in data.items() if k != "summary"}})
 
     def get_document(self, key: str) -> dict[str, Any] | None:
         return self._get("documents", key)
 
     def put_document(self, key: str, record: dict[str, Any]) -> None:
-        atomic_write(self._file("documents", key), json.dumps(record, ensure_ascii=False))
+        atomic_write(self._file("documents", key), dumps(record))
         self.log({"event": "document", "key": key, "status": record.get("status"), "sha256": record.get("sha256")})
 
     @property
@@ -72,7 +84,7 @@ class Store:
     def log(self, event: dict[str, Any]) -> None:
         """Append one line with a single write and fsync: a kill cannot interleave two lines."""
         self.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (dumps(event) + "\n").encode("utf-8")
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -90,24 +102,58 @@ JSONL_NAME = "summaries.jsonl"
 
 
 def write_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Merge `records` into OUT/summaries.jsonl (one line per path; lines for paths outside this
-    batch are kept) and rewrite the file atomically, so it never has torn or duplicate lines."""
+    """Merge `records` into OUT/summaries.jsonl and replace the file atomically, under a lock.
+
+    One line per path: a line for a path in `records` is replaced, every other line is kept as it
+    was, byte for byte (another batch's documents, lines without a path, text that is not JSON),
+    except blank lines, a repeated line for one path, and a torn last line (no newline, not JSON).
+    The lock is held from the read to the rename, so batches sharing OUT never lose each other's
+    lines; the rename means a reader, or a crash, never sees a torn file."""
     path = out / JSONL_NAME
     fresh = {r["path"]: r for r in records}
-    kept = [r for r in read_jsonl(path) if r.get("path") not in fresh]
-    seen: set[str] = set()
-    lines = []
-    for row in [*kept, *fresh.values()]:
-        if row.get("path") in seen:
-            continue
-        seen.add(row.get("path"))
-        lines.append(json.dumps(row, ensure_ascii=False))
-    atomic_write(path, "".join(line + "\n" for line in lines))
+    with locked(path):
+        lines = [line for line in _kept_lines(path) if _path_of(line) not in fresh]
+        lines += [dumps(r).encode("utf-8") for r in fresh.values()]
+        atomic_write(path, b"".join(line + b"\n" for line in lines))
     return path
 
 
-def markdown(record: dict[str, Any]) -> str:
+def _kept_lines(path: Path) -> list[bytes]:
+    """The existing lines worth keeping, deduplicated by path (the first line of a path wins)."""
+    if not path.is_file():  # also a FIFO or a device in its place: never read (it could block)
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and not data.endswith(b"\n") and _json_object(lines[-1]) is None:
+        lines.pop()  # torn by a writer that died mid-line (ours never tear: we rename whole files)
+    kept, seen = [], set()
+    for line in lines:
+        key = _path_of(line)
+        if not line.strip() or (key is not None and key in seen):
+            continue
+        seen.add(key)
+        kept.append(line)
+    return kept
+
+
+def _json_object(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; JSON nested too deep
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _path_of(line: bytes) -> str | None:
+    """The document path a line is about, or None for a line that is not one of ours."""
+    row = _json_object(line)
+    path = row.get("path") if row is not None else None
+    return path if isinstance(path, str) else None
+
+
+def markdown(record: dict[str, Any]) -> bytes:
     chunks = f" · {record['chunks']} chunks" if record["chunks"] > 1 else ""
     meta = (f"*{record['strategy']} · {record['tokens']:,} tokens{chunks} · "
             f"{record['model']} · preset {record['preset']}*")
-    return f"# {record['path']}\n\n{record['summary'].strip()}\n\n{meta}\n"
+    text = f"# {record['path']}\n\n{record['summary'].strip()}\n\n{meta}\n"
+    return text.encode("utf-8", "surrogateescape")  # a non-UTF-8 file name as its own bytes

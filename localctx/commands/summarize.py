@@ -1,7 +1,6 @@
 """summarize: long documents in one pass within the window, map-reduce beyond it."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import click
 from ..errors import LocalctxError
 from ..options import json_option, run_options
 from ..runtime import RunSpec
+from ..summary_store import dumps
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", type=click.Path(path_type=Path), metavar="DIRECTORY",  # checked by summarize_batch
               help="Write one Markdown file per input and summaries.jsonl here.")
 @click.option("--strategy", type=click.Choice(["auto", "stuff", "map-reduce"]), default="auto", show_default=True,
               help="auto: one pass when the document fits the window, else map-reduce.")
@@ -61,7 +61,7 @@ def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy:
     options = SummarizeOptions(strategy=strategy, chunk_tokens=chunk_tokens, overlap=overlap,
                                max_summary_tokens=max_summary_tokens, retry_failed=retry_failed,
                                **({"prompt": prompt} if prompt is not None else {}))
-    on_record = (lambda r: click.echo(json.dumps(r, ensure_ascii=False))) if as_json else None
+    on_record = (lambda r: click.echo(dumps(r))) if as_json else None
     reporter = make_reporter(quiet)
     try:
         result = summarize_batch(paths, spec, options, out=out, stdin=sys.stdin.buffer, reporter=reporter,
