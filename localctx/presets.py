@@ -191,7 +191,7 @@ def list_presets() -> list[Preset]:
 
 def load_preset(name: str) -> Preset:
     """A preset by name, or by path to a TOML file."""
-    if name.endswith(".toml") and Path(name).is_file():
+    if name.endswith(".toml") and Path(name).exists():  # a FIFO or a directory is refused by name
         return load_preset_file(Path(name))
     files = preset_files()
     if name not in files:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .documents import decode_bytes, read_text
+from .documents import MAX_DOCUMENT_BYTES, decode_bytes, read_text
+from .files import read_stream
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir
 from .runtime import Resolved, RunSpec, open_engine, resolve_spec
@@ -259,7 +260,7 @@ def _read(source: Source, stdin: IO[bytes] | None) -> str:
     if source.path is None:
         if stdin is None:
             raise InputError("- means stdin, but no stdin was given.")
-        return decode_bytes(stdin.read(), "stdin")
+        return decode_bytes(read_stream(stdin, MAX_DOCUMENT_BYTES), "stdin")
     return read_text(source.path)
 
 
