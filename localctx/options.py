@@ -42,7 +42,7 @@ _HOW = [  # how to run, whatever the preset: KV cache, attention, device, thread
     click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                  help="Where to run; cuda/metal fail if this llama.cpp build lacks them."),
     click.option("--gpu-layers", callback=_gpu_layers, metavar="N|all", help="Layers to offload to the GPU."),
-    click.option("--threads", type=click.IntRange(1, C_INT_MAX), help="CPU threads [default: all cores]."),
+    click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores]."),
     click.option("--force", is_flag=True, help="Load even when the memory estimate exceeds free memory."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log on stderr."),
 ]

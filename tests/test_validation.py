@@ -76,10 +76,13 @@ def test_runspec_refuses_c_int_overflow(field, value):
         RunSpec(**{field: value})
 
 
-@pytest.mark.parametrize("option,value", [("--threads", str(C_INT_MAX + 1)), ("--gpu-layers", str(C_INT_MAX + 1)),
-                                          ("--gpu-layers", "-1")])
-def test_cli_refuses_c_int_overflow(option, value):
-    assert_clean(invoke("generate", option, value, "hi"), 2, option)
+@pytest.mark.parametrize("option,value,code,fragments", [
+    ("--gpu-layers", str(C_INT_MAX + 1), 2, ("--gpu-layers", str(C_INT_MAX))),
+    ("--gpu-layers", "-1", 2, ("--gpu-layers",)),
+    ("--threads", str(C_INT_MAX + 1), 1, ("threads", f"{C_INT_MAX:,}")),  # refused by RunSpec
+])
+def test_cli_refuses_c_int_overflow(option, value, code, fragments):
+    assert_clean(invoke("generate", option, value, "hi"), code, *fragments)
 
 
 # --- LOCALCTX_MEMORY_LIMIT --------------------------------------------------------------------
