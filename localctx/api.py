@@ -42,7 +42,7 @@ def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int
     """
     spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn,
                    device=device, gpu_layers=gpu_layers, threads=threads, force=force, verbose=verbose)
-    return open_engine(spec, seed=seed)
+    return open_engine(spec, seed=_seed(seed))
 
 
 def read_model_facts(model: ModelRef = None) -> ModelFacts:
@@ -77,7 +77,7 @@ def generate_text(model: Engine, prompt: str, *, document: str | os.PathLike[str
     With `stream=True` iterate over the result for text as it is generated; otherwise it is
     finished: `.text`, `.finish_reason` and `.timings` are final."""
     request = GenerateRequest(prompt, Path(document) if document is not None else None, chat, system, max_tokens,
-                              temperature, seed)
+                              temperature, _seed(seed))
     gen = generate(model, request)
     return gen if stream else gen.finish()
 
@@ -136,6 +136,12 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
     request = PasskeyRequest(list(presets), _lengths(lengths), sorted(set(depths)), trials, seed)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                        progress=progress or _quiet)
+
+
+def _seed(seed: int) -> int:
+    if not 0 <= seed < 2**32:  # llama.cpp's seed is a uint32: a larger one would wrap silently
+        raise InputError(f"seed must be between 0 and {2**32 - 1}, not {seed}.")
+    return seed
 
 
 def _model(model: ModelRef) -> str | None:

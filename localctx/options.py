@@ -30,6 +30,12 @@ def ctx_option(f: F) -> F:
                         help="Target context in tokens (overrides the preset's; needed by 'auto').")(f)
 
 
+def seed_option(f: F) -> F:
+    # llama.cpp's seed is a uint32: a larger value would wrap silently.
+    return click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+                        help="Sampling seed.")(f)
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(f)
 

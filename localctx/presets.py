@@ -3,6 +3,7 @@ facts into RuntimeParams (localctx.params)."""
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,10 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
     num = (int, float)
     yarn = _section(data, "yarn", YarnOverrides,
                     {"beta_fast": num, "beta_slow": num, "ext_factor": num, "attn_factor": num}, where)
+    for attr in ("beta_fast", "beta_slow", "ext_factor", "attn_factor"):
+        value = getattr(yarn, attr)
+        if value is not None and not (math.isfinite(value) and value >= 0):  # TOML allows nan and inf
+            raise PresetError(f"{where}: yarn.{attr} must be a finite number of at least 0, not {value!r}")
     description = _check_type(data.get("description", ""), str, f"{where}: description")
     return Preset(name, method, target, description, context, yarn, source)
 
@@ -329,7 +334,7 @@ def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
     try:
         params = resolve(preset, facts, ctx=facts.trained_context * 4 if preset.method == "auto" else None)
     except PresetError as exc:
-        return False, str(exc).split(".")[0]
+        return False, str(exc).split(". ")[0]  # the first sentence (a path's dots are not its end)
     return True, f"{params.method} to {params.n_ctx}"
 
 

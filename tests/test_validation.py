@@ -175,3 +175,23 @@ def test_models_lists_a_bad_file_with_its_error_and_goes_on(isolated_home):
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(invoke("models", "--json").stdout) if r["path"]}
     assert "error" not in rows["good.gguf"] and rows["good.gguf"]["trained_context"] == 4096
     assert base_key in rows["bad-base.gguf"]["error"] and layers_key in rows["bad-layers.gguf"]["error"]
+
+
+def test_seed_is_bounded_to_llama_cpps_uint32(cli) -> None:
+    result = cli("generate", "--seed", str(2**32), "hi")
+    assert result.returncode == 2 and "4294967295" in result.stderr
+    import localctx
+
+    with pytest.raises(localctx.InputError, match="seed"):
+        localctx.open_model(seed=-1)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1.0"])
+def test_yarn_overrides_must_be_finite(isolated_home: Path, value: str) -> None:
+    from localctx.errors import PresetError
+    from localctx.presets import load_preset
+
+    (isolated_home / "presets").mkdir(exist_ok=True)
+    (isolated_home / "presets" / "odd.toml").write_text(f"method = 'yarn'\ntarget_ctx = 16384\n[yarn]\nbeta_fast = {value}\n")
+    with pytest.raises(PresetError, match="yarn.beta_fast must be a finite number"):
+        load_preset("odd")

@@ -9,7 +9,7 @@ import click
 
 from ..documents import MAX_DOCUMENT_BYTES, decode_text
 from ..errors import InputError
-from ..options import run_options
+from ..options import run_options, seed_option
 from ..runtime import RunSpec
 
 MAX_LINE_BYTES = MAX_DOCUMENT_BYTES
@@ -64,7 +64,7 @@ def _redecode(line: str) -> str:
 @click.option("-s", "--system", help="System prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Answer budget per turn.")
 @click.option("-t", "--temperature", type=click.FloatRange(0), default=0.7, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @run_options()
 def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float, seed: int) -> None:
     """Chat with a model in its own chat template, at a context extended by a preset.

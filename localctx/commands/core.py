@@ -9,7 +9,7 @@ import click
 
 from .output import echo_json
 from ..memory import human
-from ..options import ctx_option, json_option, model_option, run_options
+from ..options import ctx_option, json_option, model_option, run_options, seed_option
 from ..runtime import RunSpec
 
 
@@ -196,7 +196,7 @@ def doctor(as_json: bool) -> None:
 @click.option("-f", "--file", "document", type=click.Path(path_type=Path), help="Put this document before the prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("-t", "--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="System prompt (with --chat).")
 @run_options()
