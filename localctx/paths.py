@@ -4,11 +4,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import os
+import tempfile
 from pathlib import Path
 
 from platformdirs import user_data_dir
 
-from .errors import ModelFileError
+from .errors import LocalctxError, ModelFileError
 
 USER_DIR_ENV = "LOCALCTX_HOME"
 CACHE_DIR_ENV = "LOCALCTX_CACHE_DIR"
@@ -35,6 +36,25 @@ def cache_dir() -> Path:
     theirs in the repository, so a long run resumes anywhere), else the user directory's cache."""
     env = os.environ.get(CACHE_DIR_ENV)
     return Path(env).expanduser() if env else user_dir() / "cache"
+
+
+def writable_cache(directory: Path, what: str) -> Path:
+    """`directory`, created if needed and checked writable before any work is done into it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise cache_error(directory, what, exc) from None
+    return directory
+
+
+def cache_error(path: Path, what: str, exc: OSError) -> LocalctxError:
+    return LocalctxError(
+        f"Cannot write the {what} at {path}: {exc.strerror or exc}. Finished work is kept there; set "
+        f"{CACHE_DIR_ENV} (or {USER_DIR_ENV}) to a writable directory."
+    )
 
 
 def shipped_presets_dir() -> Path:

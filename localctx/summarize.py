@@ -23,7 +23,7 @@ from typing import IO, Any
 from .documents import MAX_DOCUMENT_BYTES, decode_bytes, read_text
 from .files import read_stream
 from .errors import ContextOverflowError, InputError, LocalctxError
-from .paths import cache_dir
+from .paths import cache_dir, writable_cache
 from .runtime import Resolved, RunSpec, open_engine, resolve_spec
 from .fsutil import atomic_write, check_output_dir
 from .summary_store import JSONL_NAME, Store, markdown, sha256_text, write_jsonl
@@ -517,7 +517,7 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
         resolved = spec if isinstance(spec, Resolved) else resolve_spec(spec)
         facts, params = resolved.facts, resolved.params
     fp = fingerprint(facts, params, options)
-    store = store or Store(store_dir())
+    store = store or Store(writable_cache(store_dir(), "summarizer's store"))
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
                    targets, {"model": facts.path.name, "preset": params.preset})
     batch.run(lambda: engine if engine is not None else open_engine(resolved, seed=options.seed),

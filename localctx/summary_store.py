@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .paths import cache_error
 from .fsutil import atomic_write, locked
 
 
@@ -60,21 +61,27 @@ class Store:
     def _get(self, kind: str, key: str) -> dict[str, Any] | None:
         try:
             return json.loads(self._file(kind, key).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, unreadable or torn: not done yet
             return None
+
+    def _put(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        try:
+            atomic_write(self._file(kind, key), dumps(data))
+        except OSError as exc:
+            raise cache_error(self.root, "summarizer's store", exc) from None
 
     def get_call(self, key: str) -> dict[str, Any] | None:
         return self._get("calls", key)
 
     def put_call(self, key: str, data: dict[str, Any]) -> None:
-        atomic_write(self._file("calls", key), dumps(data))
+        self._put("calls", key, data)
         self.log({"event": "call", "key": key, **{k: v for k, v in data.items() if k != "summary"}})
 
     def get_document(self, key: str) -> dict[str, Any] | None:
         return self._get("documents", key)
 
     def put_document(self, key: str, record: dict[str, Any]) -> None:
-        atomic_write(self._file("documents", key), dumps(record))
+        self._put("documents", key, record)
         self.log({"event": "document", "key": key, "status": record.get("status"), "sha256": record.get("sha256")})
 
     @property
@@ -83,14 +90,17 @@ class Store:
 
     def log(self, event: dict[str, Any]) -> None:
         """Append one line with a single write and fsync: a kill cannot interleave two lines."""
-        self.root.mkdir(parents=True, exist_ok=True)
         line = (dumps(event) + "\n").encode("utf-8")
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise cache_error(self.root, "summarizer's store", exc) from None
 
     def events(self) -> list[dict[str, Any]]:
         return read_jsonl(self.log_path)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, assert_clean_error
+from conftest import invoke as invoke_cli
 from localctx.chat import ChatSession, Console, Message, run_repl
 from localctx.fsutil import atomic_write
 from localctx.runtime import RunSpec, open_engine, resolve_spec
@@ -400,3 +401,15 @@ def feed_fifo(fifo: Path, stop: threading.Event) -> None:
         os.write(fd, b'{"messages": [{"role": "user", "content": "from the fifo"}]}')
         os.close(fd)
         return
+
+
+@pytest.mark.parametrize("argv", [["summarize", "DOC", "--max-summary-tokens", "16"],
+                                  ["eval", "passkey", "--presets", "native", "--lengths", "256", "--depths", "0.5"]])
+def test_unwritable_cache_is_a_clean_error_before_any_work(tmp_path: Path, argv: list[str]) -> None:
+
+    doc, blocker = tmp_path / "doc.txt", tmp_path / "a-file"
+    doc.write_text("A note about the budget.\n")
+    blocker.write_text("")
+    result = invoke_cli(*[str(doc) if a == "DOC" else a for a in argv], env={"LOCALCTX_CACHE_DIR": str(blocker / "cache")})
+    assert_clean_error(result, "Cannot write the", "LOCALCTX_CACHE_DIR")
+    assert result.returncode == 1 and "computed" not in result.stderr

@@ -10,7 +10,7 @@ from typing import Any
 from ..fsutil import atomic_write
 from ..gguf_meta import ModelFacts
 from ..params import RuntimeParams
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_error
 
 # Bump when the meaning of a cached cell changes (scoring, prompt wording).
 CACHE_VERSION = 1
@@ -49,10 +49,13 @@ class CellCache:
             return None
         try:
             data = json.loads(self._file(key).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # missing, unreadable or torn: not computed yet
             return None
         return data.get("result") if isinstance(data, dict) and data.get("key") == key else None
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
         # Saved even with enabled=False (--no-cache recomputes, and still keeps what it computed).
-        atomic_write(self._file(key), json.dumps({"key": key, "result": result}))
+        try:
+            atomic_write(self._file(key), json.dumps({"key": key, "result": result}))
+        except OSError as exc:
+            raise cache_error(self.directory, "evaluation cache", exc) from None

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..params import RuntimeParams
+from ..paths import writable_cache
 from ..runtime import Resolved, RunSpec, resolve_spec
 from .cache import CellCache, model_key
 
@@ -82,6 +83,8 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
     only when one of its cells needs computing. With `compute=False` missing cells are reported as
     "not run" (a report of what a long run has finished so far)."""
     cache = cache or CellCache()
+    if compute:  # cells are saved as they finish: a cache that cannot take them fails now, not after one
+        writable_cache(cache.directory, "evaluation cache")
     base = spec if isinstance(spec, Resolved) else resolve_spec(replace(spec, preset=presets[0]))
     mkey = model_key(base.facts)
     result = EvalResult(evaluation.kind, str(base.facts.path), evaluation.settings)
