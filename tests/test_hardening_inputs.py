@@ -235,7 +235,7 @@ def test_fifo_as_model_or_convert_input_is_refused(fifo: Path, tmp_path: Path) -
     out = tmp_path / "out.gguf"
     for args in (["inspect", str(fifo)], ["generate", "Hi", "--model", str(fifo)],
                  ["convert", str(fifo), str(out), "--preset", "yarn-32k"]):
-        clean_error(run(*args, timeout=30), "named pipe")
+        clean_error(run(*args, timeout=HANG_GUARD), "named pipe")
     assert not out.exists()
 
 
@@ -247,7 +247,7 @@ def test_fifo_as_document_prompt_file_or_eval_text_is_refused(fifo: Path, tmp_pa
                  ["eval", "ppl", "--presets", "native", "--lengths", "64", "--text", str(fifo)],
                  ["convert", str(model_path), str(tmp_path / "o.gguf"), "--preset", "yarn-32k", "--dry-run",
                   "--verify-text", str(fifo)]):
-        clean_error(run(*args, timeout=30), "named pipe")
+        clean_error(run(*args, timeout=HANG_GUARD), "named pipe")
 
 
 def test_chat_read_of_a_fifo_is_refused_and_the_chat_goes_on(fifo: Path) -> None:
@@ -258,7 +258,7 @@ def test_chat_read_of_a_fifo_is_refused_and_the_chat_goes_on(fifo: Path) -> None
 
 def test_device_as_document_or_model_is_refused() -> None:
     clean_error(run("generate", "Hi", "--file", "/dev/zero"), "/dev/zero", "character device")
-    clean_error(run("inspect", "/dev/zero", timeout=10), "character device")
+    clean_error(run("inspect", "/dev/zero", timeout=HANG_GUARD), "character device")
 
 
 def test_documents_are_bounded(tmp_path: Path) -> None:
@@ -324,7 +324,7 @@ def test_convert_refuses_unwritable_outputs_before_copying(model_path: Path, tmp
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     for out, fragment in ((blocker / "out.gguf", "Not a directory"), (tmp_path / ("x" * 300 + ".gguf"), "too long")):
-        clean_error(run("convert", str(model_path), str(out), "--preset", "yarn-32k", timeout=30), fragment)
+        clean_error(run("convert", str(model_path), str(out), "--preset", "yarn-32k", timeout=HANG_GUARD), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
@@ -395,12 +395,12 @@ def test_bad_user_presets_are_skipped_by_listings_and_refused_by_name(isolated_h
     assert "mine" in {p.name for p in good}
     assert sorted(p.path.name for p in problems) == ["deep.toml", "garbage.toml", "pipe.toml"]
 
-    listing = run("presets", "list", timeout=10)
+    listing = run("presets", "list", timeout=HANG_GUARD)
     assert listing.returncode == 0 and "mine" in listing.stdout and "yarn-32k" in listing.stdout, listing.stderr
     for name in ("deep.toml", "garbage.toml", "pipe.toml"):
         assert f"skipped {presets / name}" in listing.stderr
     assert "nested too deeply" in listing.stderr and "Traceback" not in listing.stderr
-    inspected = run("inspect", timeout=10)
+    inspected = run("inspect", timeout=HANG_GUARD)
     assert inspected.returncode == 0 and "mine" in inspected.stdout and "skipped" in inspected.stderr
-    clean_error(run("presets", "show", "deep", timeout=10), "deep.toml", "nested too deeply")
-    clean_error(run("presets", "show", "pipe", timeout=10), "named pipe")
+    clean_error(run("presets", "show", "deep", timeout=HANG_GUARD), "deep.toml", "nested too deeply")
+    clean_error(run("presets", "show", "pipe", timeout=HANG_GUARD), "named pipe")
