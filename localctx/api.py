@@ -17,11 +17,11 @@ from .chat import ChatSession
 from .convert import ConversionResult, convert
 from .engine import Engine, Generation
 from .errors import InputError
-from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_lengths, run_passkey, run_ppl
+from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_depths, parse_lengths, run_passkey, run_ppl
 from .gguf_meta import ModelFacts
 from .memory import MemoryEstimate, estimate
 from .generate import GenerateRequest, generate
-from .params import GpuLayers, RuntimeParams
+from .params import MAX_SEED, GpuLayers, RuntimeParams
 from .runtime import DEFAULT_PRESET, RunSpec, model_facts, open_engine, resolve_spec
 from .summarize import BatchResult, Reporter, SummarizeOptions, summarize_batch
 
@@ -131,16 +131,15 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
                      **run: Any) -> EvalResult:
     """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
     for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`."""
-    if not all(0.0 <= d <= 1.0 for d in depths):
-        raise InputError("Depths are fractions from 0 (start) to 1 (end).")
-    request = PasskeyRequest(list(presets), _lengths(lengths), sorted(set(depths)), trials, seed)
+    depths = parse_depths(",".join(str(d) for d in depths))  # the CLI's rule, in one place
+    request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                        progress=progress or _quiet)
 
 
 def _seed(seed: int) -> int:
-    if not 0 <= seed < 2**32:  # llama.cpp's seed is a uint32: a larger one would wrap silently
-        raise InputError(f"seed must be between 0 and {2**32 - 1}, not {seed}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}, not {seed}.")
     return seed
 
 

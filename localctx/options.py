@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .params import DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers
-from .runtime import C_INT_MAX, DEFAULT_PRESET, RunSpec
+from .params import C_INT_MAX, DEVICES, KV_CACHE_TYPES, MAX_CTX, MAX_SEED, MIN_CTX, GpuLayers
+from .runtime import DEFAULT_PRESET, RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,8 +31,7 @@ def ctx_option(f: F) -> F:
 
 
 def seed_option(f: F) -> F:
-    # llama.cpp's seed is a uint32: a larger value would wrap silently.
-    return click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+    return click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                         help="Sampling seed.")(f)
 
 

@@ -19,6 +19,8 @@ KV_CACHE_TYPES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32
 # window of any current model (Llama 4 Scout's is 10M).
 MIN_CTX = 16
 MAX_CTX = 2**24
+C_INT_MAX = 2**31 - 1  # threads and GPU layers are C ints in llama.cpp
+MAX_SEED = 2**32 - 1  # llama.cpp's seed is a uint32: a larger one would wrap silently
 
 # Where a model runs: "auto" offloads every layer when the build can, else runs on the CPU.
 DEVICES = ("auto", "cpu", "cuda", "metal")

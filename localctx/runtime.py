@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PresetError, ResourceError
 from .gguf_meta import ModelFacts, read_facts
-from .params import DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
+from .params import C_INT_MAX, DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
 from .presets import load_preset, resolve, suggest_preset
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs
     from .engine import Engine
 
 DEFAULT_PRESET = "native"
-C_INT_MAX = 2**31 - 1  # threads and GPU layers are C ints in llama.cpp
 
 
 @dataclass(frozen=True)

@@ -106,5 +106,5 @@ def test_summarize_and_evaluate_through_the_api(small_engine: localctx.Engine, c
     assert cell["status"] == "ok" and 1 < cell["ppl"] < 1000 and cell["params"]["preset"] == "native"
     keys = localctx.evaluate_passkey(["native"], [200], [0.5], use_cache=False)
     assert keys.cells[0]["prompt_tokens"] == 192 and isinstance(keys.cells[0]["correct"], bool)
-    with pytest.raises(localctx.InputError, match="Depths"):
+    with pytest.raises(localctx.InputError, match="depths are fractions"):
         localctx.evaluate_passkey(["native"], [200], [1.5])

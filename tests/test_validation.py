@@ -17,7 +17,8 @@ from localctx.gguf_meta import arch_key, read_facts
 from localctx.memory import MEMORY_LIMIT_ENV, parse_size
 from localctx.params import MAX_CTX, MIN_CTX
 from localctx.presets import load_preset, preset_files, resolve, suggest_preset
-from localctx.runtime import C_INT_MAX, RunSpec
+from localctx.params import C_INT_MAX
+from localctx.runtime import RunSpec
 
 from gguf_factory import write_model
 

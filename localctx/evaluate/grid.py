@@ -96,10 +96,9 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
             window = resolved.params.n_ctx
             cell = {"preset": resolved.spec.preset, "method": resolved.params.method, "window": window, **cell,
                     "params": resolved.params.to_dict()}
-            found = None if cell["length"] > window else cache.get(key)
             if cell["length"] > window:
                 cell.update(status="n/a", reason=f"length {cell['length']:,} exceeds the preset's {window:,}-token window")
-            elif found is not None:
+            elif (found := cache.get(key)) is not None:
                 cell.update(found)
                 progress(f"[{done + 1}/{total}] {label(cell)}: {evaluation.describe(cell, found)} (cached)")
             elif not compute:
