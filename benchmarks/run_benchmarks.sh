@@ -52,15 +52,22 @@ step quality $LC eval passkey --presets $P4R --lengths 8k --depths 0,0.5,1
 step quality $LC eval passkey --presets $P4R --lengths 16k --depths 0.5
 step speed $PY benchmarks/throughput.py --depths 2k,8k,16k,32k --configs fa-f16,fa-q8_0,nofa-f16 --out "$OUT/throughput.json"
 step quality $LC eval passkey --presets $P4R --lengths 32k --depths 0.5
+# Issue 12: auto's cells are the static cells with the same parameters (the cache key is the
+# parameters, not the preset's name); only yarn-16k at 16K and yarn-32k's short passkey cells are new.
+step quality $LC eval ppl --presets yarn-16k,auto --lengths 2k,4k,8k,16k,32k --end $END
+step quality $LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --depths 0,0.5,1
+step speed $PY benchmarks/bench_auto.py switch planner --json "$OUT/auto.json"
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).
-$LC eval ppl --presets native,$P4 --lengths 2k,4k,8k,16k,32k --end $END --cached-only \
+PPL=native,extrapolate-32k,linear-32k,ntk-32k,yarn-16k,yarn-32k,auto
+$LC eval ppl --presets $PPL --lengths 2k,4k,8k,16k,32k --end $END --cached-only \
   --plot "$OUT/ppl.png" --json > "$OUT/ppl.json"
-$LC eval ppl --presets native,$P4 --lengths 2k,4k,8k,16k,32k --end $END --cached-only > "$OUT/ppl.txt"
+$LC eval ppl --presets $PPL --lengths 2k,4k,8k,16k,32k --end $END --cached-only > "$OUT/ppl.txt"
 $LC eval ppl --presets native --mode chunks --ctx 512 --chunks 40 --cached-only --json > "$OUT/ppl_chunks.json"
 $LC eval ppl --presets native --lengths 512 --end $END --cached-only --json > "$OUT/ppl_512.json"
 $LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0.5,1 --cached-only \
   --plot "$OUT/passkey.png" --json > "$OUT/passkey.json"
 $LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0.5,1 --cached-only > "$OUT/passkey.txt"
-cat "$OUT/ppl.txt" "$OUT/passkey.txt"
+$LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --depths 0,0.5,1 --cached-only > "$OUT/passkey_auto.txt"
+cat "$OUT/ppl.txt" "$OUT/passkey.txt" "$OUT/passkey_auto.txt"

@@ -35,6 +35,10 @@ def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int
     """Load a model at a preset's context: resolved against its GGUF metadata, checked against the
     memory available (refused with what would fit, unless `force`), then loaded by llama.cpp.
 
+    With `preset="auto"` the model is adaptive: each request runs at the smallest step of the
+    preset's ladder that holds it (unscaled while it fits the trained context, YaRN beyond, up to
+    `ctx`, default 4x the trained context); memory is checked for the largest step.
+
     Use it as a context manager, or call `.close()`:
 
         with localctx.open_model(preset="yarn-32k") as model:
@@ -85,7 +89,9 @@ def generate_text(model: Engine, prompt: str, *, document: str | os.PathLike[str
 def start_chat(model: Engine, *, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
                seed: int = 0) -> ChatSession:
     """A conversation in the model's own chat template: `.ask(text)` returns each reply, `.attach(path)`
-    adds a document, `.save(path)` / `.load(path)` keep it. The KV cache is reused turn to turn."""
+    adds a document, `.save(path)` / `.load(path)` keep it. The KV cache is reused turn to turn; on an
+    `auto` model the window grows a step when a turn needs it (the conversation is evaluated again,
+    `model.switches` records each change) and `.clear()` returns to the smallest."""
     return ChatSession(model, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import TextIO
 
 from .documents import read_text
-from .engine import Engine, Timings
+from .engine import Engine, Switch, Timings
 from .errors import InputError, LocalctxError
 from .fsutil import atomic_write
 
 HELP = """Commands:
   \"\"\"            start or end a multi-line message
   /read FILE     attach a document to the conversation (kept when old turns are dropped)
-  /clear         forget the conversation (keeps the system prompt)
+  /clear         forget the conversation (keeps the system prompt; auto goes back to s = 1)
   /save FILE     save the conversation as JSON       /load FILE   load a saved conversation
-  /stats         tokens used against the window, prompt and generation speeds
+  /stats         tokens used against the window, the scaling in use, prompt and generation speeds
   /help          this text                           /exit        leave (also Ctrl-D)
 Ctrl-C stops a reply and keeps the session; Ctrl-C on an empty line exits."""
 
@@ -59,6 +59,8 @@ class ChatSession:
     seed: int = 0
     messages: list[Message] = field(default_factory=list)
     stats: ChatStats = field(default_factory=ChatStats)
+    # Where notices go (the REPL sends them to stderr): a change of scaling, and what it cost.
+    notice: Callable[[str], None] = field(default=lambda _: None, repr=False)
 
     def __post_init__(self) -> None:
         if self.system and not self.messages:
@@ -66,7 +68,8 @@ class ChatSession:
 
     @property
     def window(self) -> int:
-        return self.engine.n_ctx
+        """The largest window a turn may use (with `auto`, the top of its ladder)."""
+        return self.engine.max_ctx
 
     def tokens_for(self, messages: list[Message], generation_prompt: bool = True) -> list[int]:
         """The conversation's tokens: typed messages and attached documents are data, tokenized
@@ -103,8 +106,12 @@ class ChatSession:
         """Stream the answer to `user_text`; on Ctrl-C the partial answer is kept."""
         # Built before the message is added: a template that fails leaves the conversation as it was.
         tokens = self.tokens_for(self.messages + [Message("user", user_text)])
-        self.messages.append(Message("user", user_text))
+        self.engine.check_fits(len(tokens), self.max_tokens)
         stop = self.engine.chat_stop
+        switch = self.engine.use_window(len(tokens) + self.max_tokens)
+        if switch is not None:
+            self.notice(switch_notice(switch, len(tokens) + self.max_tokens, len(tokens)))
+        self.messages.append(Message("user", user_text))
         gen = self.engine.generate(tokens, max_tokens=self.max_tokens, temperature=self.temperature,
                                    seed=self.seed, stop=stop)
         try:
@@ -115,18 +122,30 @@ class ChatSession:
             gen.chunks.close()
             self.messages.append(Message("assistant", gen.text.strip()))
             self.stats.add(gen.timings)
+            if switch is not None:
+                self.notice(f"[scaling] re-evaluated {gen.timings.prompt_tokens:,} tokens at the new scaling in "
+                            f"{gen.timings.prompt_seconds:.1f} s (new context created in {switch.seconds:.2f} s; "
+                            "weights not reloaded)")
         return gen.timings
 
     def ask(self, text: str) -> str:
         """One turn, as a program takes it: the whole reply. A turn that does not fit the window
         raises ContextOverflowError and changes nothing (drop turns with `drop_oldest_until_fits`)."""
-        needed = self.needed_for(text)
-        self.engine.check_fits(needed - self.max_tokens, self.max_tokens)
         self.reply(text, lambda _: None)
         return self.messages[-1].content
 
     def clear(self) -> None:
+        """Forget the conversation but the system prompt; an adaptive engine goes back to its
+        smallest window (s = 1), which frees the larger KV cache."""
         self.messages = [m for m in self.messages if m.role == "system"]
+        self.engine.use_window(0)
+
+    def scaling(self) -> str:
+        """The scaling in use, in words: 'yarn s=2, window 16,384 of up to 32,768'."""
+        p = self.engine.params
+        if not self.engine.ladder.adaptive:
+            return p.scaling
+        return f"{p.scaling}, window {p.n_ctx:,} of up to {self.window:,}"
 
     def save(self, path: Path) -> None:
         """Write the conversation as JSON, atomically: a failed save leaves a previous file intact."""
@@ -164,8 +183,10 @@ class ChatSession:
     def stats_text(self) -> str:
         used = self.used_tokens()
         s = self.stats
-        lines = [f"context: {used:,} / {self.window:,} tokens used ({100 * used / self.window:.1f}%), "
-                 f"preset {self.engine.params.preset}, {len(self.messages)} messages"]
+        window = self.engine.n_ctx
+        lines = [f"context: {used:,} / {window:,} tokens used ({100 * used / window:.1f}%), "
+                 f"preset {self.engine.params.preset}, {len(self.messages)} messages",
+                 f"scaling: {self.scaling()}"]
         if s.last:
             lines.append(f"last turn: prompt {s.last.prompt_tokens:,} tok at {s.last.prompt_tps:.1f} tok/s, "
                          f"generated {s.last.generated_tokens:,} tok at {s.last.generation_tps:.1f} tok/s")
@@ -176,9 +197,20 @@ class ChatSession:
 
     def meter(self) -> str:
         used = self.used_tokens()
-        width = 20
-        filled = min(width, round(width * used / self.window))
-        return f"[{'#' * filled}{'.' * (width - filled)}] {used:,}/{self.window:,} tokens"
+        width, window = 20, self.engine.n_ctx
+        filled = min(width, round(width * used / window))
+        meter = f"[{'#' * filled}{'.' * (width - filled)}] {used:,}/{window:,} tokens"
+        return f"{meter} ({self.scaling()})" if self.engine.ladder.adaptive else meter
+
+
+def switch_notice(switch: Switch, needed: int, conversation: int) -> str:
+    """What a change of scaling says before the conversation is evaluated again."""
+    b, a = switch.before, switch.after
+    where = (f"past the {b.n_ctx:,}-token window ({b.scaling})" if a.n_ctx > b.n_ctx
+             else f"which fits a smaller window than {b.n_ctx:,} ({b.scaling})")
+    return (f"[scaling] this turn needs {needed:,} tokens, {where}: moving to {a.n_ctx:,} tokens "
+            f"({a.scaling}). A KV cache computed under one RoPE scaling cannot be reused under another, "
+            f"so the conversation ({conversation:,} tokens) is evaluated again.")
 
 
 def _message(data: object) -> Message:
@@ -221,9 +253,11 @@ def _read_message(console: Console) -> str | None:
 
 
 def run_repl(session: ChatSession, console: Console) -> None:
+    session.notice = console.say
     if console.interactive:
+        grows = f", growing to {session.window:,} as the conversation needs" if session.engine.ladder.adaptive else ""
         console.say(f"localctx chat: {session.engine.facts.name}, preset {session.engine.params.preset}, "
-                    f"window {session.window:,} tokens. /help for commands.")
+                    f"window {session.engine.n_ctx:,} tokens{grows}. /help for commands.")
     while True:
         try:
             text = _read_message(console)

@@ -50,7 +50,7 @@ from .fsutil import fsync_dir
 from .memory import human
 from .paths import resolve_model_path
 from .params import RuntimeParams
-from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, file_params, load_preset, resolve
+from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, Ladder, file_params, load_preset, resolve
 
 # The context the file said before any conversion, when it differs from the trained context (a model
 # shipped with its own scaling): `native` needs it to restore the file exactly.
@@ -585,7 +585,7 @@ def verify_conversion(original: Path, converted: Path, params: RuntimeParams, *,
     start = time.perf_counter()
     facts = facts_from_header(read_header(original))
     n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
-    with open_engine(Resolved(RunSpec(model=original, threads=threads), facts, params)) as engine:
+    with open_engine(Resolved(RunSpec(model=original, threads=threads), facts, Ladder((params,)))) as engine:
         tokens = prompt_tokens(engine, text, n)
         positions = verify_positions(len(tokens), params.trained_ctx)
         expected = engine.logits_at(tokens, positions)
@@ -605,7 +605,7 @@ def logits_from_file(converted: Path, params: RuntimeParams, tokens: list[int], 
     facts = facts_from_header(read_header(converted))
     from_file = replace(file_params(facts, params.n_ctx), flash_attn=params.flash_attn, type_k=params.type_k,
                         type_v=params.type_v, n_batch=params.n_batch, n_ubatch=params.n_ubatch)
-    with open_engine(Resolved(RunSpec(model=converted, threads=threads), facts, from_file)) as engine:
+    with open_engine(Resolved(RunSpec(model=converted, threads=threads), facts, Ladder((from_file,)))) as engine:
         return engine.logits_at(tokens, positions)
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+from llama_cpp import _internals as llama_internals
 import numpy as np
 
 from .chat_template import TEMPLATE_COMPILE_ERRORS, ChatTemplate, Segment, uncompilable_template
 from .errors import ContextOverflowError, InputError, LocalctxError, ResourceError
 from .gguf_meta import ModelFacts
 from .params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
+from .presets import Ladder
 
 _SCALING_TYPES = {
     None: llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
@@ -206,14 +208,29 @@ def llama_arguments(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int
     )
 
 
+@dataclass(frozen=True)
+class Switch:
+    """A change of window: the parameters before and after, and the time the new llama.cpp
+    context took to create (the weights stay loaded; the KV cache starts empty)."""
+
+    before: RuntimeParams
+    after: RuntimeParams
+    seconds: float
+
+
 class Engine:
     """A model loaded at a resolved context: tokenize, generate, chat templates, logits.
-    Open one with `localctx.open_model` (or `runtime.open_engine`); close it, or use `with`."""
+    Open one with `localctx.open_model` (or `runtime.open_engine`); close it, or use `with`.
+
+    An engine opened with `auto` is adaptive: its `ladder` holds several windows, and each
+    request runs at the smallest that holds it (`params` and `n_ctx` are those in use)."""
 
     def __init__(self, llm: llama_cpp.Llama, facts: ModelFacts, params: RuntimeParams, gpu_layers: int) -> None:
         self._llm = llm
         self.facts = facts
         self.params = params
+        self.ladder = Ladder((params,))
+        self.switches: list[Switch] = []  # every change of window, oldest first
         self.gpu_layers = gpu_layers
         self.n_vocab = llm.n_vocab()
         self.n_ctx = llm.n_ctx()
@@ -247,6 +264,70 @@ class Engine:
 
     def close(self) -> None:
         self._llm.close()
+
+    # --- the window ----------------------------------------------------------------------------
+
+    @property
+    def max_ctx(self) -> int:
+        """The largest window a request may use (the window itself, unless adaptive)."""
+        return self.ladder.top.n_ctx
+
+    def use_window(self, needed: int) -> Switch | None:
+        """Run at the smallest step of the ladder that holds `needed` tokens (the largest when
+        none does: check_fits refuses those). Returns the switch made, if any."""
+        if self._llm._ctx is None:
+            raise ResourceError("This model has no usable llama.cpp context (an earlier switch failed); reopen it.")
+        step = self.ladder.step_for(needed)
+        if step == self.params:
+            return None
+        return self._switch_to(step)
+
+    def _switch_to(self, params: RuntimeParams) -> Switch:
+        """A new llama.cpp context over the loaded weights: RoPE scaling and the window are
+        per context in llama.cpp, so nothing is read from disk again. The old context (and its
+        KV cache) is freed first, so memory in use is the new window's; if the new one cannot be
+        created, the old window is restored and the error says so."""
+        start, before = time.perf_counter(), self.params
+        try:
+            self._new_context(params)
+        except ValueError as exc:
+            try:
+                self._new_context(before)
+            except ValueError:
+                self._llm._ctx = None  # nothing can run: fail cleanly, never decode on a freed context
+                raise ResourceError(f"llama.cpp could not create a {params.n_ctx:,}-token context ({exc}), nor "
+                                    "restore the previous one; reopen the model.") from None
+            raise ResourceError(f"llama.cpp could not create a {params.n_ctx:,}-token context ({exc}); the "
+                                f"engine stays at {before.n_ctx:,} tokens. Use a smaller --ctx.") from None
+        switch = Switch(before, params, time.perf_counter() - start)
+        self.switches.append(switch)
+        return switch
+
+    def _new_context(self, params: RuntimeParams) -> None:
+        llm = self._llm
+        arguments = llama_arguments(self.facts, params, gpu_layers=self.gpu_layers, threads=llm.n_threads,
+                                    seed=self.llama_arguments.get("seed", 0), verbose=llm.verbose)
+        cp = llm.context_params
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = params.n_ctx, params.n_batch, params.n_ubatch
+        cp.rope_scaling_type = arguments["rope_scaling_type"]
+        for name in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
+                     "yarn_beta_slow", "yarn_orig_ctx", "type_k", "type_v"):
+            setattr(cp, name, arguments[name])
+        cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        llm._ctx.close()
+        llm._ctx = llama_internals.LlamaContext(model=llm._model, params=cp, verbose=llm.verbose)
+        if params.n_batch != llm.n_batch:
+            llm.n_batch = params.n_batch
+            llm._batch = llama_internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=params.n_ctx,
+                                                    verbose=llm.verbose)
+            llm.scores = np.ndarray((params.n_batch, self.n_vocab), dtype=np.single)
+        llm._n_ctx = params.n_ctx
+        llm.input_ids = np.ndarray((params.n_ctx,), dtype=np.intc)
+        llm.n_tokens = 0
+        llm._requires_eval = True
+        llm._sampler = None
+        self.params, self.n_ctx, self.llama_arguments = params, llm.n_ctx(), arguments
 
     def __enter__(self) -> Engine:
         return self
@@ -385,14 +466,15 @@ class Engine:
     # --- generation ----------------------------------------------------------------------------
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        """The one overflow check: a prompt and its answer budget must fit the window, or nothing
-        runs (never truncated), and the error names the counts and what would fit."""
+        """The one overflow check: a prompt and its answer budget must fit the largest window, or
+        nothing runs (never truncated), and the error names the counts and what would fit."""
         needed = n_prompt + max_tokens
-        if needed > self.n_ctx:
+        if needed > self.max_ctx:
             hint = f" A preset that fits: {self.overflow_hint(needed)}" if self.overflow_hint else ""
+            window = "a maximum window" if self.ladder.adaptive else "a window"
             raise ContextOverflowError(
                 f"The prompt is {n_prompt:,} tokens and the answer budget {max_tokens:,}: {needed:,} in all, "
-                f"but preset {self.params.preset} gives a window of {self.n_ctx:,}. Nothing was truncated.{hint}"
+                f"but preset {self.params.preset} gives {window} of {self.max_ctx:,}. Nothing was truncated.{hint}"
             )
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
@@ -402,6 +484,7 @@ class Engine:
         previous call (llama-cpp-python's prefix matching), so a growing chat or a fixed
         instruction prefix is evaluated once."""
         self.check_fits(len(tokens), max_tokens)
+        self.use_window(len(tokens) + max_tokens)
         if seed is not None:
             self._llm.set_seed(seed)
         gen = Generation(iter(()))
@@ -464,8 +547,9 @@ class Engine:
         `positions` (shape len(positions) × n_vocab). Logits are requested for those positions only,
         so memory does not grow with the window. The tokens stay in the KV cache for reuse."""
         n = len(tokens)
-        if n > self.n_ctx:
-            raise ContextOverflowError(f"{n:,} tokens do not fit the {self.n_ctx:,}-token window.")
+        if n > self.max_ctx:
+            raise ContextOverflowError(f"{n:,} tokens do not fit the {self.max_ctx:,}-token window.")
+        self.use_window(n)
         wanted = sorted(set(positions))
         if wanted and (wanted[0] < 0 or wanted[-1] >= n):
             raise ValueError("positions must index into tokens")

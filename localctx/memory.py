@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -72,13 +73,15 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_memory(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, force: bool = False) -> MemoryEstimate:
-    """Refuse to load when the estimate exceeds free memory, naming what would fit."""
+def check_memory(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, force: bool = False,
+                 available: Callable[[], int] | None = None) -> MemoryEstimate:
+    """Refuse to load when the estimate exceeds free memory (`available`, default: what the system
+    reports), naming what would fit."""
     est = estimate(facts, params)
     # With layers on a GPU the weights and cache leave system memory; its size is not known here.
     if force or gpu_layers != 0:
         return est
-    free = available_bytes()
+    free = (available or available_bytes)()
     if est.total <= free:
         return est
     raise ResourceError(

@@ -61,6 +61,11 @@ class RuntimeParams:
         data["notes"] = list(self.notes)
         return data
 
+    @property
+    def scaling(self) -> str:
+        """The scaling in words: 'unscaled' or 'yarn s=2'."""
+        return "unscaled" if self.scale == 1.0 else f"{self.method} s={self.scale:g}"
+
     def with_ctx_settings(self, **changes: Any) -> RuntimeParams:
         return replace(self, **changes)
 

@@ -48,6 +48,22 @@ class YarnOverrides:
     attn_factor: float | None = None  # None: llama.cpp's default (0.1·ln(s) + 1 for YaRN)
 
 
+# Scale factors `auto` rounds a request's need up to (s = 1, the trained context, comes first; the
+# maximum window is always the last step).
+DEFAULT_STEPS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+DEFAULT_AUTO_FACTOR = 4  # auto's maximum window when neither --ctx nor target_ctx names one
+AUTO_SCALINGS = ("yarn", "ntk", "linear", "extrapolate")
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """How `auto` scales a request past the trained context: the method, and the steps its
+    scale factor is rounded up to (a ladder: every request gets the smallest step that holds it)."""
+
+    method: str = "yarn"
+    steps: tuple[float, ...] = DEFAULT_STEPS
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -57,6 +73,38 @@ class Preset:
     context: ContextSettings = field(default_factory=ContextSettings)
     yarn: YarnOverrides = field(default_factory=YarnOverrides)
     source: str = "built-in"
+    auto: AutoSettings = field(default_factory=AutoSettings)
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The windows a preset runs at, smallest first: one for a static preset; for `auto`, the
+    trained context unscaled, then one per step up to the maximum window. Each request runs at
+    the smallest step that holds its prompt and answer budget."""
+
+    steps: tuple[RuntimeParams, ...]
+    default_max: bool = False  # the maximum was not asked for (auto's default): memory may lower it
+
+    @property
+    def adaptive(self) -> bool:
+        return len(self.steps) > 1
+
+    @property
+    def top(self) -> RuntimeParams:
+        """The largest window: what memory is planned for and what a request may use at most."""
+        return self.steps[-1]
+
+    @property
+    def bottom(self) -> RuntimeParams:
+        return self.steps[0]
+
+    def step_for(self, needed: int) -> RuntimeParams:
+        """The smallest step whose window holds `needed` tokens (the largest when none does: the
+        engine's overflow check refuses those)."""
+        return next((step for step in self.steps if step.n_ctx >= needed), self.top)
+
+    def map(self, change: Callable[[RuntimeParams], RuntimeParams]) -> Ladder:
+        return Ladder(tuple(change(step) for step in self.steps), self.default_max)
 
 
 def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
@@ -77,7 +125,7 @@ def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
 
 # --- Loading ---------------------------------------------------------------------------------
 
-_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn"}
+_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn", "auto"}
 
 
 def _check_type(value: Any, expected: type | tuple[type, ...], where: str) -> Any:
@@ -133,8 +181,27 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
         value = getattr(yarn, attr)
         if value is not None and not (math.isfinite(value) and value >= 0):  # TOML allows nan and inf
             raise PresetError(f"{where}: yarn.{attr} must be a finite number of at least 0, not {value!r}")
+    auto = _auto_settings(data, method, where)
     description = _check_type(data.get("description", ""), str, f"{where}: description")
-    return Preset(name, method, target, description, context, yarn, source)
+    return Preset(name, method, target, description, context, yarn, source, auto)
+
+
+def _auto_settings(data: dict[str, Any], method: str, where: str) -> AutoSettings:
+    raw = data.get("auto")
+    if raw is None:
+        return AutoSettings()
+    if method != "auto":
+        raise PresetError(f"{where}: [auto] applies to method = 'auto' only, not {method!r}")
+    settings = _section(data, "auto", AutoSettings, {"method": str, "steps": list}, where)
+    if settings.method not in AUTO_SCALINGS:
+        raise PresetError(f"{where}: auto.method must be one of {', '.join(AUTO_SCALINGS)}, not {settings.method!r}")
+    steps = settings.steps
+    for value in steps:
+        _check_type(value, (int, float), f"{where}: each of auto.steps")
+    if not steps or not all(math.isfinite(v) and 1 < v <= MAX_CTX for v in steps) or list(steps) != sorted(set(steps)):
+        raise PresetError(f"{where}: auto.steps must be scale factors above 1, increasing, "
+                          f"for example [2, 4, 8], not {list(steps)!r}")
+    return AutoSettings(settings.method, tuple(float(v) for v in steps))
 
 
 MAX_PRESET_BYTES = 2**20  # a preset is a few hundred bytes; anything near this is not one
@@ -226,7 +293,8 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         trained = _unscaled_window(preset, facts, target)
         notes.append(f"the file records no trained context: {trained} tokens, RoPE unscaled")
     if method == "auto" and target is None:
-        raise PresetError("Preset 'auto' needs a target context: pass --ctx N (for example --ctx 32768).")
+        # Positions learned per index cannot grow; anything else may, up to auto's default maximum.
+        target = trained if facts.positions == "learned" else DEFAULT_AUTO_FACTOR * trained
     if method == "none":
         target = target or trained
     target = int(target or trained)
@@ -238,7 +306,7 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         if target <= trained:
             method = "none"
         else:
-            method = "yarn" if facts.positions == "rope" else "extrapolate"
+            method = preset.auto.method if facts.positions == "rope" else "extrapolate"
     _check_positions(preset, facts, method, target)
     if target <= trained and method != "extrapolate":
         method = "none"
@@ -247,6 +315,19 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
     if target <= trained and preset.method in ROPE_METHODS:
         notes.append(f"target {target} fits the trained context {trained}: no scaling applied")
     return _build(preset, facts, method, target, trained, scale if target > trained else 1.0, notes)
+
+
+def resolve_ladder(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Ladder:
+    """The windows a preset runs at on this model (see Ladder). For `auto`: the trained context
+    unscaled, then trained × s for each of its steps below the maximum window, then the maximum."""
+    top = resolve(preset, facts, ctx)
+    if preset.method != "auto" or top.n_ctx <= top.trained_ctx:
+        return Ladder((top,))
+    trained = top.trained_ctx
+    # A factor so close to 1 that its window rounds to the trained one is not a step of its own.
+    windows = [trained] + sorted({w for s in preset.auto.steps if trained < (w := int(trained * s)) < top.n_ctx})
+    steps = tuple(resolve(preset, facts, ctx=window) for window in windows) + (top,)
+    return Ladder(steps, default_max=ctx is None and preset.target_ctx is None)
 
 
 def _unscaled_window(preset: Preset, facts: ModelFacts, target: int | None) -> int:
@@ -332,10 +413,13 @@ def _ntk(preset: Preset, facts: ModelFacts, base: float, scale: float, common: d
 def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
     """Whether a preset applies to a model, and why not (for `inspect` and `presets list`)."""
     try:
-        params = resolve(preset, facts, ctx=facts.trained_context * 4 if preset.method == "auto" else None)
+        ladder = resolve_ladder(preset, facts)
     except PresetError as exc:
         return False, str(exc).split(". ")[0]  # the first sentence (a path's dots are not its end)
-    return True, f"{params.method} to {params.n_ctx}"
+    first, top = ladder.bottom, ladder.top
+    if ladder.adaptive:
+        return True, f"{first.method} to {first.n_ctx}, then {top.method} in steps to {top.n_ctx}"
+    return True, f"{top.method} to {top.n_ctx}"
 
 
 def best_preset(facts: ModelFacts, accept: Callable[[Preset, RuntimeParams], bool],

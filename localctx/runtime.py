@@ -8,6 +8,7 @@ loads and runs, and the memory check and the preset search stay out of it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from .errors import PresetError, ResourceError
 from .gguf_meta import ModelFacts, read_facts
 from .params import C_INT_MAX, DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
-from .presets import load_preset, resolve, suggest_preset
+from .presets import Ladder, load_preset, resolve_ladder, suggest_preset
 
 if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs it
     from .engine import Engine
@@ -62,16 +63,26 @@ def _is_int(value: object, lo: int, hi: int) -> bool:
 @dataclass(frozen=True)
 class Resolved:
     """A spec resolved against its model: the facts read from the GGUF header and the exact
-    llama.cpp parameters. Resolved once, then passed to whatever loads or records it."""
+    llama.cpp parameters of every window it may run at (one for a static preset, a ladder for
+    `auto`). Resolved once, then passed to whatever loads or records it."""
 
     spec: RunSpec
     facts: ModelFacts
-    params: RuntimeParams
+    ladder: Ladder
+
+    @property
+    def params(self) -> RuntimeParams:
+        """The largest window's parameters: what memory is planned for (the only ones, static)."""
+        return self.ladder.top
+
+    def params_for(self, needed: int) -> RuntimeParams:
+        """The parameters a request of `needed` tokens (prompt and answer) runs with."""
+        return self.ladder.step_for(needed)
 
     def with_preset(self, preset: str) -> Resolved:
         """The same model and run options under another preset (the facts are not read again)."""
         spec = replace(self.spec, preset=preset)
-        return Resolved(spec, self.facts, _params(spec, self.facts))
+        return Resolved(spec, self.facts, _ladder(spec, self.facts))
 
 
 def model_facts(model: str | Path | None) -> ModelFacts:
@@ -80,29 +91,60 @@ def model_facts(model: str | Path | None) -> ModelFacts:
 
 def resolve_spec(spec: RunSpec) -> Resolved:
     facts = model_facts(spec.model)
-    return Resolved(spec, facts, _params(spec, facts))
+    return Resolved(spec, facts, _ladder(spec, facts))
 
 
-def _params(spec: RunSpec, facts: ModelFacts) -> RuntimeParams:
-    params = resolve(load_preset(spec.preset), facts, ctx=spec.ctx)
-    if spec.cache_type:
-        # llama.cpp quantizes the V cache only with flash attention.
-        params = replace(params, type_k=spec.cache_type, type_v=spec.cache_type,
-                         flash_attn=True if spec.cache_type != "f16" else params.flash_attn)
-    if spec.flash_attn is not None:
-        params = replace(params, flash_attn=spec.flash_attn)
-    return params
+def _ladder(spec: RunSpec, facts: ModelFacts) -> Ladder:
+    def overrides(params: RuntimeParams) -> RuntimeParams:
+        if spec.cache_type:
+            # llama.cpp quantizes the V cache only with flash attention.
+            params = replace(params, type_k=spec.cache_type, type_v=spec.cache_type,
+                             flash_attn=True if spec.cache_type != "f16" else params.flash_attn)
+        if spec.flash_attn is not None:
+            params = replace(params, flash_attn=spec.flash_attn)
+        return params
+
+    return resolve_ladder(load_preset(spec.preset), facts, ctx=spec.ctx).map(overrides)
 
 
 def open_engine(target: RunSpec | Resolved, seed: int = 0) -> Engine:
-    """Resolve (unless already resolved), choose the offload, check memory, load."""
+    """Resolve (unless already resolved), choose the offload, check memory for the largest
+    window, load at the smallest (an adaptive engine grows its window per request)."""
     from .engine import Engine, offload_layers
-    from .memory import check_memory
 
     resolved = target if isinstance(target, Resolved) else resolve_spec(target)
-    spec, facts, params = resolved.spec, resolved.facts, resolved.params
+    spec, facts = resolved.spec, resolved.facts
     gpu_layers = offload_layers(spec.device, spec.gpu_layers)
-    check_memory(facts, params, gpu_layers=gpu_layers, force=spec.force)
-    engine = Engine.load(facts, params, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose, seed=seed)
+    ladder = planned_ladder(resolved, gpu_layers)
+    engine = Engine.load(facts, ladder.bottom, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose,
+                         seed=seed)
+    engine.ladder = ladder
     engine.overflow_hint = lambda needed: suggest_preset(facts, needed)
     return engine
+
+
+def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None) -> Ladder:
+    """The ladder memory allows. An explicit window that does not fit is refused (unless --force);
+    auto's default maximum is lowered to the largest step that fits, and says so in its notes."""
+    from functools import partial
+
+    from .memory import check_memory
+
+    ladder = resolved.ladder
+    check = partial(check_memory, resolved.facts, gpu_layers=gpu_layers, force=resolved.spec.force, available=available)
+    try:
+        check(ladder.top)
+        return ladder
+    except ResourceError:
+        if not ladder.default_max:
+            raise
+        for i in reversed(range(len(ladder.steps) - 1)):
+            step = ladder.steps[i]
+            try:
+                check(step)
+            except ResourceError:
+                continue
+            note = (f"auto's default maximum {ladder.top.n_ctx:,} does not fit in memory: "
+                    f"lowered to {step.n_ctx:,} (pass --ctx N to choose)")
+            return Ladder(ladder.steps[:i] + (replace(step, notes=step.notes + (note,)),), True)
+        raise

@@ -3,7 +3,9 @@
 Per document the strategy comes from real token counts: if the instruction, the whole document and
 the answer budget fit the window, one pass ("stuff"); otherwise the text is split at natural
 boundaries into chunks that fill the window, each chunk is summarized (map), and the partial
-summaries are combined, recursively, until one call holds them all (reduce).
+summaries are combined, recursively, until one call holds them all (reduce). With an adaptive
+(`auto`) engine chunks and reduce calls fill the unscaled window, and one pass is chosen while the
+document needs at most ONE_PASS_MAX_SCALE; every call runs at the scaling its own length needs.
 
 Every completed model call and document is saved in a Store keyed by content hash + model + preset
 + prompt + strategy settings, so a re-run skips finished work and a killed batch resumes where it
@@ -28,8 +30,16 @@ from .runtime import Resolved, RunSpec, open_engine, resolve_spec
 from .fsutil import atomic_write, check_output_dir
 from .summary_store import JSONL_NAME, Store, markdown, sha256_text, write_jsonl
 
-DEFAULT_PROMPT = ("Summarize the following text in a few sentences. "
-                  "Name the main characters and say what happens.")
+# The default fits any document (a report, code, meeting notes); `fiction` asks for a story's people.
+PROMPTS = {
+    "general": "Summarize the following text in a few sentences. Say what it is about and state its main points.",
+    "fiction": "Summarize the following text in a few sentences. Name the main characters and say what happens.",
+}
+DEFAULT_PROMPT = PROMPTS["general"]
+# With an adaptive (`auto`) engine, a document past the trained context is summarized in one pass
+# while that needs at most this scale factor, else map-reduced over unscaled chunks: measured on
+# this project's CPU in benchmarks/RESULTS.md (summarize planner).
+ONE_PASS_MAX_SCALE = 2.0
 REDUCE_NOTE = ("The text below is a series of summaries of consecutive parts of one document. "
                "Combine them into a single summary of the whole document.")
 STRATEGIES = ("auto", "stuff", "map-reduce")
@@ -62,6 +72,7 @@ class SummarizeOptions:
     temperature: float = 0.0
     seed: int = 0
     repeat_penalty: float = REPEAT_PENALTY
+    one_pass_max_scale: float = ONE_PASS_MAX_SCALE  # auto engines: see ONE_PASS_MAX_SCALE
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -267,10 +278,11 @@ def _read(source: Source, stdin: IO[bytes] | None) -> str:
 # --- Keys --------------------------------------------------------------------------------------
 
 
-def fingerprint(facts: Any, params: Any, options: SummarizeOptions) -> str:
-    """What a model call's output depends on, besides its text: model, resolved preset, prompt,
-    answer budget and sampling."""
-    settings = {k: v for k, v in params.to_dict().items() if k != "notes"}
+def fingerprint(facts: Any, ladder: Any, options: SummarizeOptions) -> str:
+    """What a model call's output depends on, besides its text: model, resolved preset (every
+    window of an adaptive one: a call's length picks its window), prompt, answer budget and sampling."""
+    windows = [{k: v for k, v in step.to_dict().items() if k != "notes"} for step in ladder.steps]
+    settings = windows[0] if len(windows) == 1 else windows
     return sha256_text(json.dumps({
         "version": STORE_VERSION,
         "model": [facts.path.name, facts.file_size, facts.name, sha256_text(facts.chat_template or "")],
@@ -361,17 +373,26 @@ class Summarizer:
         self.engine, self.store, self.options, self.fp, self.reporter = engine, store, options, fp, reporter
         self.map_frame = Frame.render(engine, options.prompt)
         self.reduce_frame = Frame.render(engine, f"{options.prompt}\n{REDUCE_NOTE}")
-        self.room = self._room(self.map_frame)
-        self.reduce_room = self._room(self.reduce_frame)
+        # Chunks and reduce calls fill the smallest window (unscaled, with auto); one pass may use
+        # up to the largest, and with auto only up to one_pass_max_scale.
+        ladder = engine.ladder
+        self.window = ladder.top.n_ctx
+        self.chunk_window = ladder.bottom.n_ctx
+        one_pass = self.window
+        if ladder.adaptive:
+            one_pass = min(one_pass, int(ladder.bottom.n_ctx * max(1.0, options.one_pass_max_scale)))
+        self.room = self._room(self.map_frame, self.chunk_window)
+        self.reduce_room = self._room(self.reduce_frame, self.chunk_window)
+        self.one_pass_room = self._room(self.map_frame, one_pass)
         self.stats = BatchStats()
         self._doc_tokens_done = 0
         self._check_settings()
 
-    def _room(self, frame: Frame) -> int:
-        return self.engine.n_ctx - frame.overhead - self.options.max_summary_tokens
+    def _room(self, frame: Frame, window: int) -> int:
+        return window - frame.overhead - self.options.max_summary_tokens
 
     def _check_settings(self) -> None:
-        n_ctx, budget = self.engine.n_ctx, self.options.max_summary_tokens
+        n_ctx, budget = self.chunk_window, self.options.max_summary_tokens
         overhead = self.reduce_frame.overhead
         if overhead >= n_ctx:
             raise ContextOverflowError(
@@ -387,10 +408,11 @@ class Summarizer:
                 "Shorten --prompt, lower --max-summary-tokens, or use a larger preset."
             )
         chunk = self.options.chunk_tokens
-        if chunk is not None and chunk > self.room:
+        largest = self._room(self.map_frame, self.window)
+        if chunk is not None and chunk > largest:
             raise ContextOverflowError(
                 f"--chunk-tokens {chunk:,} does not fit: with the prompt ({self.map_frame.overhead:,} tokens) "
-                f"and the answer budget ({budget:,}) the {n_ctx:,}-token window holds at most {self.room:,}."
+                f"and the answer budget ({budget:,}) the {self.window:,}-token window holds at most {largest:,}."
             )
         if self.options.overlap >= (chunk or self.room) // 2:
             raise InputError(f"--overlap {self.options.overlap} must be less than half the chunk size ({chunk or self.room}).")
@@ -399,7 +421,7 @@ class Summarizer:
 
     def plan(self, doc: Document) -> Plan:
         tokens = self.engine.count(doc.text)
-        fits = tokens <= self.room
+        fits = tokens <= self.one_pass_room  # never less than the chunk room
         strategy = self.options.strategy
         if strategy == "auto":
             strategy = "stuff" if fits else "map-reduce"
@@ -436,7 +458,8 @@ class Summarizer:
             raise LocalctxError("the model returned an empty summary.")
         reused = sum(c["seconds"] for c in calls if c["cached"])
         return {"status": "ok", "strategy": plan.strategy, "tokens": plan.tokens, "chunks": len(plan.chunks),
-                "model_calls": len(calls), "seconds": round(time.perf_counter() - start + reused, 2),
+                "model_calls": len(calls), "windows": [c.get("window") for c in calls],
+                "seconds": round(time.perf_counter() - start + reused, 2),
                 "summary": summary.strip(), "error": None}
 
     def _check_stuff(self, plan: Plan) -> None:
@@ -474,7 +497,8 @@ class Summarizer:
                                    temperature=self.options.temperature, seed=self.options.seed,
                                    stop=frame.stop, repeat_penalty=self.options.repeat_penalty)
         info = {"role": role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
-                "seconds": round(time.perf_counter() - start, 3), "summary": gen.text.strip()}
+                "seconds": round(time.perf_counter() - start, 3), "window": self.engine.n_ctx,  # the one this call ran at
+                "summary": gen.text.strip()}
         self.store.put_call(key, info)
         calls.append({**info, "cached": False})
         self.stats.model_calls += 1
@@ -512,11 +536,11 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     if not docs:
         raise InputError(f"No readable files among {', '.join(inputs)}: " + "; ".join(r["error"] for r in skipped))
     if engine is not None:
-        facts, params = engine.facts, engine.params
+        facts, params, ladder = engine.facts, engine.params, engine.ladder
     else:  # resolved once: the engine is opened with the same Resolved
         resolved = spec if isinstance(spec, Resolved) else resolve_spec(spec)
-        facts, params = resolved.facts, resolved.params
-    fp = fingerprint(facts, params, options)
+        facts, params, ladder = resolved.facts, resolved.params, resolved.ladder
+    fp = fingerprint(facts, ladder, options)
     store = store or Store(writable_cache(store_dir(), "summarizer's store"))
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
                    targets, {"model": facts.path.name, "preset": params.preset})

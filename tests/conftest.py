@@ -78,6 +78,28 @@ def small_engine() -> Iterator[Engine]:
         yield engine
 
 
+SHORT_TRAINED = 1024
+
+
+@pytest.fixture(scope="session")
+def short_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's weights under a header that says it was trained on 1,024 tokens: the
+    real model, with a trained window small enough that crossing it (and `auto`'s ladder:
+    1,024 → 2,048 → 4,096) costs seconds, not minutes."""
+    from dataclasses import replace
+
+    from gguf import Keys
+
+    from localctx.convert import _diff, plan_conversion, write_converted
+    from localctx.gguf_meta import arch_key
+
+    plan = plan_conversion(model_path, "native")
+    updates, changes = _diff(plan.header, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): SHORT_TRAINED})
+    out = tmp_path_factory.mktemp("short") / "smollm2-trained-1k.gguf"
+    write_converted(replace(plan, updates=updates, changes=tuple(changes)), out)
+    return out
+
+
 def invoke(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Result:
     """Run `localctx ARGS...` in this process; an exception the error boundary let through fails
     the test with its traceback (a user must never see one)."""

@@ -362,9 +362,16 @@ def _start_and_wait_for_temp(src: Path, out: Path) -> tuple[subprocess.Popen, Pa
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        temps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}{TEMP_MARKER}")]
-        if temps and temps[0].stat().st_size > 0:
-            return proc, temps[0]
+        # The writability probe (`...-probe`) shares the prefix and vanishes at once: skip it, and
+        # tolerate any candidate disappearing between the listing and the stat.
+        temps = [p for p in out.parent.iterdir()
+                 if p.name.startswith(f".{out.name}{TEMP_MARKER}") and not p.name.endswith("-probe")]
+        for temp in temps:
+            try:
+                if temp.stat().st_size > 0:
+                    return proc, temp
+            except FileNotFoundError:
+                pass
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.002)
     proc.kill()

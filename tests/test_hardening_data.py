@@ -33,7 +33,7 @@ from localctx.summary_store import Store, read_jsonl, sha256_text, write_jsonl
 def prefill(*texts: str, options: SummarizeOptions = SummarizeOptions()) -> None:
     """Record each text as summarized by the default model and preset, as a finished batch would."""
     resolved = resolve_spec(RunSpec())
-    fp = fingerprint(resolved.facts, resolved.params, options)
+    fp = fingerprint(resolved.facts, resolved.ladder, options)
     store = Store(store_dir())
     for text in texts:
         sha = sha256_text(text)

@@ -19,7 +19,7 @@ from localctx.convert import convert, logits_from_file, verify_positions
 from localctx.engine import Engine
 from localctx.generate import GenerateRequest, build_prompt_tokens
 from localctx.runtime import RunSpec, open_engine
-from localctx.summarize import SummarizeOptions
+from localctx.summarize import PROMPTS, SummarizeOptions
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,8 @@ def test_converted_file_alone_matches_yarn_past_the_window(yarn: Engine, model_p
 
 
 def test_summarize_past_the_trained_window_in_one_pass(yarn: Engine, document: Path) -> None:
-    result = localctx.summarize_files([document], engine=yarn, options=SummarizeOptions(max_summary_tokens=48))
+    result = localctx.summarize_files([document], engine=yarn, options=SummarizeOptions(max_summary_tokens=48,
+                                                                                        prompt=PROMPTS["fiction"]))
     [record] = result.records
     assert record["status"] == "ok", record["error"]
     assert record["tokens"] > TRAINED and record["preset"] == "yarn-32k"

@@ -62,8 +62,8 @@ def test_auto_below_and_above_trained(facts):
     assert (small.method, small.n_ctx, small.rope_scaling_type, small.rope_freq_scale) == ("none", 4096, "none", 1.0)
     big = resolve(auto, facts, ctx=20000)
     assert big.method == "yarn" and big.rope_freq_scale == pytest.approx(8192 / 20000) and big.yarn_orig_ctx == 8192
-    with pytest.raises(PresetError, match="--ctx"):
-        resolve(auto, facts)
+    default = resolve(auto, facts)  # no --ctx: 4x the trained context
+    assert (default.method, default.n_ctx, default.scale) == ("yarn", 32768, 4.0)
 
 
 def test_target_within_trained_context_applies_no_scaling(facts):

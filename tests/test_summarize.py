@@ -52,8 +52,9 @@ def batch(tmp_path_factory: pytest.TempPathFactory, corpus: Path):
     note, excerpt = root / "note.txt", root / "pride_excerpt.txt"
     note.write_text("Meeting notes. Alice will send the budget on Friday; Bob reviews the draft on Monday.\n")
     excerpt.write_text((corpus / "pride_and_prejudice.txt").read_text(encoding="utf-8")[:4_500], encoding="utf-8")
+    # --style fiction: the excerpt is a novel, and naming its people shows the instruction reached the model.
     args = ("summarize", str(note), str(excerpt), "--preset", "auto", "--ctx", "1024", "--max-summary-tokens", "64",
-            "--out", str(out), "--json")
+            "--style", "fiction", "--out", str(out), "--json")
     return {"args": args, "home": home, "out": out, "result": cli(*args, home=home)}
 
 

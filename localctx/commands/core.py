@@ -130,13 +130,20 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
     from ..runtime import resolve_spec
 
     resolved = resolve_spec(RunSpec(model=model, preset=name, ctx=ctx))
-    facts, params = resolved.facts, resolved.params
+    facts, params, ladder = resolved.facts, resolved.params, resolved.ladder
     flags = " ".join(params.llama_flags())
     if as_json:
-        echo_json({"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
-                   "llama_server": f"llama-server -m {facts.path} {flags}"})
+        report = {"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
+                  "llama_server": f"llama-server -m {facts.path} {flags}"}
+        if ladder.adaptive:
+            report["ladder"] = [{"params": step.to_dict(), "llama_flags": " ".join(step.llama_flags())}
+                                for step in ladder.steps]
+        echo_json(report)
         return
     click.echo(f"preset {name} on {facts.name} (trained context {facts.trained_context:,})")
+    if ladder.adaptive:
+        _render_ladder(ladder.steps)
+        click.echo("\nthe largest step (memory is planned for it), as fixed parameters:")
     for key, value in params.to_dict().items():
         if key != "notes":
             click.echo(f"  {key:<18}{value}")
@@ -144,6 +151,15 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
         click.echo(f"  note: {note}")
     click.echo(f"\nllama-cli -m {facts.path} {flags}")
     click.echo(f"llama-server -m {facts.path} {flags}")
+
+
+def _render_ladder(steps: Any) -> None:
+    """auto's windows, smallest first: each request runs at the first that holds it."""
+    click.echo("each request runs at the first step that holds its prompt and answer budget:")
+    click.echo(f"  {'step':<5}{'window':>9}  {'method':<12}{'s':>5}  llama.cpp parameters")
+    for i, step in enumerate(steps, 1):
+        flags = " ".join(step.llama_flags()[2:])  # the window is its own column
+        click.echo(f"  {i:<5}{step.n_ctx:>9,}  {step.method:<12}{step.scale:>5.3g}  {flags}")
 
 
 @click.command()
@@ -230,6 +246,9 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
             echo_json(generation_report(engine, gen))
         else:
             click.echo()
+        if engine.ladder.adaptive:  # which step the request ran at (in --json: its params)
+            click.echo(f"[auto] {gen.timings.prompt_tokens:,} prompt tokens + {max_tokens:,} answer budget: "
+                       f"{engine.params.scaling}, window {engine.n_ctx:,}", err=True)
 
 
 def read_stdin_text() -> str:

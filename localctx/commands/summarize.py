@@ -17,13 +17,17 @@ from ..summary_store import dumps
 @click.option("-o", "--out", type=click.Path(path_type=Path), metavar="DIRECTORY",  # checked by summarize_batch
               help="Write one Markdown file per input and summaries.jsonl here.")
 @click.option("--strategy", type=click.Choice(["auto", "stuff", "map-reduce"]), default="auto", show_default=True,
-              help="auto: one pass when the document fits the window, else map-reduce.")
+              help="auto: one pass when the document fits the window (with --preset auto: while it needs "
+                   "at most s = 2), else map-reduce.")
 @click.option("--chunk-tokens", type=click.IntRange(64), help="Map chunk size in tokens [default: fill the window].")
 @click.option("--overlap", type=click.IntRange(0), default=0, show_default=True,
               help="Tokens shared by neighbouring chunks.")
 @click.option("--max-summary-tokens", type=click.IntRange(16), default=256, show_default=True,
               help="Answer budget of each model call.")
-@click.option("--prompt", help="The instruction [default: summarize, naming the main characters].")
+@click.option("--style", type=click.Choice(["general", "fiction"]), default="general", show_default=True,
+              help="The built-in instruction: general (any document: its subject and main points) or fiction "
+                   "(names the main characters and says what happens).")
+@click.option("--prompt", help="Your own instruction instead of --style's.")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the instruction from a file.")
 @click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
@@ -31,13 +35,15 @@ from ..summary_store import dumps
 @run_options()
 @json_option
 def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy: str, chunk_tokens: int | None,
-              overlap: int, max_summary_tokens: int, prompt: str | None, prompt_file: Path | None,
+              overlap: int, max_summary_tokens: int, style: str, prompt: str | None, prompt_file: Path | None,
               retry_failed: bool, quiet: bool, as_json: bool) -> None:
     """Summarize files, directories (recursively), glob patterns or - (stdin).
 
     A document that fits the window (instruction + text + answer) is read in one pass; a longer one
     is split at headings, paragraphs and sentences, each chunk summarized, and the partial
-    summaries combined. Finished work is cached by content, model, preset and prompt: re-running a
+    summaries combined. With --preset auto each call runs at the scaling its length needs: chunks
+    and documents within the trained context unscaled, a document up to twice it in one pass at
+    YaRN s = 2, anything longer map-reduced over unscaled chunks. Finished work is cached by content, model, preset and prompt: re-running a
     batch does no model work, and a killed batch resumes where it stopped.
 
     With one input and no --out the summary goes to stdout; --out DIR writes DIR/<name>.md per
@@ -45,11 +51,12 @@ def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy:
 
     \b
     Examples:
-      localctx summarize book.txt --preset yarn-32k
+      localctx summarize report.txt --preset auto
+      localctx summarize book.txt --preset yarn-32k --style fiction
       localctx summarize docs/ "notes/**/*.md" --preset yarn-32k --out summaries/
       cat report.txt | localctx summarize - --max-summary-tokens 128
     """
-    from ..summarize import Interrupted, SummarizeOptions, summarize_batch
+    from ..summarize import PROMPTS, Interrupted, SummarizeOptions, summarize_batch
     from ..summarize_progress import make_reporter
 
     if prompt and prompt_file:
@@ -60,7 +67,7 @@ def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy:
         prompt = read_text(prompt_file).strip()
     options = SummarizeOptions(strategy=strategy, chunk_tokens=chunk_tokens, overlap=overlap,
                                max_summary_tokens=max_summary_tokens, retry_failed=retry_failed,
-                               **({"prompt": prompt} if prompt is not None else {}))
+                               prompt=prompt if prompt is not None else PROMPTS[style])
     on_record = (lambda r: click.echo(dumps(r))) if as_json else None
     reporter = make_reporter(quiet)
     try:

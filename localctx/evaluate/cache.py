@@ -26,9 +26,11 @@ def model_key(facts: ModelFacts) -> str:
 
 
 def params_key(params: RuntimeParams) -> dict[str, Any]:
-    """The parameters a cell's result depends on (notes are prose)."""
+    """The parameters a cell's result depends on: not the preset's name (two presets, or an `auto`
+    step, that resolve to the same parameters compute the same cell) and not the notes (prose)."""
     data = params.to_dict()
     data.pop("notes", None)
+    data.pop("preset", None)
     return data
 
 

@@ -93,9 +93,10 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
     for resolved, cells in plans:
         todo = []
         for cell, key in cells:
-            window = resolved.params.n_ctx
-            cell = {"preset": resolved.spec.preset, "method": resolved.params.method, "window": window, **cell,
-                    "params": resolved.params.to_dict()}
+            window = resolved.params.n_ctx  # the largest: an adaptive preset runs each cell at its own step
+            used = resolved.params_for(cell["length"])
+            cell = {"preset": resolved.spec.preset, "method": used.method, "window": used.n_ctx, **cell,
+                    "params": used.to_dict()}
             if cell["length"] > window:
                 cell.update(status="n/a", reason=f"length {cell['length']:,} exceeds the preset's {window:,}-token window")
             elif (found := cache.get(key)) is not None:

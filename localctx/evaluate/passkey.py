@@ -104,7 +104,7 @@ class Passkey:
     def cells(self, resolved: Resolved, model: str) -> list[tuple[Cell, Key]]:
         r = self.request
         return [({"length": n, "depth": d, "trial": t},
-                 {"v": CACHE_VERSION, "kind": "passkey", "model": model, "params": params_key(resolved.params),
+                 {"v": CACHE_VERSION, "kind": "passkey", "model": model, "params": params_key(resolved.params_for(n)),
                   "length": n, "depth": d, "trial": t, "seed": r.seed, "answer_tokens": ANSWER_TOKENS,
                   "prompt": PROMPT_SHA})
                 for n in r.lengths for d in r.depths for t in range(r.trials)]
@@ -120,8 +120,9 @@ class Passkey:
                                                  passkey_key(self.request.seed, cell["trial"])))
                 for cell, key in todo]
         # Lexicographic order walks the prompts' prefix tree depth-first: each prompt re-evaluates
-        # only what it does not share with the one before (llama-cpp-python's prefix reuse).
-        jobs.sort(key=lambda job: job[2].tokens)
+        # only what it does not share with the one before (llama-cpp-python's prefix reuse). An
+        # adaptive engine's window follows the length, so lengths come in order: one switch each.
+        jobs.sort(key=lambda job: (job[0]["length"], job[2].tokens))
         for cell, key, prompt in jobs:
             yield cell, key, passkey_cell(engine, prompt)
 

@@ -140,7 +140,8 @@ class Perplexity:
         by_mode = {"span": r.span, "end": self.end} if r.mode == "fixed" else {"max_chunks": r.max_chunks}
         return [({"length": length},
                  {"v": CACHE_VERSION, "kind": "ppl", "mode": r.mode, "model": model,
-                  "params": params_key(resolved.params), "length": length, "text": r.text.sha, **by_mode})
+                  "params": params_key(resolved.params_for(length)), "length": length, "text": r.text.sha,
+                  **by_mode})
                 for length in r.lengths]
 
     def compute(self, engine: EvalEngine, resolved: Resolved, todo: list[tuple[Cell, Key]],
@@ -154,7 +155,8 @@ class Perplexity:
                 found = fixed_span_cell(engine, self.tokens, cell["length"], self.end, r.span)
             else:
                 found = chunks_cell(engine, self.tokens, cell["length"], r.max_chunks, progress)
-                found["llama_perplexity"] = llama_perplexity_command(resolved.facts, resolved.params, r.text.path,
+                found["llama_perplexity"] = llama_perplexity_command(resolved.facts, resolved.params_for(cell["length"]),
+                                                                     r.text.path,
                                                                      cell["length"], r.max_chunks)
             yield cell, key, found
 
