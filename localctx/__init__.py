@@ -29,12 +29,12 @@ _EXPORTS = {
     # the functions a program calls
     "open_model": "api", "read_model_facts": "api", "resolve_preset": "api", "generate_text": "api",
     "start_chat": "api", "convert_model": "api", "summarize_files": "api", "evaluate_perplexity": "api",
-    "evaluate_passkey": "api", "estimate_memory": "api",
+    "evaluate_passkey": "api", "estimate_memory": "api", "kv_snapshots": "api", "clear_kv_snapshots": "api",
     # what they take and return
     "Engine": "engine", "Generation": "engine", "Timings": "engine", "ChatSession": "chat",
     "ModelFacts": "gguf_meta", "RuntimeParams": "params", "RunSpec": "runtime", "SummarizeOptions": "summarize",
     "BatchResult": "summarize", "ConversionResult": "convert", "EvalResult": "evaluate",
-    "MemoryEstimate": "memory",
+    "MemoryEstimate": "memory", "KVStore": "kvcache",
     # errors: every one a LocalctxError whose message a user can act on
     "LocalctxError": "errors", "ModelFileError": "errors", "PresetError": "errors", "ResourceError": "errors",
     "ContextOverflowError": "errors", "ConversionError": "errors", "InputError": "errors",

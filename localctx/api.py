@@ -19,6 +19,7 @@ from .engine import Engine, Generation
 from .errors import InputError
 from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_depths, parse_lengths, run_passkey, run_ppl
 from .gguf_meta import ModelFacts
+from .kvcache import Entry, KVStore
 from .memory import MemoryEstimate, estimate
 from .generate import GenerateRequest, generate
 from .params import MAX_SEED, GpuLayers, RuntimeParams
@@ -31,7 +32,7 @@ ModelRef = str | os.PathLike[str] | None  # None: the default model; a GGUF path
 def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int | None = None,
                cache_type: str | None = None, flash_attn: bool | None = None, device: str = "auto",
                gpu_layers: GpuLayers = None, threads: int | None = None, force: bool = False,
-               verbose: bool = False, seed: int = 0) -> Engine:
+               verbose: bool = False, seed: int = 0, kv_cache: bool = True) -> Engine:
     """Load a model at a preset's context: resolved against its GGUF metadata, checked against the
     memory available (refused with what would fit, unless `force`), then loaded by llama.cpp.
 
@@ -43,9 +44,14 @@ def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int
 
         with localctx.open_model(preset="yarn-32k") as model:
             print(localctx.generate_text(model, "The capital of France is", max_tokens=8).text)
+
+    With `kv_cache` (the default), a long document given to `generate_text` or attached to a chat
+    is saved as a KV snapshot after it is evaluated, and restored by any later prompt that starts
+    with it under the same model and parameters (see `kv_snapshots`).
     """
     spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn,
-                   device=device, gpu_layers=gpu_layers, threads=threads, force=force, verbose=verbose)
+                   device=device, gpu_layers=gpu_layers, threads=threads, force=force, verbose=verbose,
+                   kv_cache=kv_cache)
     return open_engine(spec, seed=_seed(seed))
 
 
@@ -141,6 +147,18 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
     request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                        progress=progress or _quiet)
+
+
+def kv_snapshots() -> list[Entry]:
+    """The KV snapshots on disk, most recently used first (`.to_dict()`: size, model, preset,
+    tokens, last use). They live in the cache directory's `kv/` folder, bounded by
+    $LOCALCTX_KV_CACHE_MAX (default 4G), least recently used out first."""
+    return KVStore().entries()
+
+
+def clear_kv_snapshots() -> tuple[int, int]:
+    """Delete every KV snapshot; returns (files, bytes) removed."""
+    return KVStore().clear()
 
 
 def _seed(seed: int) -> int:

@@ -11,6 +11,8 @@ from .documents import read_text
 from .engine import Engine, Switch, Timings
 from .errors import InputError, LocalctxError
 from .fsutil import atomic_write
+from .generate import common_prefix
+from .kvcache import snapshot_notice
 
 HELP = """Commands:
   \"\"\"            start or end a multi-line message
@@ -102,6 +104,14 @@ class ChatSession:
         self.messages.append(Message("assistant", f"I have read {path.name}.", pinned=True))
         return len(self.engine.tokenize(text, add_bos=False))
 
+    def document_end(self, tokens: list[int]) -> int | None:
+        """How many leading `tokens` are the conversation up to its last attached document (and the
+        reply acknowledging it): what a KV snapshot can hold for the next chat about it."""
+        last = max((i for i, m in enumerate(self.messages) if m.pinned and m.role != "system"), default=None)
+        if last is None:
+            return None
+        return common_prefix(tokens, self.tokens_for(self.messages[: last + 1], generation_prompt=False))
+
     def reply(self, user_text: str, write: Callable[[str], None]) -> Timings:
         """Stream the answer to `user_text`; on Ctrl-C the partial answer is kept."""
         # Built before the message is added: a template that fails leaves the conversation as it was.
@@ -113,7 +123,7 @@ class ChatSession:
             self.notice(switch_notice(switch, len(tokens) + self.max_tokens, len(tokens)))
         self.messages.append(Message("user", user_text))
         gen = self.engine.generate(tokens, max_tokens=self.max_tokens, temperature=self.temperature,
-                                   seed=self.seed, stop=stop)
+                                   seed=self.seed, stop=stop, document_end=self.document_end(tokens))
         try:
             for chunk in gen:
                 write(chunk)
@@ -122,6 +132,9 @@ class ChatSession:
             gen.chunks.close()
             self.messages.append(Message("assistant", gen.text.strip()))
             self.stats.add(gen.timings)
+            kv = snapshot_notice(gen.timings)
+            if kv:
+                self.notice(kv)
             if switch is not None:
                 self.notice(f"[scaling] re-evaluated {gen.timings.prompt_tokens:,} tokens at the new scaling in "
                             f"{gen.timings.prompt_seconds:.1f} s (new context created in {switch.seconds:.2f} s; "

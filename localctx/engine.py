@@ -19,6 +19,7 @@ import numpy as np
 from .chat_template import TEMPLATE_COMPILE_ERRORS, ChatTemplate, Segment, uncompilable_template
 from .errors import ContextOverflowError, InputError, LocalctxError, ResourceError
 from .gguf_meta import ModelFacts
+from .kvcache import KVStore, SnapshotKey, model_identity, snapshot_threshold
 from .params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
 from .presets import Ladder
 
@@ -136,6 +137,12 @@ class Timings:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    # KV snapshots (part of prompt_seconds): tokens restored from one instead of evaluated, the
+    # tokens of the one saved, and the time finding, loading or saving took.
+    restored_tokens: int = 0
+    saved_tokens: int = 0
+    snapshot_seconds: float = 0.0
+    snapshot_bytes: int = 0
 
     @property
     def prompt_tps(self) -> float:
@@ -153,6 +160,10 @@ class Timings:
             "generated_tokens": self.generated_tokens,
             "generation_seconds": round(self.generation_seconds, 3),
             "generation_tokens_per_second": round(self.generation_tps, 1),
+            "restored_tokens": self.restored_tokens,
+            "saved_tokens": self.saved_tokens,
+            "snapshot_seconds": round(self.snapshot_seconds, 3),
+            "snapshot_bytes": self.snapshot_bytes,
         }
 
 
@@ -238,6 +249,9 @@ class Engine:
         self.overflow_hint: Callable[[int], str] | None = None
         # The llama_cpp.Llama keyword arguments it was loaded with (a raw baseline can reuse them).
         self.llama_arguments: dict[str, Any] = {}
+        # Where KV snapshots of long documents go (runtime sets it unless --no-kv-cache).
+        self.kv_store: KVStore | None = None
+        self._model_id: str | None = None
         self._template: ChatTemplate | None = None
 
     @classmethod
@@ -477,23 +491,121 @@ class Engine:
                 f"but preset {self.params.preset} gives {window} of {self.max_ctx:,}. Nothing was truncated.{hint}"
             )
 
+    # --- KV snapshots -------------------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        """Forget every evaluated token: the next request starts from an empty KV cache, as in a
+        new process (and so restores a snapshot where one matches)."""
+        self._llm.reset()
+        self._llm._ctx.kv_cache_clear()
+
+    def last_logits(self) -> np.ndarray:
+        """The next-token logits after the last evaluated token (after `generate(..., max_tokens=1)`:
+        the first answer token's distribution)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        if not ptr:
+            raise LocalctxError("No logits yet: nothing has been evaluated since the cache was reset.")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def snapshot_key(self) -> SnapshotKey:
+        """What a KV snapshot taken now is valid for: this model file, the parameters of the window
+        in use (with `auto`, the step), this llama.cpp build."""
+        if self._model_id is None:
+            self._model_id = model_identity(self.facts.path)
+        return SnapshotKey.of(self._model_id, self.params, llama_cpp.__version__)
+
+    def _held(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` the KV cache holds already (from this engine's last call)."""
+        m = min(self._llm.n_tokens, len(tokens))
+        if m == 0:
+            return 0
+        differ = np.flatnonzero(self._llm.input_ids[:m] != np.asarray(tokens[:m], dtype=np.intc))
+        return int(differ[0]) if differ.size else m
+
+    def _document_prefix(self, tokens: list[int], end: int, timings: Timings) -> None:
+        """Bring the document, `tokens[:end]`, into the KV cache: kept from this engine's last call,
+        restored from a snapshot, or evaluated (and saved as one); llama-cpp-python's prefix
+        matching then evaluates only the rest. A document below the threshold is left to that
+        matching alone.
+
+        The document is always evaluated alone and from the first token, and the rest after it,
+        with or without snapshots: llama.cpp's CPU flash-attention kernels give different logits
+        for different batch splits (up to 1.2 on the default model; benchmarks/RESULTS.md), so
+        this fixed split is what makes an answer after a restore equal a fresh one."""
+        store = self.kv_store
+        end = min(end, len(tokens) - 1)  # the last prompt token is evaluated with the rest, for its logits
+        if end < (store.threshold if store is not None else snapshot_threshold()):
+            return
+        if self._held(tokens) >= end:
+            return
+        key = self.snapshot_key() if store is not None else None
+        if store is not None and key is not None:
+            start = time.perf_counter()
+            found = store.find(key, tokens, above=end - 1, upto=end)
+            restored = found is not None and self._restore(found.payload, tokens[:end], str(found.path))
+            timings.snapshot_seconds += time.perf_counter() - start
+            if found is not None and restored:
+                timings.restored_tokens, timings.snapshot_bytes = end, len(found.payload)
+                return
+        self._llm.n_tokens = 0  # eval() drops anything cached past it first
+        self._llm.eval(tokens[:end])
+        if store is not None and key is not None:
+            start = time.perf_counter()
+            state = self._state()
+            if store.save(key, tokens[:end], state, self._snapshot_about()) is not None:
+                timings.saved_tokens, timings.snapshot_bytes = end, len(state)
+            timings.snapshot_seconds += time.perf_counter() - start
+
+    def _restore(self, payload: bytearray, tokens: Sequence[int], origin: str) -> bool:
+        ctx = self._llm._ctx
+        ctx.kv_cache_clear()
+        self._llm.n_tokens = 0
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+        read = llama_cpp.llama_state_seq_set_data(ctx.ctx, buf, len(payload), 0)
+        if read != len(payload):
+            ctx.kv_cache_clear()
+            if self.kv_store is not None:
+                self.kv_store.warn(f"llama.cpp did not accept KV snapshot {origin}; the document is evaluated again")
+            return False
+        n = len(tokens)
+        self._llm.input_ids[:n] = tokens
+        self._llm.n_tokens = n
+        self._llm._requires_eval = True  # no logits yet: the rest of the prompt is evaluated next
+        return True
+
+    def _state(self) -> memoryview:
+        """llama.cpp's state of sequence 0 (the KV cells in use and their positions)."""
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return memoryview(buf)[:written]
+
+    def _snapshot_about(self) -> dict[str, Any]:
+        p = self.params
+        return {"model": self.facts.path.name, "model_path": str(self.facts.path), "preset": p.preset,
+                "scaling": p.scaling, "n_ctx": p.n_ctx,
+                "kv_type": p.type_k if p.type_k == p.type_v else f"{p.type_k}/{p.type_v}"}
+
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0) -> Generation:
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, document_end: int | None = None) -> Generation:
         """Stream a completion of `tokens`. The KV cache is reused for any prefix shared with the
         previous call (llama-cpp-python's prefix matching), so a growing chat or a fixed
-        instruction prefix is evaluated once."""
+        instruction prefix is evaluated once. `document_end`: the prompt's tokens up to there are a
+        long document, restored from a KV snapshot when one matches, else evaluated and saved as one."""
         self.check_fits(len(tokens), max_tokens)
         self.use_window(len(tokens) + max_tokens)
         if seed is not None:
             self._llm.set_seed(seed)
         gen = Generation(iter(()))
         gen.chunks = self._stream(list(tokens), gen, max_tokens=max_tokens, temp=temperature, stop=list(stop),
-                                  top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+                                  top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                  document_end=document_end)
         return gen
 
     def _stream(self, tokens: list[int], gen: Generation, *, max_tokens: int, stop: list[str],
-                **sampling: Any) -> Iterator[str]:
+                document_end: int | None = None, **sampling: Any) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         timings = gen.timings
         timings.prompt_tokens = len(tokens)
@@ -502,6 +614,8 @@ class Engine:
         held = ""  # text withheld while it could be the start of a stop string
         stopped = False
         gen.finish_reason = "length"
+        if document_end is not None:
+            self._document_prefix(tokens, document_end, timings)
         generator = self._llm.generate(tokens, **sampling)
         try:
             for token in generator:

@@ -54,11 +54,18 @@ _HOW = [  # how to run, whatever the preset: KV cache, attention, device, thread
 _HOW_FIELDS = ("cache_type", "flash_attn", "device", "gpu_layers", "threads", "force", "verbose")
 
 
-def run_options(preset: bool = True, ctx: bool = True) -> Callable[[F], F]:
+_KV_CACHE = click.option("--no-kv-cache", "kv_cache", flag_value=False, default=True,
+                         help="Neither restore nor save KV snapshots of long documents (see `localctx cache`).")
+
+
+def run_options(preset: bool = True, ctx: bool = True, kv_cache: bool = False) -> Callable[[F], F]:
     """--model, --preset, --ctx and the run options, gathered into one `spec: RunSpec` argument.
-    Commands that take several presets (eval) or give --ctx another meaning leave those out."""
-    options = [model_option] + ([_PRESET] if preset else []) + ([ctx_option] if ctx else []) + _HOW
-    fields = ("model",) + (("preset",) if preset else ()) + (("ctx",) if ctx else ()) + _HOW_FIELDS
+    Commands that take several presets (eval) or give --ctx another meaning leave those out;
+    commands that read long documents add --no-kv-cache."""
+    options = ([model_option] + ([_PRESET] if preset else []) + ([ctx_option] if ctx else []) + _HOW
+               + ([_KV_CACHE] if kv_cache else []))
+    fields = (("model",) + (("preset",) if preset else ()) + (("ctx",) if ctx else ()) + _HOW_FIELDS
+              + (("kv_cache",) if kv_cache else ()))
 
     def decorate(f: F) -> F:
         def wrapper(**kwargs: Any) -> Any:

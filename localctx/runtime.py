@@ -39,6 +39,7 @@ class RunSpec:
     threads: int | None = None  # None: every core this process may use
     force: bool = False  # load even when the memory estimate exceeds what is available
     verbose: bool = False  # llama.cpp's own log on stderr
+    kv_cache: bool = True  # save and restore KV snapshots of long documents (see kvcache)
 
     def __post_init__(self) -> None:
         # Every number here reaches a C integer in llama.cpp, which would wrap an out-of-range value.
@@ -111,14 +112,19 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0) -> Engine:
     """Resolve (unless already resolved), choose the offload, check memory for the largest
     window, load at the smallest (an adaptive engine grows its window per request)."""
     from .engine import Engine, offload_layers
+    from .kvcache import KVStore
 
     resolved = target if isinstance(target, Resolved) else resolve_spec(target)
     spec, facts = resolved.spec, resolved.facts
+    store = KVStore() if spec.kv_cache else None
+    if store is not None:
+        store.check()  # a malformed LOCALCTX_KV_CACHE_* is an error now, not mid-answer
     gpu_layers = offload_layers(spec.device, spec.gpu_layers)
     ladder = planned_ladder(resolved, gpu_layers)
     engine = Engine.load(facts, ladder.bottom, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose,
                          seed=seed)
     engine.ladder = ladder
+    engine.kv_store = store
     engine.overflow_hint = lambda needed: suggest_preset(facts, needed)
     return engine
 

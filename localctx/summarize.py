@@ -451,7 +451,7 @@ class Summarizer:
         calls: list[dict[str, Any]] = []
         if plan.strategy == "stuff":
             self._check_stuff(plan)
-            summary = self._call("map", self.map_frame, plan.chunks[0], calls, doc_tokens=plan.tokens)
+            summary = self._call("map", self.map_frame, plan.chunks[0], calls, doc_tokens=plan.tokens, whole=True)
         else:
             summary = self._map_reduce(plan, calls)
         if not summary.strip():
@@ -484,7 +484,10 @@ class Summarizer:
     def _group(self, parts: list[str]) -> list[list[str]]:
         return group_parts(parts, self.engine.count, self.reduce_room)
 
-    def _call(self, role: str, frame: Frame, body: str, calls: list[dict[str, Any]], doc_tokens: int = 0) -> str:
+    def _call(self, role: str, frame: Frame, body: str, calls: list[dict[str, Any]], doc_tokens: int = 0,
+              whole: bool = False) -> str:
+        """One model call (or its stored result). `whole`: the body is the whole document, read in
+        one pass, whose KV state is worth a snapshot (its instruction and text come before the tail)."""
         key = call_key(self.fp, role, body)
         hit = self.store.get_call(key)
         if hit is not None:
@@ -495,9 +498,11 @@ class Summarizer:
         start = time.perf_counter()
         gen = self.engine.complete(tokens, max_tokens=self.options.max_summary_tokens,
                                    temperature=self.options.temperature, seed=self.options.seed,
-                                   stop=frame.stop, repeat_penalty=self.options.repeat_penalty)
+                                   stop=frame.stop, repeat_penalty=self.options.repeat_penalty,
+                                   document_end=len(tokens) - len(frame.tail) if whole else None)
         info = {"role": role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
                 "seconds": round(time.perf_counter() - start, 3), "window": self.engine.n_ctx,  # the one this call ran at
+                "restored_tokens": gen.timings.restored_tokens,
                 "summary": gen.text.strip()}
         self.store.put_call(key, info)
         calls.append({**info, "cached": False})

@@ -51,7 +51,8 @@ def _call_line(info: dict[str, Any], index: int, chunks: int) -> str:
         return f"  {what}: already done"
     tokens = info["prompt_tokens"] + info["generated_tokens"]
     rate = tokens / info["seconds"] if info["seconds"] else 0.0
-    return (f"  {what}: {info['prompt_tokens']:,} prompt + {info['generated_tokens']:,} generated tokens "
+    restored = f", {info['restored_tokens']:,} of them from a KV snapshot" if info.get("restored_tokens") else ""
+    return (f"  {what}: {info['prompt_tokens']:,} prompt{restored} + {info['generated_tokens']:,} generated tokens "
             f"in {info['seconds']:.1f}s ({rate:,.0f} tok/s)")
 
 

@@ -5,7 +5,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from . import chat, convert, core, evaluate, summarize
+    from . import cache, chat, convert, core, evaluate, summarize
 
-    for module in (core, chat, convert, summarize, evaluate):
+    for module in (core, chat, convert, summarize, evaluate, cache):
         module.register(group)

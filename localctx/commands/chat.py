@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 import click
@@ -62,19 +63,24 @@ def _redecode(line: str) -> str:
 
 @click.command()
 @click.option("-s", "--system", help="System prompt.")
+@click.option("-f", "--file", "files", multiple=True, type=click.Path(path_type=Path),
+              help="Attach a document before the first message, as /read does (repeatable).")
 @click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Answer budget per turn.")
 @click.option("-t", "--temperature", type=click.FloatRange(0), default=0.7, show_default=True)
 @seed_option
-@run_options()
-def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float, seed: int) -> None:
+@run_options(kv_cache=True)
+def chat(spec: RunSpec, system: str | None, files: tuple[Path, ...], max_tokens: int, temperature: float,
+         seed: int) -> None:
     """Chat with a model in its own chat template, at a context extended by a preset.
 
     Type /help inside for commands (/read FILE, /stats, /save, /load, /clear, /exit).
-    Piped input works too: each line is one message.
+    Piped input works too: each line is one message. A long attached document is saved as a KV
+    snapshot, so a new chat about it starts in seconds (see `localctx cache`).
 
     \b
     Examples:
       localctx chat --preset yarn-32k
+      localctx chat --preset auto --file report.txt
       printf 'hi\\n' | localctx chat
     """
     from ..chat import ChatSession, Console, Message, run_repl
@@ -90,6 +96,9 @@ def chat(spec: RunSpec, system: str | None, max_tokens: int, temperature: float,
         session = ChatSession(engine, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         # A chat template that cannot render fails here, with a clean error, before the first prompt.
         session.tokens_for(session.messages + [Message("user", "Hello.")])
+        for path in files:
+            n = session.attach(path)
+            click.echo(f"Attached {path} ({n:,} tokens).", err=True)
         run_repl(session, Console(_reader(interactive), sys.stdout, sys.stderr, interactive))
 
 

@@ -215,14 +215,15 @@ def doctor(as_json: bool) -> None:
 @seed_option
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="System prompt (with --chat).")
-@run_options()
+@run_options(kv_cache=True)
 @json_option
 def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_tokens: int, temperature: float,
              seed: int, chat: bool, system: str | None, as_json: bool) -> None:
     """Complete PROMPT (or stdin) in one shot, streaming to stdout.
 
     Fails with the token counts, and a preset that would fit, when the prompt exceeds the window;
-    nothing is ever truncated.
+    nothing is ever truncated. A --file document of 2,048 tokens or more is kept as a KV snapshot
+    after it is evaluated, so the next question about it skips it (see `localctx cache`).
 
     \b
     Examples:
@@ -230,6 +231,7 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
       localctx generate --preset yarn-32k --file book.txt "Who is the narrator?" --chat
     """
     from ..generate import GenerateRequest, generate as run, generation_report
+    from ..kvcache import snapshot_notice
     from ..runtime import open_engine
 
     if prompt is None:
@@ -246,6 +248,9 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
             echo_json(generation_report(engine, gen))
         else:
             click.echo()
+        kv = snapshot_notice(gen.timings)
+        if kv:
+            click.echo(kv, err=True)
         if engine.ladder.adaptive:  # which step the request ran at (in --json: its params)
             click.echo(f"[auto] {gen.timings.prompt_tokens:,} prompt tokens + {max_tokens:,} answer budget: "
                        f"{engine.params.scaling}, window {engine.n_ctx:,}", err=True)

@@ -32,7 +32,7 @@ from ..summary_store import dumps
               help="Read the instruction from a file.")
 @click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
-@run_options()
+@run_options(kv_cache=True)
 @json_option
 def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy: str, chunk_tokens: int | None,
               overlap: int, max_summary_tokens: int, style: str, prompt: str | None, prompt_file: Path | None,
