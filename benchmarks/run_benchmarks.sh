@@ -57,6 +57,8 @@ step quality $LC eval passkey --presets $P4R --lengths 32k --depths 0.5
 step quality $LC eval ppl --presets yarn-16k,auto --lengths 2k,4k,8k,16k,32k --end $END
 step quality $LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --depths 0,0.5,1
 step speed $PY benchmarks/bench_auto.py switch planner --json "$OUT/auto.json"
+# Issue 13: KV snapshots (a 12K-token document asked twice, chat, sizes, batch-split logits).
+step speed $PY benchmarks/bench_kvcache.py --json "$OUT/kvcache.json"
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).

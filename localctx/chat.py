@@ -201,7 +201,8 @@ class ChatSession:
                  f"preset {self.engine.params.preset}, {len(self.messages)} messages",
                  f"scaling: {self.scaling()}"]
         if s.last:
-            lines.append(f"last turn: prompt {s.last.prompt_tokens:,} tok at {s.last.prompt_tps:.1f} tok/s, "
+            restored = f" ({s.last.restored_tokens:,} restored from a KV snapshot)" if s.last.restored_tokens else ""
+            lines.append(f"last turn: prompt {s.last.prompt_tokens:,} tok{restored} at {s.last.prompt_tps:.1f} tok/s, "
                          f"generated {s.last.generated_tokens:,} tok at {s.last.generation_tps:.1f} tok/s")
             pt = s.prompt_tokens / s.prompt_seconds if s.prompt_seconds else 0
             gt = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0

@@ -7,8 +7,10 @@ changes what the cache holds (RoPE type, base and scale, the YaRN values, which 
 step in use enters; K and V cache types; flash attention), the llama.cpp build that wrote it, and
 the exact token prefix, stored in the file and compared token by token. Anything else is a miss.
 
-A file is `MAGIC`, a JSON header (format, key, token count, payload size and checksum, and what
-`localctx cache list` shows), the tokens, then llama.cpp's sequence state. It is written to a temp
+A file is `MAGIC`, a JSON header (format, key, token count, payload size and CRC-32, and what
+`localctx cache list` shows), the tokens, then llama.cpp's sequence state. The checksum is there
+for corruption (a torn or bit-flipped file), not tampering: CRC-32 runs at several GB/s, so a
+restore is bounded by reading the file, where SHA-256 (1 GB/s here) took most of the time. It is written to a temp
 file and renamed into place, so a reader, or a second process saving the same document, sees a
 whole file or none. A file that does not match in every respect is ignored with one warning and
 recomputed: it never reaches llama.cpp unchecked. The directory is kept under `LOCALCTX_KV_CACHE_MAX`,
@@ -24,13 +26,15 @@ import struct
 import sys
 import tempfile
 import time
+import zlib
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import LocalctxError
+from .errors import LocalctxError, ResourceError
+from .memory import human, parse_size
 from .params import RuntimeParams
 from .paths import cache_dir
 
@@ -107,42 +111,31 @@ def prefix_hash(scope: str, tokens: Sequence[int]) -> str:
     return hashlib.sha256(scope.encode() + _token_bytes(tokens)).hexdigest()[:32]
 
 
-# --- Sizes ---------------------------------------------------------------------------------------
+# --- Settings ----------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """'4G', '512MiB', '1.5g', '1000000' (bytes) -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(text)
-    unit = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * 1024**unit)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _env_int(name: str, default: int, parse: Callable[[str], int], example: str) -> int:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
+def size_limit() -> int:
+    """$LOCALCTX_KV_CACHE_MAX in bytes (4G, 500M, ...; 0 keeps no snapshots), default 4 GiB."""
+    raw = os.environ.get(MAX_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    if raw == "0":
+        return 0
     try:
-        value = parse(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise LocalctxError(f"{name}={raw!r} is not a valid value: use a size such as {example}.")
-    return value
+        return parse_size(raw)
+    except ResourceError:
+        raise LocalctxError(f"{MAX_ENV}={raw!r} is not a size: use a number with an optional unit, such as "
+                            "4G or 500M (0 keeps no snapshots).") from None
 
 
 def snapshot_threshold() -> int:
-    """The shortest document (in tokens) worth a snapshot: $LOCALCTX_KV_CACHE_MIN_TOKENS, default 2048."""
-    return _env_int(MIN_ENV, DEFAULT_MIN_TOKENS, int, "2048 (tokens)")
+    """$LOCALCTX_KV_CACHE_MIN_TOKENS: the shortest document (in tokens) worth a snapshot, default 2048."""
+    raw = os.environ.get(MIN_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MIN_TOKENS
+    if not raw.isdigit():
+        raise LocalctxError(f"{MIN_ENV}={raw!r} is not a number of tokens, such as 2048.")
+    return int(raw)
 
 
 # --- Files ---------------------------------------------------------------------------------------
@@ -220,9 +213,7 @@ class KVStore:
 
     @property
     def limit(self) -> int:
-        if self.max_bytes is not None:
-            return self.max_bytes
-        return _env_int(MAX_ENV, DEFAULT_MAX_BYTES, parse_size, "4G or 500M (0 keeps none)")
+        return self.max_bytes if self.max_bytes is not None else size_limit()
 
     @property
     def threshold(self) -> int:
@@ -280,7 +271,7 @@ class KVStore:
             payload = bytearray(header["payload_bytes"])
             if f.readinto(payload) != len(payload) or f.read(1):
                 raise SnapshotFileError("truncated, or longer than its header says")
-        if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        if zlib.crc32(payload) != header.get("payload_crc32"):
             raise SnapshotFileError("checksum mismatch: the file is corrupt")
         return payload
 
@@ -301,7 +292,7 @@ class KVStore:
         directory = self.root / scope
         path = directory / f"{len(tokens)}-{prefix_hash(scope, tokens)}{SUFFIX}"
         header = {"format": FORMAT, "key": key.to_dict(), "tokens": len(tokens), "payload_bytes": size,
-                  "payload_sha256": hashlib.sha256(payload).hexdigest(), "created": time.time(), **about}
+                  "payload_crc32": zlib.crc32(payload), "created": time.time(), **about}
         head = json.dumps(header).encode()
         tmp: str | None = None
         try:

@@ -23,7 +23,8 @@ from conftest import REPO, SHORT_TRAINED, assert_clean_error
 from localctx import generate_text, start_chat
 from localctx.engine import Engine
 from localctx.generate import GenerateRequest, build_prompt
-from localctx.kvcache import MIN_ENV, KVStore, SnapshotKey, model_identity, parse_size
+from localctx.errors import LocalctxError
+from localctx.kvcache import MAX_ENV, MIN_ENV, KVStore, SnapshotKey, model_identity, size_limit, snapshot_threshold
 from localctx.params import RuntimeParams
 from localctx.runtime import RunSpec, open_engine
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
@@ -235,8 +236,15 @@ def test_a_malformed_size_limit_is_a_clean_error(value: str, cli, doc: Path) -> 
     assert_clean_error(result, "LOCALCTX_KV_CACHE_MAX")
 
 
-def test_sizes() -> None:
-    assert parse_size("4G") == 4 * 2**30 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
+def test_size_limit_and_threshold_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MAX_ENV, raising=False)
+    assert size_limit() == 4 * 2**30
+    for value, expected in (("512MiB", 512 * 2**20), ("1.5g", int(1.5 * 2**30)), ("0", 0)):
+        monkeypatch.setenv(MAX_ENV, value)
+        assert size_limit() == expected
+    monkeypatch.setenv(MIN_ENV, "many")
+    with pytest.raises(LocalctxError, match=MIN_ENV):
+        snapshot_threshold()
 
 
 def test_an_unwritable_cache_directory_means_no_snapshot_and_the_answer(native_engine: Engine, doc: Path,
@@ -361,11 +369,12 @@ def test_chat_read_in_a_new_session_restores_the_document(native_engine: Engine,
     assert answers[0] == answers[1]
 
 
-def test_chat_file_option_attaches_and_restores_across_processes(cli, doc: Path) -> None:
-    runs = [cli("chat", "--file", str(doc), "-t", "0", "--max-tokens", "8", input=f"{Q1}\n") for _ in range(2)]
-    assert [r.returncode for r in runs] == [0, 0]
-    assert "Attached" in runs[0].stderr and "[kv] saved" in runs[0].stderr, runs[0].stderr
-    assert "[kv] restored" in runs[1].stderr and runs[1].stdout == runs[0].stdout
+def test_chat_file_and_read_share_the_snapshot_across_sessions(cli, doc: Path) -> None:
+    first = cli("chat", "--file", str(doc), "-t", "0", "--max-tokens", "8", input=f"{Q1}\n")
+    second = cli("chat", "-t", "0", "--max-tokens", "8", input=f"/read {doc}\n{Q1}\n")
+    assert first.returncode == second.returncode == 0
+    assert "Attached" in first.stderr and "[kv] saved" in first.stderr, first.stderr
+    assert "[kv] restored" in second.stderr and second.stdout == first.stdout, second.stderr
 
 
 def test_summarize_one_pass_restores_the_document(doc: Path, isolated_home: Path) -> None:
