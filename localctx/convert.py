@@ -202,6 +202,12 @@ def plan_conversion(source: str | os.PathLike[str], preset: str, ctx: int | None
     header = read_header(resolve_model_path(source))
     facts = facts_from_header(header)
     params = resolve(load_preset(preset), facts, ctx=ctx)
+    if params.self_extend:
+        raise ConversionError(
+            f"Preset {params.preset!r} is Self-Extend, a procedure localctx's engine runs while it evaluates (it "
+            "moves older tokens to grouped positions in the KV cache), not metadata a GGUF can carry. Run the "
+            f"model with --preset {preset} instead; nothing was written."
+        )
     _check_yarn_overrides(params)
     orig = original_of(header, facts)
     arch = facts.architecture

@@ -253,6 +253,10 @@ class Engine:
         self.kv_store: KVStore | None = None
         self._model_id: str | None = None
         self._template: ChatTemplate | None = None
+        self._grouped = 0  # Self-Extend: how many leading tokens sit at grouped positions
+        # Every evaluation of a prompt or a generated token goes through _decode (positions, and
+        # Self-Extend's grouping), including llama-cpp-python's generate loop.
+        llm.eval = self._eval  # type: ignore[method-assign]
 
     @classmethod
     def load(cls, facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
@@ -274,6 +278,13 @@ class Engine:
             ) from None
         engine = cls(llm, facts, params, gpu_layers)
         engine.llama_arguments = arguments
+        if params.self_extend and not llama_cpp.llama_memory_can_shift(llm._ctx.memory):
+            engine.close()
+            raise LocalctxError(
+                f"Self-Extend moves positions inside the KV cache, and llama.cpp cannot shift this one "
+                f"({facts.architecture}: a recurrent or hybrid memory, or positions it cannot re-rotate). "
+                "Use a YaRN preset instead."
+            )
         return engine
 
     def close(self) -> None:
@@ -341,6 +352,7 @@ class Engine:
         llm.n_tokens = 0
         llm._requires_eval = True
         llm._sampler = None
+        self._grouped = 0
         self.params, self.n_ctx, self.llama_arguments = params, llm.n_ctx(), arguments
 
     def __enter__(self) -> Engine:
@@ -498,6 +510,7 @@ class Engine:
         new process (and so restores a snapshot where one matches)."""
         self._llm.reset()
         self._llm._ctx.kv_cache_clear()
+        self._grouped = 0
 
     def last_logits(self) -> np.ndarray:
         """The next-token logits after the last evaluated token (after `generate(..., max_tokens=1)`:
@@ -513,6 +526,15 @@ class Engine:
         if self._model_id is None:
             self._model_id = model_identity(self.facts.path)
         return SnapshotKey.of(self._model_id, self.params, llama_cpp.__version__)
+
+    def _snapshot_key_or_none(self) -> SnapshotKey | None:
+        try:
+            return self.snapshot_key()
+        except OSError as exc:  # the model file went away or became unreadable after loading
+            if self.kv_store is not None:
+                self.kv_store.warn(f"cannot fingerprint {self.facts.path} ({exc.strerror or exc}): no KV snapshot "
+                                   "used or saved")
+            return None
 
     def _held(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the KV cache holds already (from this engine's last call)."""
@@ -534,11 +556,13 @@ class Engine:
         this fixed split is what makes an answer after a restore equal a fresh one."""
         store = self.kv_store
         end = min(end, len(tokens) - 1)  # the last prompt token is evaluated with the rest, for its logits
+        if self.params.self_extend:
+            return  # its cache holds grouped positions: not a state a snapshot key describes (yet)
         if end < (store.threshold if store is not None else snapshot_threshold()):
             return
         if self._held(tokens) >= end:
             return
-        key = self.snapshot_key() if store is not None else None
+        key = self._snapshot_key_or_none() if store is not None else None
         if store is not None and key is not None:
             start = time.perf_counter()
             found = store.find(key, tokens, above=end - 1, upto=end)
@@ -547,8 +571,8 @@ class Engine:
             if found is not None and restored:
                 timings.restored_tokens, timings.snapshot_bytes = end, len(found.payload)
                 return
-        self._llm.n_tokens = 0  # eval() drops anything cached past it first
-        self._llm.eval(tokens[:end])
+        self._llm.n_tokens = 0  # _eval drops anything cached past it first
+        self._eval(tokens[:end])
         if store is not None and key is not None:
             start = time.perf_counter()
             state = self._state()
@@ -616,7 +640,12 @@ class Engine:
         gen.finish_reason = "length"
         if document_end is not None:
             self._document_prefix(tokens, document_end, timings)
-        generator = self._llm.generate(tokens, **sampling)
+        # The prefix already in the KV cache is kept (at least the last token is evaluated again, for
+        # its logits); llama-cpp-python's own matching is bypassed: it cuts the cache at a position
+        # equal to the token count, which Self-Extend's grouped positions are not.
+        cached = min(self._held(tokens), len(tokens) - 1)
+        self._llm.n_tokens = cached
+        generator = self._llm.generate(tokens[cached:], reset=False, **sampling)
         try:
             for token in generator:
                 if first is None:
@@ -669,32 +698,117 @@ class Engine:
             raise ValueError("positions must index into tokens")
         index = {p: i for i, p in enumerate(wanted)}
         out = np.empty((len(wanted), self.n_vocab), dtype=np.float32)
-        ctx = self._llm._ctx
-        ctx.kv_cache_clear()
-        self._llm.reset()
-        batch = self._llm._batch.batch
-        step = self.params.n_batch
-        for start in range(0, n, step):
-            chunk = tokens[start : start + step]
+        self.reset_cache()
+
+        def keep(at: int, row: int) -> None:
+            out[index[at]] = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(row), shape=(self.n_vocab,))
+
+        self._decode(list(tokens), 0, index.__contains__, keep)
+        # The evaluated tokens stay, and llama-cpp-python knows they are there, so a generation over
+        # the same prompt (score it, then answer it) evaluates only its last token again.
+        self._llm._requires_eval = True  # the sampler's logits are not this decode's
+        return out[[index[p] for p in positions]] if list(positions) != wanted else out
+
+    # --- the one decode path ----------------------------------------------------------------
+
+    def _eval(self, tokens: Sequence[int]) -> None:
+        """llama-cpp-python's `Llama.eval`, replaced: evaluate `tokens` after the first `n_tokens`
+        already cached (dropping anything cached past them), logits for the last one."""
+        llm = self._llm
+        n = llm.n_tokens
+        tokens = list(tokens)
+        if 0 < n < self._grouped:
+            # The cut falls among grouped positions, which several tokens share: start over.
+            tokens, n = [int(t) for t in llm.input_ids[:n]] + tokens, 0
+        if n == 0:
+            llm._ctx.kv_cache_clear()
+            self._grouped = 0
+        else:
+            llama_cpp.llama_memory_seq_rm(llm._ctx.memory, 0, self._position(n), -1)
+        last = n + len(tokens) - 1
+        self._decode(tokens, n, lambda i: i == last, lambda i, row: None)
+        llm._requires_eval = False
+
+    def _decode(self, tokens: list[int], start: int, wanted: Callable[[int], bool],
+                take: Callable[[int, int], None]) -> None:
+        """Evaluate `tokens` as the sequence's tokens `start`, `start` + 1, ..., in batches; `take(i,
+        row)` for each wanted index once its batch is decoded. Positions are the token indices,
+        except under Self-Extend (`_position`), which regroups older positions before each batch."""
+        llm = self._llm
+        batch = llm._batch.batch
+        step = self._batch_size()
+        for offset in range(0, len(tokens), step):
+            chunk = tokens[offset : offset + step]
+            first = start + offset
+            if self.params.self_extend:
+                self._group_before(first, len(chunk))
             batch.n_tokens = len(chunk)
             for j, tok in enumerate(chunk):
                 batch.token[j] = tok
-                batch.pos[j] = start + j
+                batch.pos[j] = self._position(first + j)
                 batch.n_seq_id[j] = 1
                 batch.seq_id[j][0] = 0
-                batch.logits[j] = (start + j) in index
-            ctx.decode(self._llm._batch)
+                batch.logits[j] = wanted(first + j)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[first : first + len(chunk)] = chunk
+            llm.n_tokens = first + len(chunk)
             for j in range(len(chunk)):
-                k = index.get(start + j)
-                if k is not None:
-                    ptr = ctx.get_logits_ith(j)
-                    out[k] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        # Keep the evaluated tokens and tell llama-cpp-python they are there, so a generation over
-        # the same prompt (score it, then answer it) evaluates only its last token again.
-        self._llm.input_ids[:n] = tokens
-        self._llm.n_tokens = n
-        self._llm._requires_eval = True  # the sampler's logits are not this decode's
-        return out[[index[p] for p in positions]] if list(positions) != wanted else out
+                if wanted(first + j):
+                    take(first + j, j)
+
+    def _batch_size(self) -> int:
+        p = self.params
+        # Self-Extend: grouping can keep a batch below the trained context only if the batch is at
+        # most the neighbour window; up to it, the same batches as without (the same logits).
+        return max(1, min(p.n_batch, p.neighbor_window)) if p.self_extend else p.n_batch
+
+    # --- Self-Extend ---------------------------------------------------------------------------
+
+    def _position(self, index: int) -> int:
+        """The position the token at `index` sits at: its index, except under Self-Extend, where the
+        first `_grouped` tokens share positions G to one and the rest follow them one by one."""
+        c = self._grouped
+        if index < c:
+            return index // self.params.group_size
+        return c // self.params.group_size + (index - c) if c else index
+
+    def _group_before(self, n: int, b: int) -> None:
+        """Before evaluating tokens [n, n + b): move the oldest tokens out of the exact region (into
+        grouped positions) until no position of the batch reaches the trained context. Positions
+        are edited in the KV cache (llama.cpp re-rotates the keys at the next decode): every grouped
+        token ends at index // G, the rest one apart after the last group.
+
+        Only llama_memory_seq_add is used, one token at a time for the grouped ones:
+        llama_memory_seq_div records the opposite of the shift it makes, so its keys are re-rotated
+        the wrong way (measured: a key divided from position 100 to 50 gives logits off by 13, a key
+        added from 100 to 50 by 0.8, the same as no edit at all; tests/test_self_extend.py)."""
+        g, trained = self.params.group_size, self.params.trained_ctx
+        # Lazily: nothing is grouped while the sequence fits the trained context, and then only as
+        # many of the oldest tokens as keep the batch's last position below it, c/g + (n + b - c) <=
+        # trained. The exact region shrinks as the input grows, to the neighbour window at the
+        # preset's reach ((trained - window) x g + window).
+        need = -(-(n + b - trained) * g // (g - 1))
+        c_old = self._grouped
+        if need <= c_old:
+            return
+        c_new = min(-(-need // g) * g, n - n % g)  # whole groups, of tokens already evaluated
+        if c_new <= c_old:
+            return
+        mem = self._llm._ctx.memory
+        p0, moved, tail = c_old // g, c_new - c_old, n - c_new
+        # Token c_old + k sits at p0 + k and goes to p0 + k // g. In increasing k, no token already
+        # moved sits at a position still to be addressed, so each edit touches exactly one cell.
+        for k in range(moved):
+            if k // g != k:
+                llama_cpp.llama_memory_seq_add(mem, 0, p0 + k, p0 + k + 1, k // g - k)
+        if tail:
+            llama_cpp.llama_memory_seq_add(mem, 0, p0 + moved, p0 + moved + tail, moved // g - moved)
+        self._grouped = c_new
+
+    def max_position(self) -> int:
+        """The largest position in the KV cache (-1 when empty): under Self-Extend it stays below
+        the trained context however long the prompt."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._llm._ctx.memory, 0))
 
 
 def _split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -268,9 +268,12 @@ class KVStore:
             expected = _token_bytes(tokens)
             if f.read(len(expected)) != expected:
                 raise SnapshotFileError("its tokens differ from the prompt's")
-            payload = bytearray(header["payload_bytes"])
-            if f.readinto(payload) != len(payload) or f.read(1):
+            # Checked against the file before anything is allocated: a foreign header may claim anything.
+            if os.fstat(f.fileno()).st_size - f.tell() != header["payload_bytes"]:
                 raise SnapshotFileError("truncated, or longer than its header says")
+            payload = bytearray(header["payload_bytes"])
+            if f.readinto(payload) != len(payload):
+                raise SnapshotFileError("truncated while it was read")
         if zlib.crc32(payload) != header.get("payload_crc32"):
             raise SnapshotFileError("checksum mismatch: the file is corrupt")
         return payload

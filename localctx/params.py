@@ -55,6 +55,14 @@ class RuntimeParams:
     n_batch: int = 512
     n_ubatch: int = 512
     notes: tuple[str, ...] = ()
+    # Self-Extend (method "self-extend"): keys further back than the neighbour window sit at
+    # grouped positions (index // group). 1 and 0: off.
+    group_size: int = 1
+    neighbor_window: int = 0
+
+    @property
+    def self_extend(self) -> bool:
+        return self.group_size > 1
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,7 +71,9 @@ class RuntimeParams:
 
     @property
     def scaling(self) -> str:
-        """The scaling in words: 'unscaled' or 'yarn s=2'."""
+        """The scaling in words: 'unscaled', 'yarn s=2' or 'self-extend G=6 W=2048'."""
+        if self.self_extend:
+            return f"self-extend G={self.group_size} W={self.neighbor_window}"
         return "unscaled" if self.scale == 1.0 else f"{self.method} s={self.scale:g}"
 
     def with_ctx_settings(self, **changes: Any) -> RuntimeParams:
@@ -91,6 +101,8 @@ class RuntimeParams:
         if self.type_v != "f16":
             flags += ["--cache-type-v", self.type_v]
         flags += ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        if self.self_extend:  # llama-cli / llama-completion only: llama-server dropped them (#9860)
+            flags += ["--grp-attn-n", str(self.group_size), "--grp-attn-w", str(self.neighbor_window)]
         return flags
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-METHODS = ("none", "extrapolate", "linear", "ntk", "yarn", "auto")
+METHODS = ("none", "extrapolate", "linear", "ntk", "yarn", "auto", "self-extend")
 ROPE_METHODS = ("linear", "ntk", "yarn")
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
@@ -65,6 +65,21 @@ class AutoSettings:
 
 
 @dataclass(frozen=True)
+class SelfExtendSettings:
+    """Self-Extend (Jin et al., 2024): a neighbour window of exact positions; further back,
+    positions grouped G to one, so no attention sees a distance past the trained context."""
+
+    group: int = 1
+    window: int = 0
+
+
+def self_extend_reach(trained: int, group: int, window: int) -> int:
+    """The most tokens (prompt and answer) Self-Extend holds below the trained context's positions:
+    (trained - window) x group + window, less group - 1 for the grouping's rounding."""
+    return (trained - window) * group + window - (group - 1)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     method: str
@@ -74,6 +89,7 @@ class Preset:
     yarn: YarnOverrides = field(default_factory=YarnOverrides)
     source: str = "built-in"
     auto: AutoSettings = field(default_factory=AutoSettings)
+    self_extend: SelfExtendSettings = field(default_factory=SelfExtendSettings)
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,7 @@ def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
 
 # --- Loading ---------------------------------------------------------------------------------
 
-_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn", "auto"}
+_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn", "auto", "self_extend"}
 
 
 def _check_type(value: Any, expected: type | tuple[type, ...], where: str) -> Any:
@@ -162,7 +178,7 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
         _check_type(target, int, f"{where}: target_ctx")
         if not 256 <= target <= 4 * 1024 * 1024:
             raise PresetError(f"{where}: target_ctx must be between 256 and 4194304, not {target}")
-    if method in ("extrapolate", *ROPE_METHODS) and target is None:
+    if method in ("extrapolate", "self-extend", *ROPE_METHODS) and target is None:
         raise PresetError(f"{where}: method {method!r} needs field 'target_ctx'")
     context = _section(data, "context", ContextSettings,
                        {"flash_attn": bool, "type_k": str, "type_v": str, "n_batch": int, "n_ubatch": int}, where)
@@ -182,8 +198,24 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
         if value is not None and not (math.isfinite(value) and value >= 0):  # TOML allows nan and inf
             raise PresetError(f"{where}: yarn.{attr} must be a finite number of at least 0, not {value!r}")
     auto = _auto_settings(data, method, where)
+    self_extend = _self_extend_settings(data, method, where)
     description = _check_type(data.get("description", ""), str, f"{where}: description")
-    return Preset(name, method, target, description, context, yarn, source, auto)
+    return Preset(name, method, target, description, context, yarn, source, auto, self_extend)
+
+
+def _self_extend_settings(data: dict[str, Any], method: str, where: str) -> SelfExtendSettings:
+    if data.get("self_extend") is None:
+        if method == "self-extend":
+            raise PresetError(f"{where}: method 'self-extend' needs a [self_extend] table with group and window")
+        return SelfExtendSettings()
+    if method != "self-extend":
+        raise PresetError(f"{where}: [self_extend] applies to method = 'self-extend' only, not {method!r}")
+    settings = _section(data, "self_extend", SelfExtendSettings, {"group": int, "window": int}, where)
+    if not 2 <= settings.group <= 1024:
+        raise PresetError(f"{where}: self_extend.group must be a whole number from 2 to 1024, not {settings.group}")
+    if settings.window < 1:
+        raise PresetError(f"{where}: self_extend.window must be at least 1 token, not {settings.window}")
+    return settings
 
 
 def _auto_settings(data: dict[str, Any], method: str, where: str) -> AutoSettings:
@@ -302,6 +334,8 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         raise PresetError(f"A context of {target:,} tokens is outside the range localctx runs "
                           f"({MIN_CTX} to {MAX_CTX:,}): pass --ctx N within it.")
     scale = target / trained
+    if method == "self-extend":
+        return _self_extend(preset, facts, target, trained, notes)
     if method == "auto":
         if target <= trained:
             method = "none"
@@ -377,7 +411,7 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
     )
     if not rope:
         return RuntimeParams(rope_scaling_type=None, rope_freq_base=0.0, rope_freq_scale=0.0, **common)
-    if method in ("none", "extrapolate"):
+    if method in ("none", "extrapolate", "self-extend"):  # Self-Extend keeps the trained frequencies
         return RuntimeParams(rope_scaling_type="none", rope_freq_base=base, rope_freq_scale=1.0, **common)
     if method == "linear":
         return RuntimeParams(rope_scaling_type="linear", rope_freq_base=base, rope_freq_scale=1.0 / scale, **common)
@@ -390,6 +424,31 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
         yarn_attn_factor=-1.0 if y.attn_factor is None else float(y.attn_factor),
         yarn_beta_fast=float(y.beta_fast), yarn_beta_slow=float(y.beta_slow), **common,
     )
+
+
+def _self_extend(preset: Preset, facts: ModelFacts, target: int, trained: int, notes: list[str]) -> RuntimeParams:
+    """RoPE unscaled at a window past the trained context; the engine groups positions as it goes."""
+    g, w = preset.self_extend.group, preset.self_extend.window
+    if facts.positions != "rope":
+        raise PresetError(
+            f"Preset {preset.name!r} (Self-Extend) regroups rotary positions, and {facts.name} ({facts.architecture}) "
+            f"has {'ALiBi biases' if facts.positions == 'alibi' else facts.positions + ' positions'}, not RoPE."
+        )
+    if w >= trained:
+        raise PresetError(f"Preset {preset.name!r}: self_extend.window {w:,} must be below the trained context "
+                          f"{trained:,} of {facts.name}.")
+    if target <= trained:
+        notes.append(f"target {target} fits the trained context {trained}: no grouping needed")
+        return _build(preset, facts, "none", target, trained, 1.0, notes)
+    reach = self_extend_reach(trained, g, w)
+    if target > reach:
+        raise PresetError(
+            f"Preset {preset.name!r}: Self-Extend with group {g} and window {w:,} reaches (trained {trained:,} - "
+            f"window {w:,}) x {g} + {w:,} - {g - 1} = {reach:,} tokens on {facts.name}, not {target:,}. "
+            "Use a larger group, or a smaller --ctx."
+        )
+    params = _build(preset, facts, "self-extend", target, trained, 1.0, notes)
+    return replace(params, group_size=g, neighbor_window=w, scale=target / trained)
 
 
 def _ntk(preset: Preset, facts: ModelFacts, base: float, scale: float, common: dict[str, Any]) -> RuntimeParams:

@@ -112,13 +112,17 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0) -> Engine:
     """Resolve (unless already resolved), choose the offload, check memory for the largest
     window, load at the smallest (an adaptive engine grows its window per request)."""
     from .engine import Engine, offload_layers
-    from .kvcache import KVStore
+    from .kvcache import KVStore, snapshot_threshold
 
     resolved = target if isinstance(target, Resolved) else resolve_spec(target)
     spec, facts = resolved.spec, resolved.facts
     store = KVStore() if spec.kv_cache else None
+    # A malformed LOCALCTX_KV_CACHE_* is an error now, not mid-answer (the threshold also decides,
+    # without snapshots, where a document prompt is split).
     if store is not None:
-        store.check()  # a malformed LOCALCTX_KV_CACHE_* is an error now, not mid-answer
+        store.check()
+    else:
+        snapshot_threshold()
     gpu_layers = offload_layers(spec.device, spec.gpu_layers)
     ladder = planned_ladder(resolved, gpu_layers)
     engine = Engine.load(facts, ladder.bottom, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose,

@@ -12,6 +12,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy
 import json
 import multiprocessing
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ from localctx import generate_text, start_chat
 from localctx.engine import Engine
 from localctx.generate import GenerateRequest, build_prompt
 from localctx.errors import LocalctxError
-from localctx.kvcache import MAX_ENV, MIN_ENV, KVStore, SnapshotKey, model_identity, size_limit, snapshot_threshold
+from localctx.kvcache import (MAGIC, MAX_ENV, MIN_ENV, KVStore, SnapshotKey, model_identity, read_header, size_limit,
+                              snapshot_threshold)
 from localctx.params import RuntimeParams
 from localctx.runtime import RunSpec, open_engine
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
@@ -170,6 +172,13 @@ def _damage(path: Path, how: str, home: Path) -> None:
         del data[len(data) // 2:]
     elif how == "foreign":
         data = bytearray(os.urandom(len(data)))
+    elif how == "huge claim":  # a header that claims a petabyte payload must not be allocated
+        with path.open("rb") as f:
+            header = read_header(f)
+            rest = f.read()
+        header["payload_bytes"] = 2**50
+        head = json.dumps(header).encode()
+        data = bytearray(MAGIC + struct.pack("<I", len(head)) + head + rest)
     elif how == "other key":  # a whole, valid file, but computed under other parameters
         params = RuntimeParams("x", "yarn", 16384, 8192, 2.0, "yarn", 0.0, 0.5)
         other = KVStore(home / "other").save(SnapshotKey.of("other-model", params, "0"), _tokens_of(path),
@@ -180,14 +189,12 @@ def _damage(path: Path, how: str, home: Path) -> None:
 
 
 def _tokens_of(path: Path) -> list[int]:
-    from localctx.kvcache import read_header
-
     with path.open("rb") as f:
         n = read_header(f)["tokens"]
         return list(np.frombuffer(f.read(4 * n), dtype="<i4"))
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "foreign", "other key"])
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "foreign", "other key", "huge claim"])
 def test_a_damaged_snapshot_is_ignored_with_one_line_and_recomputed(how: str, native_engine: Engine, doc: Path,
                                                                     isolated_home: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -134,7 +134,7 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
     flags = " ".join(params.llama_flags())
     if as_json:
         report = {"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
-                  "llama_server": f"llama-server -m {facts.path} {flags}"}
+                  "llama_server": None if params.self_extend else f"llama-server -m {facts.path} {flags}"}
         if ladder.adaptive:
             report["ladder"] = [{"params": step.to_dict(), "llama_flags": " ".join(step.llama_flags())}
                                 for step in ladder.steps]
@@ -149,8 +149,22 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
             click.echo(f"  {key:<18}{value}")
     for note in params.notes:
         click.echo(f"  note: {note}")
+    if params.self_extend:
+        click.echo(SELF_EXTEND_NOTE.format(g=params.group_size, w=params.neighbor_window, t=params.trained_ctx))
+        click.echo(f"\nllama-cli -m {facts.path} {flags}   (nearest llama.cpp equivalent; no llama-server flags)")
+        return
     click.echo(f"\nllama-cli -m {facts.path} {flags}")
     click.echo(f"llama-server -m {facts.path} {flags}")
+
+
+SELF_EXTEND_NOTE = """
+what it does: RoPE is left as trained. While the input fits the trained context ({t:,} tokens)
+nothing changes; past it, localctx's engine moves the oldest tokens to grouped positions (index // {g})
+in the KV cache as it evaluates, as few as keep every position below {t:,}; the nearest tokens keep
+exact positions, never fewer than {w:,} of them. A procedure at run time: `convert` cannot bake it.
+llama.cpp's own --grp-attn-n/--grp-attn-w (llama-cli and llama-passkey only; llama-server dropped them)
+group with a fixed window and use llama_memory_seq_div, which re-rotates keys the wrong way in the
+llama.cpp this project builds (benchmarks/RESULTS.md section 9)."""
 
 
 def _render_ladder(steps: Any) -> None:
