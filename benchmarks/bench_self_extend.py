@@ -1,0 +1,93 @@
+"""Self-Extend's mechanism, measured on the default model.
+
+edits:   one token cached at position 100, moved to 50 with llama_memory_seq_add and with
+         llama_memory_seq_div, then the next token's logits against evaluating it at 50 directly
+         (and, for scale, the difference evaluating at other absolute positions makes).
+grouped: perplexity of tokens 2,000-2,400 of Alice after 2,000 tokens, on the default weights under
+         a header claiming 1,024 trained tokens (so Self-Extend must group), for the unedited model
+         (whose weights were really trained on 8K: the reference) and Self-Extend G=4, W=512 with
+         the engine's grouping (llama_memory_seq_add).
+
+    .venv/bin/python benchmarks/bench_self_extend.py --json benchmarks/results/self_extend.json
+"""
+from __future__ import annotations
+
+import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.py)
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from gguf import Keys
+
+from common import CORPUS
+
+from localctx.convert import _diff, plan_conversion, write_converted
+from localctx.gguf_meta import arch_key
+from localctx.paths import default_model_path
+from localctx.runtime import RunSpec, open_engine
+
+
+def bench_edits() -> dict[str, Any]:
+    with open_engine(RunSpec(preset="native", kv_cache=False)) as e:
+        mem = e._llm._ctx.memory
+        toks = e.tokenize("The quick brown fox")
+
+        def run(first: int, edit: Any = None, at: int = 51) -> np.ndarray:
+            e.reset_cache()
+            for tok, pos, want in ((toks[0], first, False), (toks[1], None, True)):
+                if pos is None:
+                    if edit:
+                        edit()
+                    pos = at
+                b = e._llm._batch.batch
+                b.n_tokens = 1
+                b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = tok, pos, 1, 0, want
+                e._llm._ctx.decode(e._llm._batch)
+            return e.last_logits()
+
+        ref = run(50)
+        diff = lambda x: float(np.abs(ref - x).max())  # noqa: E731
+        return {"seq_add_100_to_50": diff(run(100, lambda: llama_cpp.llama_memory_seq_add(mem, 0, -1, -1, -50))),
+                "seq_div_100_to_50": diff(run(100, lambda: llama_cpp.llama_memory_seq_div(mem, 0, -1, -1, 2))),
+                "no_edit_at_0_instead_of_50": diff(run(0, at=1)),
+                "no_edit_at_3000_instead_of_50": diff(run(3000, at=3001))}
+
+
+def bench_grouped() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "trained-1k.gguf"
+        plan = plan_conversion(default_model_path(), "native")
+        updates, changes = _diff(plan.header, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): 1024})
+        write_converted(replace(plan, updates=updates, changes=tuple(changes)), model)
+        preset = Path(tmp) / "se.toml"
+        preset.write_text('method = "self-extend"\ntarget_ctx = 2500\n[self_extend]\ngroup = 4\nwindow = 512\n')
+        rows = {}
+        for name, spec in (("unedited (extrapolated past the header)", RunSpec(model=str(model), preset="native", ctx=2400)),
+                           ("self-extend G=4 W=512", RunSpec(model=str(model), preset=str(preset)))):
+            with open_engine(replace(spec, kv_cache=False)) as e:
+                toks = e.tokenize((CORPUS / "alice.txt").read_text())[:2400]
+                logits = e.logits_at(toks, list(range(1999, 2399)))
+                lp = logits - logits.max(1, keepdims=True)
+                lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+                rows[name] = {"ppl": round(float(np.exp(-lp[np.arange(400), toks[2000:2400]].mean())), 3),
+                              "max_position": e.max_position()}
+        return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/self_extend.json"))
+    args = ap.parse_args()
+    report = {"edits": bench_edits(), "grouped": bench_grouped()}
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
