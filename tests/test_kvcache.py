@@ -141,6 +141,7 @@ def test_any_key_component_changed_is_a_miss(variant: str, native_engine: Engine
     assert len(snapshots(isolated_home)) == 2
 
 
+@pytest.mark.slow
 def test_the_auto_step_in_use_is_part_of_the_key(short_model: Path, doc: Path, isolated_home: Path) -> None:
     """Under auto the same document is a different KV cache at each step of the ladder."""
     long_doc = isolated_home / "long.txt"

@@ -122,6 +122,7 @@ def test_inside_the_trained_context_logits_equal_native(short_model: Path, prese
         assert se.max_position() == n - 1
 
 
+@pytest.mark.slow
 def test_past_the_trained_context_no_position_reaches_it_and_the_text_is_modelled(
         short_model: Path, preset_file: Path, tokens: list[int]) -> None:
     """2,400 tokens on a header of 1,024: positions stay below 1,024, and the last 400 tokens are
@@ -136,6 +137,7 @@ def test_past_the_trained_context_no_position_reaches_it_and_the_text_is_modelle
     assert np.exp(grouped) < 1.15 * np.exp(unedited), (np.exp(grouped), np.exp(unedited))
 
 
+@pytest.mark.slow
 def test_generate_chat_and_summarize_run_past_the_trained_context(short_model: Path, preset_file: Path,
                                                                   tokens: list[int], tmp_path: Path, cli) -> None:
     with open_engine(RunSpec(model=str(short_model), preset="native", kv_cache=False)) as engine:
@@ -156,6 +158,7 @@ def test_generate_chat_and_summarize_run_past_the_trained_context(short_model: P
     assert json.loads(summary.stdout.splitlines()[0])["summary"].strip()
 
 
+@pytest.mark.slow
 def test_eval_ppl_runs_self_extend_cells(short_model: Path, preset_file: Path, cli) -> None:
     result = cli("eval", "ppl", "--model", str(short_model), "--presets", f"native,{preset_file}", "--lengths", "512,2k",
                  "--span", "64", "--json", "--no-cache")
@@ -163,3 +166,12 @@ def test_eval_ppl_runs_self_extend_cells(short_model: Path, preset_file: Path, c
     cells = {(c["preset"], c["length"]): c for c in json.loads(result.stdout)["cells"]}
     se = [c for (p, n), c in cells.items() if p != "native" and n == 2048][0]
     assert se["params"]["method"] == "self-extend" and 1 < se["ppl"] < 100
+
+
+def test_eval_cache_keys_of_other_presets_are_unchanged(facts) -> None:
+    """The Self-Extend fields join a cell's key only when on: every cell computed before them keeps
+    its key (the benchmark caches and users' caches would otherwise all miss)."""
+    from localctx.evaluate.cache import params_key
+
+    assert "group_size" not in params_key(resolve(load_preset("yarn-32k"), facts))
+    assert params_key(resolve(load_preset("self-extend-32k"), facts))["group_size"] == 6
