@@ -546,9 +546,8 @@ class Engine:
 
     def _document_prefix(self, tokens: list[int], end: int, timings: Timings) -> None:
         """Bring the document, `tokens[:end]`, into the KV cache: kept from this engine's last call,
-        restored from a snapshot, or evaluated (and saved as one); llama-cpp-python's prefix
-        matching then evaluates only the rest. A document below the threshold is left to that
-        matching alone.
+        restored from a snapshot, or evaluated (and saved as one); `_stream`'s prefix matching then
+        evaluates only the rest. A document below the threshold is left to that matching alone.
 
         The document is always evaluated alone and from the first token, and the rest after it,
         with or without snapshots: llama.cpp's CPU flash-attention kernels give different logits
@@ -565,10 +564,10 @@ class Engine:
         key = self._snapshot_key_or_none() if store is not None else None
         if store is not None and key is not None:
             start = time.perf_counter()
-            found = store.find(key, tokens, above=end - 1, upto=end)
+            found = store.find(key, tokens[:end])
             restored = found is not None and self._restore(found.payload, tokens[:end], str(found.path))
             timings.snapshot_seconds += time.perf_counter() - start
-            if found is not None and restored:
+            if restored:
                 timings.restored_tokens, timings.snapshot_bytes = end, len(found.payload)
                 return
         self._llm.n_tokens = 0  # _eval drops anything cached past it first
@@ -615,8 +614,7 @@ class Engine:
                  seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, document_end: int | None = None) -> Generation:
         """Stream a completion of `tokens`. The KV cache is reused for any prefix shared with the
-        previous call (llama-cpp-python's prefix matching), so a growing chat or a fixed
-        instruction prefix is evaluated once. `document_end`: the prompt's tokens up to there are a
+        previous call, so a growing chat or a fixed instruction prefix is evaluated once. `document_end`: the prompt's tokens up to there are a
         long document, restored from a KV snapshot when one matches, else evaluated and saved as one."""
         self.check_fits(len(tokens), max_tokens)
         self.use_window(len(tokens) + max_tokens)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 import sys
 import tempfile
@@ -51,7 +50,6 @@ STALE_TEMP_SECONDS = 3600  # a temp file this old was left by a killed process
 # do not: the same tokens under the same RoPE give the same keys and values in any window.
 KV_FIELDS = ("rope_scaling_type", "rope_freq_base", "rope_freq_scale", "yarn_orig_ctx", "yarn_ext_factor",
              "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "flash_attn", "type_k", "type_v")
-_NAME = re.compile(r"^(\d{1,9})-([0-9a-f]{32})\.kvs$")
 _SAMPLE = 2**20  # bytes read at each of the model file's sample points
 _SAMPLES = 64
 
@@ -192,7 +190,6 @@ class Found:
     tokens: int
     payload: bytearray
     path: Path
-    seconds: float = 0.0
 
 
 @dataclass
@@ -225,38 +222,26 @@ class KVStore:
 
     # --- lookup ------------------------------------------------------------------------------
 
-    def find(self, key: SnapshotKey, tokens: Sequence[int], *, above: int, upto: int) -> Found | None:
-        """The longest snapshot of `tokens[:n]` under `key` with above < n <= upto, its payload
-        verified; None on a miss. A bad file is reported and skipped."""
-        start = time.perf_counter()
-        scope = key.scope
-        directory = self.root / scope
+    def find(self, key: SnapshotKey, tokens: Sequence[int]) -> Found | None:
+        """The snapshot of exactly `tokens` under `key`, its payload verified; None on a miss. A bad
+        file is reported and skipped."""
+        path = self.path_for(key, tokens)
         try:
-            names = os.listdir(directory)
-        except OSError:
+            payload = self._read(path, key, tokens)
+        except FileNotFoundError:
+            return None  # never saved, or evicted or replaced by another process a moment ago
+        except (OSError, SnapshotFileError) as exc:
+            self.warn(f"ignoring KV snapshot {path} ({exc}); the document is evaluated again")
             return None
-        candidates = []
-        for name in names:
-            m = _NAME.match(name)
-            if m and above < int(m.group(1)) <= upto:
-                candidates.append((int(m.group(1)), m.group(2), name))
-        for n, digest, name in sorted(candidates, reverse=True):
-            if prefix_hash(scope, tokens[:n]) != digest:
-                continue
-            path = directory / name
-            try:
-                payload = self._read(path, key, tokens[:n])
-            except FileNotFoundError:
-                continue  # evicted or replaced by another process a moment ago: a miss
-            except (OSError, SnapshotFileError) as exc:
-                self.warn(f"ignoring KV snapshot {path} ({exc}); the document is evaluated again")
-                continue
-            try:
-                os.utime(path)  # its last use, for least-recently-used eviction
-            except OSError:
-                pass
-            return Found(n, payload, path, time.perf_counter() - start)
-        return None
+        try:
+            os.utime(path)  # its last use, for least-recently-used eviction
+        except OSError:
+            pass
+        return Found(len(tokens), payload, path)
+
+    def path_for(self, key: SnapshotKey, tokens: Sequence[int]) -> Path:
+        scope = key.scope
+        return self.root / scope / f"{len(tokens)}-{prefix_hash(scope, tokens)}{SUFFIX}"
 
     def _read(self, path: Path, key: SnapshotKey, tokens: Sequence[int]) -> bytearray:
         with path.open("rb") as f:
@@ -291,9 +276,8 @@ class KVStore:
                 self.warn(f"a KV snapshot of {len(tokens):,} tokens would take {human(size)}, more than "
                           f"{MAX_ENV}={human(limit)}: not saved")
             return None
-        scope = key.scope
-        directory = self.root / scope
-        path = directory / f"{len(tokens)}-{prefix_hash(scope, tokens)}{SUFFIX}"
+        path = self.path_for(key, tokens)
+        directory = path.parent
         header = {"format": FORMAT, "key": key.to_dict(), "tokens": len(tokens), "payload_bytes": size,
                   "payload_crc32": zlib.crc32(payload), "created": time.time(), **about}
         head = json.dumps(header).encode()
@@ -402,9 +386,7 @@ def _remove(path: Path, size: int) -> int:
     try:
         path.unlink()
         return size
-    except FileNotFoundError:
-        return 0
-    except OSError:
+    except OSError:  # gone already (another process evicted it), or not ours to delete
         return 0
 
 

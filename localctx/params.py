@@ -67,6 +67,10 @@ class RuntimeParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["notes"] = list(self.notes)
+        if not self.self_extend:
+            # Fields added with Self-Extend appear only when it is on: every record, eval cache key and
+            # summarizer fingerprint written before them stays the same.
+            del data["group_size"], data["neighbor_window"]
         return data
 
     @property

@@ -447,8 +447,8 @@ def _self_extend(preset: Preset, facts: ModelFacts, target: int, trained: int, n
             f"window {w:,}) x {g} + {w:,} - {g - 1} = {reach:,} tokens on {facts.name}, not {target:,}. "
             "Use a larger group, or a smaller --ctx."
         )
-    params = _build(preset, facts, "self-extend", target, trained, 1.0, notes)
-    return replace(params, group_size=g, neighbor_window=w, scale=target / trained)
+    params = _build(preset, facts, "self-extend", target, trained, target / trained, notes)
+    return replace(params, group_size=g, neighbor_window=w)
 
 
 def _ntk(preset: Preset, facts: ModelFacts, base: float, scale: float, common: dict[str, Any]) -> RuntimeParams:

@@ -16,10 +16,10 @@ import pytest
 import localctx
 from localctx.engine import Engine
 from localctx.errors import ContextOverflowError, PresetError
-from localctx.presets import Preset, load_preset, parse_preset, resolve_ladder
+from localctx.presets import load_preset, parse_preset, resolve_ladder
 from localctx.runtime import RunSpec, open_engine, resolve_spec
 
-from conftest import SHORT_TRAINED, assert_clean_error
+from conftest import SHORT_TRAINED
 
 ANSWER = 16
 

@@ -144,9 +144,8 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
     if ladder.adaptive:
         _render_ladder(ladder.steps)
         click.echo("\nthe largest step (memory is planned for it), as fixed parameters:")
-    hidden = {"notes"} | (set() if params.self_extend else {"group_size", "neighbor_window"})
     for key, value in params.to_dict().items():
-        if key not in hidden:
+        if key != "notes":
             click.echo(f"  {key:<18}{value}")
     for note in params.notes:
         click.echo(f"  note: {note}")

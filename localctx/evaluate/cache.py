@@ -31,9 +31,6 @@ def params_key(params: RuntimeParams) -> dict[str, Any]:
     data = params.to_dict()
     data.pop("notes", None)
     data.pop("preset", None)
-    if not params.self_extend:  # fields added with Self-Extend: absent when off, so earlier cells keep their keys
-        data.pop("group_size", None)
-        data.pop("neighbor_window", None)
     return data
 
 
