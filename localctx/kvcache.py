@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -244,7 +245,7 @@ class KVStore:
         return self.root / scope / f"{len(tokens)}-{prefix_hash(scope, tokens)}{SUFFIX}"
 
     def _read(self, path: Path, key: SnapshotKey, tokens: Sequence[int]) -> bytearray:
-        with path.open("rb") as f:
+        with _open_regular(path) as f:
             header = read_header(f)
             if header.get("key") != key.to_dict():
                 raise SnapshotFileError("its key does not match this model and parameters")
@@ -350,7 +351,7 @@ class KVStore:
             if not path.name.endswith(SUFFIX):
                 continue
             try:
-                with path.open("rb") as f:
+                with _open_regular(path) as f:
                     header = read_header(f)
             except (OSError, SnapshotFileError) as exc:
                 header = {"error": str(exc)}
@@ -380,6 +381,19 @@ class KVStore:
             raise LocalctxError(f"Deleted {count} KV snapshot file(s) from {self.root}, but {len(failed)} could not "
                                 f"be deleted ({failed[0]}).")
         return count, freed
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open for reading only a regular file: a FIFO or device where a snapshot should be would
+    otherwise block the command, or never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotFileError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _remove(path: Path, size: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHORT_TRAINED, assert_clean_error
+from test_hardening_inputs import HANG_GUARD
 from localctx import generate_text, start_chat
 from localctx.engine import Engine
 from localctx.generate import GenerateRequest, build_prompt
@@ -209,6 +210,21 @@ def test_a_damaged_snapshot_is_ignored_with_one_line_and_recomputed(how: str, na
     assert err.count("warning: ignoring KV snapshot") == 1 and "Traceback" not in err, err
     assert gen.timings.saved_tokens > 0  # replaced by a good one...
     assert ask(native_engine, doc, Q2).timings.restored_tokens == gen.timings.saved_tokens  # ...which restores
+
+
+def test_a_fifo_where_a_snapshot_should_be_is_skipped_not_waited_on(doc: Path, isolated_home: Path, cli) -> None:
+    first = cli("generate", "--file", str(doc), Q1, "--max-tokens", "8")
+    [path] = snapshots(isolated_home)
+    path.unlink()
+    os.mkfifo(path)
+    run = [sys.executable, "-m", "localctx"]  # in subprocesses: a hang fails at HANG_GUARD, not in CI's timeout
+    listing = subprocess.run(run + ["cache", "list"], capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD)
+    assert listing.returncode == 0 and "unreadable: not a regular file" in listing.stdout, listing.stdout
+    proc = subprocess.run(run + ["generate", "--file", str(doc), Q1, "--max-tokens", "8"], capture_output=True,
+                          text=True, cwd=REPO, timeout=HANG_GUARD)
+    assert proc.returncode == 0 and proc.stdout == first.stdout
+    assert "ignoring KV snapshot" in proc.stderr and "not a regular file" in proc.stderr, proc.stderr
+    assert path.is_file()  # replaced by a good snapshot
 
 
 # --- The directory: limit, read-only, full disk, concurrent writers ------------------------------------
