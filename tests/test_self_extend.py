@@ -176,3 +176,19 @@ def test_eval_cache_keys_of_other_presets_are_unchanged(facts) -> None:
     assert "group_size" not in params_key(resolve(load_preset("yarn-32k"), facts))
     assert "neighbor_window" not in resolve(load_preset("native"), facts).to_dict()  # records, summarizer store
     assert params_key(resolve(load_preset("self-extend-32k"), facts))["group_size"] == 6
+
+
+@pytest.mark.slow
+def test_a_prompt_that_diverges_inside_the_grouped_region_is_evaluated_afresh(short_model: Path, preset_file: Path,
+                                                                              tokens: list[int]) -> None:
+    """After a long prompt, the next one shares only tokens that now sit at grouped positions
+    (several per position, so the cache cannot be cut there): it must give what a fresh engine gives."""
+    other = tokens[:400] + tokens[1000:2000]
+    with open_engine(RunSpec(model=str(short_model), preset=str(preset_file), kv_cache=False)) as se:
+        se.complete(tokens, max_tokens=1)
+        assert se._grouped > 400  # the shared 400 tokens are grouped now
+        se.complete(other, max_tokens=1)
+        reused = se.last_logits()
+        se.reset_cache()
+        se.complete(other, max_tokens=1)
+        assert np.array_equal(reused, se.last_logits())
