@@ -7,8 +7,14 @@ grouped: perplexity of tokens 2,000-2,400 of Alice after 2,000 tokens, on the de
          a header claiming 1,024 trained tokens (so Self-Extend must group), for the unedited model
          (whose weights were really trained on 8K: the reference) and Self-Extend G=4, W=512 with
          the engine's grouping (llama_memory_seq_add).
+speed:   a 16K-token prompt of Pride and Prejudice, then 64 generated tokens, under yarn-32k and
+         self-extend-32k in the same process (same window, same build): prompt and generation
+         tokens/s, their ratios, and the time the engine spent issuing position edits. (The keys'
+         re-rotation that the edits cause happens inside llama.cpp's next decode: it is part of
+         the ratio, not of the edit time.)
 
     .venv/bin/python benchmarks/bench_self_extend.py --json benchmarks/results/self_extend.json
+    .venv/bin/python benchmarks/bench_self_extend.py speed   # only the speed part (merged into the JSON)
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.p
 import argparse
 import json
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -80,11 +87,42 @@ def bench_grouped() -> dict[str, Any]:
         return rows
 
 
+def bench_speed(length: int = 16384, gen: int = 64) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for preset in ("yarn-32k", "self-extend-32k"):
+        with open_engine(RunSpec(preset=preset, ctx=length + 2 * gen, kv_cache=False)) as e:
+            toks = e.tokenize((CORPUS / "pride_and_prejudice.txt").read_text())[:length]
+            edits = {"calls": 0, "seconds": 0.0}
+            group = e._group_before
+
+            def timed(n: int, b: int) -> None:
+                t = time.perf_counter()
+                group(n, b)
+                edits["calls"] += 1
+                edits["seconds"] += time.perf_counter() - t
+
+            e._group_before = timed  # type: ignore[method-assign]
+            out = e.complete(toks, max_tokens=gen)
+            t = out.timings
+            rows[preset] = {"prompt_tokens": t.prompt_tokens, "prompt_seconds": round(t.prompt_seconds, 2),
+                            "prompt_tps": round(t.prompt_tps, 2), "generated_tokens": t.generated_tokens,
+                            "generation_tps": round(t.generation_tps, 2),
+                            "edit_seconds": round(edits["seconds"], 3), "grouped_tokens": e._grouped,
+                            "max_position": e.max_position()}
+    y, s = rows["yarn-32k"], rows["self-extend-32k"]
+    rows["ratio_self_extend_over_yarn"] = {"prompt_tps": round(s["prompt_tps"] / y["prompt_tps"], 3),
+                                           "generation_tps": round(s["generation_tps"] / y["generation_tps"], 3)}
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("parts", nargs="*", default=["edits", "grouped", "speed"], choices=["edits", "grouped", "speed"])
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/self_extend.json"))
     args = ap.parse_args()
-    report = {"edits": bench_edits(), "grouped": bench_grouped()}
+    run = {"edits": bench_edits, "grouped": bench_grouped, "speed": bench_speed}
+    report = json.loads(args.json.read_text()) if args.json.exists() else {}
+    report.update({part: run[part]() for part in args.parts})
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

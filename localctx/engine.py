@@ -212,6 +212,7 @@ def llama_arguments(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int
         yarn_beta_slow=params.yarn_beta_slow,
         yarn_orig_ctx=params.yarn_orig_ctx,
         flash_attn=params.flash_attn,
+        swa_full=params.swa_full,
         type_k=_CACHE_TYPES[params.type_k],
         type_v=_CACHE_TYPES[params.type_v],
         seed=seed,
@@ -340,6 +341,7 @@ class Engine:
             setattr(cp, name, arguments[name])
         cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cp.swa_full = params.swa_full
         llm._ctx.close()
         llm._ctx = llama_internals.LlamaContext(model=llm._model, params=cp, verbose=llm.verbose)
         if params.n_batch != llm.n_batch:
@@ -542,7 +544,21 @@ class Engine:
         if m == 0:
             return 0
         differ = np.flatnonzero(self._llm.input_ids[:m] != np.asarray(tokens[:m], dtype=np.intc))
-        return int(differ[0]) if differ.size else m
+        m = int(differ[0]) if differ.size else m
+        # The caller evaluates at least the last prompt token again, so going on from m - 1 must work.
+        return m if self._resumable(m - 1) else 0
+
+    def _resumable(self, n: int) -> bool:
+        """Whether evaluation can go on after the first `n` cached tokens. A window-sized
+        sliding-window cache (swa_full off) drops the tokens its layers no longer see; going back
+        further than it still holds needs the prompt again (or its snapshot)."""
+        w = self.facts.sliding_window
+        if n <= 0 or not w or self.params.swa_full or self._llm._ctx is None:
+            return True
+        oldest = int(llama_cpp.llama_memory_seq_pos_min(self._llm._ctx.memory, 0))
+        # The token at position n sees back to n - w + 1 (a chunked window: to its chunk's start).
+        first_seen = (n // w) * w if self.facts.sliding_kind == "chunked" else n - w + 1
+        return oldest <= max(0, first_seen)
 
     def _document_prefix(self, tokens: list[int], end: int, timings: Timings) -> None:
         """Bring the document, `tokens[:end]`, into the KV cache: kept from this engine's last call,
@@ -715,8 +731,9 @@ class Engine:
         llm = self._llm
         n = llm.n_tokens
         tokens = list(tokens)
-        if 0 < n < self._grouped:
-            # The cut falls among grouped positions, which several tokens share: start over.
+        if 0 < n < self._grouped or not self._resumable(n):
+            # The cut falls among grouped positions, which several tokens share, or before what a
+            # window-sized sliding cache still holds: start over.
             tokens, n = [int(t) for t in llm.input_ids[:n]] + tokens, 0
         if n == 0:
             llm._ctx.kv_cache_clear()

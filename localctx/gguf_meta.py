@@ -296,6 +296,38 @@ POS_EMBD_TENSOR = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"
 
 
 @dataclass(frozen=True)
+class SlidingRule:
+    """How llama.cpp lays out an architecture's sliding-window layers when the GGUF does not list
+    them: `pattern` n makes every n-th layer global (the last of each n, or the first with
+    `dense_first`); 0 makes every layer slide. Some architectures have a default window, or a
+    window llama.cpp imposes whatever the file says."""
+
+    pattern: int
+    dense_first: bool = False
+    default_window: int = 0
+    forced_window: int = 0
+    kind: str = "standard"  # standard | chunked (llama4) | symmetric (encoders)
+
+
+_ARCH = gguf.MODEL_ARCH_NAMES
+# From llama.cpp's per-architecture loaders (src/models/<arch>.cpp, load_arch_hparams). An
+# architecture not listed is sized as full attention on every layer: an upper bound, never below.
+SLIDING_RULES: dict[str, SlidingRule] = {
+    _ARCH[gguf.MODEL_ARCH.GEMMA2]: SlidingRule(2, default_window=4096),
+    _ARCH[gguf.MODEL_ARCH.GEMMA3]: SlidingRule(6),
+    _ARCH[gguf.MODEL_ARCH.GEMMA3N]: SlidingRule(5),
+    _ARCH[gguf.MODEL_ARCH.GEMMA_EMBEDDING]: SlidingRule(6, kind="symmetric"),
+    _ARCH[gguf.MODEL_ARCH.COHERE2]: SlidingRule(4),
+    _ARCH[gguf.MODEL_ARCH.LLAMA4]: SlidingRule(4, forced_window=8192, kind="chunked"),
+    _ARCH[gguf.MODEL_ARCH.GPT_OSS]: SlidingRule(2),
+    _ARCH[gguf.MODEL_ARCH.OLMO2]: SlidingRule(4),
+    _ARCH[gguf.MODEL_ARCH.PLAMO3]: SlidingRule(8),
+    _ARCH[gguf.MODEL_ARCH.SMALLTHINKER]: SlidingRule(4, dense_first=True, forced_window=4096),
+    _ARCH[gguf.MODEL_ARCH.EXAONE_MOE]: SlidingRule(4, default_window=128),
+}
+
+
+@dataclass(frozen=True)
 class RopeScaling:
     type: str  # "linear" | "yarn" | "longrope" | ...
     factor: float
@@ -337,6 +369,17 @@ class ModelFacts:
     n_vocab: int
     provenance: Provenance | None = None
     chat_template: str | None = field(default=None, repr=False)
+    n_ff: int = 0  # the widest feed-forward layer (sizes llama.cpp's compute buffer)
+    # KV heads of each layer (a layer may have none, or fewer than n_heads_kv); () means n_heads_kv each.
+    kv_heads_per_layer: tuple[int, ...] = ()
+    # Sliding-window attention: the window in tokens (0: none) and which layers use it.
+    sliding_window: int = 0
+    sliding_layers: tuple[bool, ...] = ()
+    sliding_kind: str = ""
+
+    @property
+    def n_sliding_layers(self) -> int:
+        return sum(self.sliding_layers)
 
     @property
     def trained_context(self) -> int:
@@ -354,11 +397,21 @@ class ModelFacts:
             return self.provenance.original_freq_base
         return self.rope_freq_base
 
-    def kv_cache_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str | None = None) -> int:
-        """The KV cache llama.cpp allocates for `n_ctx` tokens: K and V for every layer."""
-        per_k = self.n_heads_kv * self.head_dim_k * KV_CACHE_TYPES[type_k]
-        per_v = self.n_heads_kv * self.head_dim_v * KV_CACHE_TYPES[type_v or type_k]
-        return int(self.n_layers * (per_k + per_v) * n_ctx)
+    def kv_cache_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str | None = None, *,
+                       sliding_cells: int | None = None) -> int:
+        """The KV cache llama.cpp allocates for `n_ctx` cells: K and V for every layer that has
+        them; the sliding-window layers hold `sliding_cells` cells (default: `n_ctx`, the
+        full-size cache)."""
+        full, sliding = self.kv_bytes_per_cell(type_k, type_v)
+        return int(full * n_ctx + sliding * (n_ctx if sliding_cells is None else sliding_cells))
+
+    def kv_bytes_per_cell(self, type_k: str = "f16", type_v: str | None = None) -> tuple[float, float]:
+        """Bytes one cached token takes in (global layers, sliding-window layers)."""
+        heads = self.kv_heads_per_layer or (self.n_heads_kv,) * self.n_layers
+        per_head = self.head_dim_k * KV_CACHE_TYPES[type_k] + self.head_dim_v * KV_CACHE_TYPES[type_v or type_k]
+        sliding = self.sliding_layers or (False,) * self.n_layers
+        full = sum(h for h, s in zip(heads, sliding) if not s) * per_head
+        return full, sum(h for h, s in zip(heads, sliding) if s) * per_head
 
 
 def arch_key(template: str, arch: str) -> str:
@@ -477,6 +530,9 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
     assert n_embd is not None
     n_heads, n_heads_kv, head_dim_k, head_dim_v = _attention(f, k, n_layers, n_embd, positions)
     rope_base, rope_dims = _rope(f, arch, positions, head_dim_k)
+    window, sliding, kind = _sliding(f, k, arch, n_layers)
+    kv_heads = f.per_layer(k(Keys.Attention.HEAD_COUNT_KV), 0, U32_MAX, n_layers)
+    n_ff = f.per_layer(k(Keys.LLM.FEED_FORWARD_LENGTH), 0, U32_MAX, n_layers)
     return ModelFacts(
         path=header.path,
         file_size=header.file_size,
@@ -497,7 +553,37 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
         n_vocab=f.array_count(Keys.Tokenizer.LIST),
         provenance=_provenance(f),
         chat_template=f.string(Keys.Tokenizer.CHAT_TEMPLATE),
+        n_ff=max(n_ff or [0]),
+        kv_heads_per_layer=tuple(kv_heads or ()),
+        sliding_window=window,
+        sliding_layers=sliding,
+        sliding_kind=kind,
     )
+
+
+def _sliding(f: _Fields, k: Callable[[str], str], arch: str, n_layers: int) -> tuple[int, tuple[bool, ...], str]:
+    """The sliding window and which layers use it, as llama.cpp's loader decides (SLIDING_RULES)."""
+    rule = SLIDING_RULES.get(arch)
+    if rule is None:
+        return 0, (), ""
+    window_key, pattern_key = k(Keys.Attention.SLIDING_WINDOW), k(Keys.Attention.SLIDING_WINDOW_PATTERN)
+    window = f.integer(window_key, 0, U32_MAX, rule.default_window) or 0
+    if not window:  # llama.cpp turns sliding off when the window is absent or 0
+        return 0, (), ""
+    window = rule.forced_window or window
+    kv = f.header.kvs.get(pattern_key)
+    if kv is not None and kv.type == GGUFValueType.ARRAY:
+        if kv.value is None or kv.count != n_layers or kv.item_type not in (*_INT_TYPES, GGUFValueType.BOOL):
+            raise f.invalid(pattern_key, kv, f"it must be one flag per layer ({n_layers})")
+        layers = tuple(bool(v) for v in kv.value)
+    else:
+        n = f.integer(pattern_key, 0, U32_MAX, rule.pattern) or 0
+        layers = tuple(n == 0 or (il % n != 0 if rule.dense_first else il % n < n - 1) for il in range(n_layers))
+    if not any(layers):
+        # llama.cpp builds a sliding-window cache with no layer in it and aborts the process.
+        raise f.refuse(pattern_key, f"leaves no layer sliding while {window_key} = {window:,}: llama.cpp crashes on "
+                                    "such a file (set the window to 0 for a model without sliding layers)")
+    return window, layers, rule.kind
 
 
 def _layer_count(f: _Fields, key: str) -> int:

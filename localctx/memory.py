@@ -15,30 +15,84 @@ from .presets import best_preset
 
 # Lets users (and tests) cap what localctx may use, e.g. to leave room for other programs.
 MEMORY_LIMIT_ENV = "LOCALCTX_MEMORY_LIMIT"
-_OVERHEAD = 96 * 2**20  # ggml graph metadata, tokenizer, Python objects
+# The process before any window: Python, numpy, llama.cpp's code and the model's vocabulary
+# structures (calibrated against benchmarks/bench_memory.py: see benchmarks/RESULTS.md section 10).
+_OVERHEAD = 64 * 2**20
+_VOCAB_OVERHEAD = 256  # bytes per vocabulary entry held by llama.cpp and llama-cpp-python
+_PAD = 256  # llama.cpp rounds a context's cells up to a multiple of this
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """What a model at a context takes in memory, in bytes. `kv_bytes` includes the sliding-window
+    layers' cache, `kv_sliding_bytes`; `kv_sliding_full_bytes` is what they would take with the
+    full-size cache (`swa_full`), so the saving shows."""
+
     model_bytes: int
     kv_bytes: int
     compute_bytes: int
+    kv_sliding_bytes: int = 0
+    kv_sliding_full_bytes: int = 0
+    compute_buffer_bytes: int = 0  # part of compute_bytes: llama.cpp's graph buffer
+    output_bytes: int = 0  # part of compute_bytes: logits of a whole batch (llama.cpp's and localctx's copy)
+    overhead_bytes: int = 0  # part of compute_bytes: the process before any window
 
     @property
     def total(self) -> int:
         return self.model_bytes + self.kv_bytes + self.compute_bytes
 
+    def to_dict(self) -> dict[str, int]:
+        return {"total_bytes": self.total, "model_bytes": self.model_bytes, "kv_bytes": self.kv_bytes,
+                "kv_sliding_bytes": self.kv_sliding_bytes, "kv_sliding_full_bytes": self.kv_sliding_full_bytes,
+                "compute_bytes": self.compute_bytes, "compute_buffer_bytes": self.compute_buffer_bytes,
+                "output_bytes": self.output_bytes, "overhead_bytes": self.overhead_bytes}
+
+
+def _pad(n: int) -> int:
+    return -(-n // _PAD) * _PAD
+
+
+def sliding_cells(facts: ModelFacts, n_ctx: int, *, n_ubatch: int = 512, swa_full: bool = False) -> int:
+    """Cells of the sliding-window layers' cache: the whole (padded) window with `swa_full`, else
+    llama.cpp's window plus one micro-batch (llama-kv-cache-iswa.cpp)."""
+    cells = _pad(n_ctx)
+    if not facts.sliding_window or swa_full:
+        return cells
+    return min(cells, _pad(facts.sliding_window + min(n_ubatch, n_ctx)))
+
 
 def estimate(facts: ModelFacts, params: RuntimeParams) -> MemoryEstimate:
-    kv = facts.kv_cache_bytes(params.n_ctx, params.type_k, params.type_v)
-    # Logits for one micro-batch (llama.cpp) and one batch (llama-cpp-python's score buffer).
-    logits = (params.n_ubatch + params.n_batch) * facts.n_vocab * 4
-    # Without flash attention the KQ scores of a micro-batch are materialised, and at full depth the
-    # process needs more than one such matrix (a filled 32K window peaked at 1,830 MiB where counting
-    # one gave 1,696: benchmarks/RESULTS.md section 2), so two are counted.
-    kq = 0 if params.flash_attn else 2 * params.n_ubatch * params.n_ctx * max(facts.n_heads, 1) * 4
-    activations = params.n_ubatch * max(facts.n_embd, 1) * 4 * 16
-    return MemoryEstimate(facts.file_size, kv, logits + kq + activations + _OVERHEAD)
+    """Weights (mapped, all touched while running), the KV cache (zeroed at creation, so resident
+    at once), llama.cpp's compute buffer as it reserves it (the worst-case graph: a full
+    micro-batch against a full window), the CPU backend's work buffer, logits for a whole batch
+    (what eval ppl asks for) and the process's own overhead."""
+    n_kv = _pad(params.n_ctx)
+    swa = sliding_cells(facts, params.n_ctx, n_ubatch=params.n_ubatch, swa_full=params.swa_full)
+    full_cell, sliding_cell = facts.kv_bytes_per_cell(params.type_k, params.type_v)
+    kv = int(full_cell * n_kv + sliding_cell * swa)
+    t, fa = min(params.n_ubatch, params.n_batch, params.n_ctx), params.flash_attn
+    h, h_kv, dk, dv = max(facts.n_heads, 1), facts.n_heads_kv, facts.head_dim_k, facts.head_dim_v
+    e, ff, vocab = max(facts.n_embd, 1), facts.n_ff or 4 * max(facts.n_embd, 1), facts.n_vocab
+    # Live for the whole graph: positions, output ids, the attention masks (f16 with flash
+    # attention, f32 without; a second one for sliding layers).
+    masks = [n_kv] + ([swa] if facts.sliding_window else [])
+    inputs = 4 * t * 3 + 8 * t * (1 if fa else h_kv * dv) + sum(m * t * (2 if fa else 4) for m in masks)
+    attention = 4 * t * (h * (dk + dv) + h_kv * (dk + dv) + 2 * e) + (0 if fa else 4 * t * h * n_kv)
+    ffn = 4 * t * (3 * ff + 2 * e)
+    logits = 4 * (t * vocab + 2 * t * e)
+    buffer = inputs + max(attention, ffn, logits)
+    # The CPU backend's scratch: activations quantized for the matrix products, and without flash
+    # attention the KQ scores again in f16.
+    work = ff * t + (0 if fa else 2 * h * n_kv * t)
+    # Logits of a whole batch (what eval ppl asks for), twice: llama.cpp's output buffer and the
+    # copy Engine.logits_at returns.
+    outputs = 2 * 4 * vocab * min(params.n_batch, params.n_ctx)
+    overhead = _OVERHEAD + _VOCAB_OVERHEAD * vocab + 4 * params.n_ctx
+    return MemoryEstimate(
+        model_bytes=facts.file_size, kv_bytes=kv, compute_bytes=buffer + work + outputs + overhead,
+        kv_sliding_bytes=int(sliding_cell * swa), kv_sliding_full_bytes=int(sliding_cell * n_kv),
+        compute_buffer_bytes=buffer, output_bytes=outputs, overhead_bytes=overhead,
+    )
 
 
 def available_bytes() -> int:
@@ -86,15 +140,28 @@ def check_memory(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 
         return est
     raise ResourceError(
         f"Not enough memory for {facts.name} at {params.n_ctx:,} tokens: it needs about {human(est.total)} "
-        f"(model {human(est.model_bytes)}, KV cache {human(est.kv_bytes)} as {params.type_k}/{params.type_v}, "
-        f"compute {human(est.compute_bytes)}) and {human(free)} is available.\n"
+        f"(model {human(est.model_bytes)}, KV cache {human(est.kv_bytes)} as {params.type_k}/{params.type_v}"
+        f"{_sliding_note(facts, params, est)}, compute {human(est.compute_bytes)}) and {human(free)} is available.\n"
         + _suggestions(facts, params, free)
         + "\nPass --force to try anyway."
     )
 
 
+def _sliding_note(facts: ModelFacts, params: RuntimeParams, est: MemoryEstimate) -> str:
+    if not facts.sliding_window:
+        return ""
+    if params.swa_full:
+        return f"; its {facts.n_sliding_layers} sliding-window layers at the full window"
+    return (f"; its {facts.n_sliding_layers} sliding-window layers keep {human(est.kv_sliding_bytes)} for the "
+            f"last {facts.sliding_window:,} tokens instead of {human(est.kv_sliding_full_bytes)}")
+
+
 def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
     lines = []
+    if facts.sliding_window and params.swa_full:
+        alt = estimate(facts, params.with_ctx_settings(swa_full=False))
+        if alt.total <= free:
+            lines.append(f"  - the window-sized sliding-window cache fits ({human(alt.total)}): --no-swa-full")
     for cache in ("q8_0", "q4_0"):
         if KV_CACHE_TYPES[cache] < KV_CACHE_TYPES[params.type_k]:
             alt = estimate(facts, params.with_ctx_settings(type_k=cache, type_v=cache, flash_attn=True))
@@ -104,13 +171,24 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int) -> str:
     smaller = _largest_preset_that_fits(facts, params, free)
     if smaller:
         lines.append(f"  - a smaller preset fits: --preset {smaller}")
-    budget = free - facts.file_size - estimate(facts, params).compute_bytes
-    per_token = facts.kv_cache_bytes(1, params.type_k, params.type_v)
-    if budget > 0 and per_token:
-        fits = int(budget // per_token) // 1024 * 1024
-        if fits >= 1024:
-            lines.append(f"  - a window of up to about {fits:,} tokens fits: --preset auto --ctx {fits}")
+    fits = _largest_window(facts, params, free)
+    if fits >= 1024:
+        lines.append(f"  - a window of up to about {fits:,} tokens fits: --preset auto --ctx {fits}")
     return "What would fit:\n" + "\n".join(lines) if lines else "Nothing smaller fits either; free some memory."
+
+
+def _largest_window(facts: ModelFacts, params: RuntimeParams, free: int) -> int:
+    """The largest window (a multiple of 1,024 below the one asked for) the estimate fits in
+    `free`: searched, since the sliding layers' cache stops growing at their window and the
+    compute buffer grows with it."""
+    lo, hi = 0, params.n_ctx // 1024
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(facts, params.with_ctx_settings(n_ctx=mid * 1024)).total <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 1024 if lo * 1024 < params.n_ctx else 0
 
 
 def _largest_preset_that_fits(facts: ModelFacts, params: RuntimeParams, free: int) -> str | None:

@@ -44,6 +44,9 @@ _PRESET = click.option("-p", "--preset", default=DEFAULT_PRESET, show_default=Tr
 _HOW = [  # how to run, whatever the preset: KV cache, attention, device, threads, memory, logging
     click.option("--cache-type", type=click.Choice(list(KV_CACHE_TYPES)), help="KV cache type for K and V."),
     click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention [default: the preset's, on]."),
+    click.option("--swa-full/--no-swa-full", default=None,
+                 help="Sliding-window layers (Gemma 2/3...): cache the whole context, not only the window "
+                      "[default: the preset's, off; memory only, results are the same]."),
     click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                  help="Where to run; cuda/metal fail if this llama.cpp build lacks them."),
     click.option("--gpu-layers", callback=_gpu_layers, metavar="N|all", help="Layers to offload to the GPU."),
@@ -51,7 +54,7 @@ _HOW = [  # how to run, whatever the preset: KV cache, attention, device, thread
     click.option("--force", is_flag=True, help="Load even when the memory estimate exceeds free memory."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log on stderr."),
 ]
-_HOW_FIELDS = ("cache_type", "flash_attn", "device", "gpu_layers", "threads", "force", "verbose")
+_HOW_FIELDS = ("cache_type", "flash_attn", "swa_full", "device", "gpu_layers", "threads", "force", "verbose")
 
 
 _KV_CACHE = click.option("--no-kv-cache", "kv_cache", flag_value=False, default=True,

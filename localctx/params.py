@@ -59,6 +59,10 @@ class RuntimeParams:
     # grouped positions (index // group). 1 and 0: off.
     group_size: int = 1
     neighbor_window: int = 0
+    # Sliding-window layers (Gemma 2/3 and others): False keeps their cache to the window (plus a
+    # micro-batch), as llama.cpp's own tools do; True sizes it for the whole context, as
+    # llama-cpp-python does by default. It changes memory, never results (see memory.py).
+    swa_full: bool = False
 
     @property
     def self_extend(self) -> bool:
@@ -71,6 +75,8 @@ class RuntimeParams:
             # Fields added with Self-Extend appear only when it is on: every record, eval cache key and
             # summarizer fingerprint written before them stays the same.
             del data["group_size"], data["neighbor_window"]
+        if not self.swa_full:  # likewise, and it does not change results
+            del data["swa_full"]
         return data
 
     @property
@@ -105,6 +111,8 @@ class RuntimeParams:
         if self.type_v != "f16":
             flags += ["--cache-type-v", self.type_v]
         flags += ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        if self.swa_full:
+            flags += ["--swa-full"]
         if self.self_extend:  # llama-cli / llama-completion only: llama-server dropped them (#9860)
             flags += ["--grp-attn-n", str(self.group_size), "--grp-attn-w", str(self.neighbor_window)]
         return flags

@@ -38,6 +38,7 @@ class ContextSettings:
     type_v: str = "f16"
     n_batch: int = 512
     n_ubatch: int = 512
+    swa_full: bool = False  # sliding-window layers' cache for the whole context (memory only)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
     if method in ("extrapolate", "self-extend", *ROPE_METHODS) and target is None:
         raise PresetError(f"{where}: method {method!r} needs field 'target_ctx'")
     context = _section(data, "context", ContextSettings,
-                       {"flash_attn": bool, "type_k": str, "type_v": str, "n_batch": int, "n_ubatch": int}, where)
+                       {"flash_attn": bool, "type_k": str, "type_v": str, "n_batch": int, "n_ubatch": int,
+                        "swa_full": bool}, where)
     for attr in ("type_k", "type_v"):
         if getattr(context, attr) not in KV_CACHE_TYPES:
             raise PresetError(f"{where}: context.{attr} must be one of {', '.join(KV_CACHE_TYPES)}")
@@ -406,7 +408,7 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
     c = preset.context
     common: dict[str, Any] = dict(
         preset=preset.name, method=method, n_ctx=target, trained_ctx=trained, scale=scale,
-        flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v,
+        flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v, swa_full=c.swa_full,
         n_batch=min(c.n_batch, target), n_ubatch=min(c.n_ubatch, c.n_batch, target), notes=tuple(notes),
     )
     if not rope:
@@ -433,6 +435,13 @@ def _self_extend(preset: Preset, facts: ModelFacts, target: int, trained: int, n
         raise PresetError(
             f"Preset {preset.name!r} (Self-Extend) regroups rotary positions, and {facts.name} ({facts.architecture}) "
             f"has {'ALiBi biases' if facts.positions == 'alibi' else facts.positions + ' positions'}, not RoPE."
+        )
+    if facts.sliding_window:
+        raise PresetError(
+            f"Preset {preset.name!r} (Self-Extend) regroups positions, and {facts.name} ({facts.architecture}) has "
+            f"sliding-window layers ({facts.n_sliding_layers} of {facts.n_layers} see only the last "
+            f"{facts.sliding_window:,} tokens): llama.cpp masks them by position, so grouped positions would show "
+            "them tokens outside their window, and it cannot shift a window-sized cache. Use a YaRN preset instead."
         )
     if w >= trained:
         raise PresetError(f"Preset {preset.name!r}: self_extend.window {w:,} must be below the trained context "

@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import LocalctxError
 from .gguf_meta import ModelFacts
+from .memory import sliding_cells
 from .params import KV_CACHE_TYPES
 from .paths import default_model_path, list_user_models
 from .presets import applicable, list_presets
@@ -40,9 +41,25 @@ def model_report(facts: ModelFacts) -> dict[str, Any]:
         "head_dim": facts.head_dim_k,
         "kv_cache_bytes_per_token": {t: facts.kv_cache_bytes(1, t) for t in KV_CACHE_TYPES},
         "kv_cache_bytes": {
-            str(n): {t: facts.kv_cache_bytes(n, t) for t in KV_CACHE_TYPES} for n in REPORT_CONTEXTS
+            str(n): {t: facts.kv_cache_bytes(n, t, sliding_cells=sliding_cells(facts, n)) for t in KV_CACHE_TYPES}
+            for n in REPORT_CONTEXTS
         },
+        "sliding_window": _sliding(facts),
         "presets": {p.name: _applies(p, facts) for p in list_presets()},
+    }
+
+
+def _sliding(facts: ModelFacts) -> dict[str, Any] | None:
+    """Sliding-window layers: which, over how many tokens, and the KV cache with the full-size
+    sliding cache (`--swa-full`) beside the window-sized one of `kv_cache_bytes`."""
+    if not facts.sliding_window:
+        return None
+    return {
+        "tokens": facts.sliding_window,
+        "kind": facts.sliding_kind,
+        "layers": [i for i, s in enumerate(facts.sliding_layers) if s],
+        "kv_cache_bytes_swa_full": {str(n): {t: facts.kv_cache_bytes(n, t) for t in KV_CACHE_TYPES}
+                                    for n in REPORT_CONTEXTS},
     }
 
 

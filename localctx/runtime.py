@@ -34,6 +34,7 @@ class RunSpec:
     ctx: int | None = None  # overrides the preset's target context
     cache_type: str | None = None  # overrides the preset's KV cache type (K and V)
     flash_attn: bool | None = None  # overrides the preset's flash attention setting
+    swa_full: bool | None = None  # overrides the preset's sliding-window cache setting
     device: str = "auto"  # auto | cpu | cuda | metal
     gpu_layers: GpuLayers = None  # a count, "all", or None (all when a GPU is usable)
     threads: int | None = None  # None: every core this process may use
@@ -103,6 +104,8 @@ def _ladder(spec: RunSpec, facts: ModelFacts) -> Ladder:
                              flash_attn=True if spec.cache_type != "f16" else params.flash_attn)
         if spec.flash_attn is not None:
             params = replace(params, flash_attn=spec.flash_attn)
+        if spec.swa_full is not None:
+            params = replace(params, swa_full=spec.swa_full)
         return params
 
     return resolve_ladder(load_preset(spec.preset), facts, ctx=spec.ctx).map(overrides)

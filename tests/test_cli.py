@@ -118,7 +118,7 @@ def test_gpu_request_on_cpu_build_fails_with_rebuild_command(cli):
 
 
 def test_memory_refusal_names_what_fits(cli):
-    env = {"LOCALCTX_MEMORY_LIMIT": "850M"}
+    env = {"LOCALCTX_MEMORY_LIMIT": "950M"}
     result = cli("generate", "--preset", "yarn-32k", "hi", env=env)
     assert_clean_error(result, "Not enough memory", "--cache-type q8_0", "--preset yarn-16k", "--force")
     forced = cli("generate", "--preset", "yarn-32k", "--force", "--max-tokens", "4", "hi", env=env)

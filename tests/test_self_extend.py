@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SHORT_TRAINED, assert_clean_error
 from gguf_factory import write_model
+from gguf_runnable import write_runnable_model
 from localctx.errors import ConversionError, PresetError
 from localctx.gguf_meta import read_facts
 from localctx.presets import load_preset, parse_preset, resolve, self_extend_reach
@@ -90,6 +91,16 @@ def test_positions_other_than_rope_are_refused(tmp_path: Path) -> None:
     facts = read_facts(write_model(tmp_path / "bloom.gguf", "bloom", rope_base=None, context=2048))
     with pytest.raises(PresetError, match="ALiBi biases, not RoPE"):
         resolve(load_preset("self-extend-16k"), facts)
+
+
+def test_a_model_whose_cache_cannot_shift_is_refused_at_load(tmp_path: Path, preset_file: Path, cli) -> None:
+    # qwen2vl's M-RoPE positions are several per token: llama.cpp cannot re-rotate its keys, and
+    # says so through llama_memory_can_shift; only loading the model tells.
+    model = write_runnable_model(tmp_path / "mrope.gguf", "qwen2vl", context=1024)
+    result = cli("generate", "--model", str(model), "--preset", str(preset_file), "--max-tokens", "2", "Hello")
+    assert_clean_error(result, "Self-Extend moves positions", "cannot shift this one", "qwen2vl")
+    ok = cli("generate", "--model", str(model), "--preset", "native", "--max-tokens", "2", "Hello")
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_convert_refuses_self_extend(model_path: Path, tmp_path: Path, cli) -> None:

@@ -59,10 +59,21 @@ def render_inspect(r: dict[str, Any]) -> None:
     row("attention heads", f"{r['attention_heads']} (KV heads {r['kv_heads']}), head dim {r['head_dim']}")
     per = r["kv_cache_bytes_per_token"]
     row("KV cache per token", ", ".join(f"{t} {human(b)}" for t, b in per.items()))
-    click.echo("KV cache total:")
-    click.echo(f"  {'tokens':>8}  " + "  ".join(f"{t:>10}" for t in per))
-    for n, by_type in r["kv_cache_bytes"].items():
-        click.echo(f"  {int(n):>8,}  " + "  ".join(f"{human(b):>10}" for b in by_type.values()))
+    sliding = r["sliding_window"]
+    if sliding:
+        row("sliding window", f"{sliding['tokens']:,} tokens ({sliding['kind']}) on {len(sliding['layers'])} "
+                              f"of {r['layers']} layers")
+        click.echo("KV cache total (sliding layers keep their window; with --swa-full, the whole context):")
+        full = sliding["kv_cache_bytes_swa_full"]
+        click.echo(f"  {'tokens':>8}  " + "  ".join(f"{t:>10} {'swa-full':>10}" for t in per))
+        for n, by_type in r["kv_cache_bytes"].items():
+            click.echo(f"  {int(n):>8,}  " + "  ".join(f"{human(b):>10} {human(full[n][t]):>10}"
+                                                      for t, b in by_type.items()))
+    else:
+        click.echo("KV cache total:")
+        click.echo(f"  {'tokens':>8}  " + "  ".join(f"{t:>10}" for t in per))
+        for n, by_type in r["kv_cache_bytes"].items():
+            click.echo(f"  {int(n):>8,}  " + "  ".join(f"{human(b):>10}" for b in by_type.values()))
     click.echo("presets:")
     for name, info in r["presets"].items():
         mark = "yes" if info["applies"] else "no "
@@ -127,14 +138,17 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
     Example:
       localctx presets show yarn-32k --model converted.gguf
     """
+    from ..memory import estimate
     from ..runtime import resolve_spec
 
     resolved = resolve_spec(RunSpec(model=model, preset=name, ctx=ctx))
     facts, params, ladder = resolved.facts, resolved.params, resolved.ladder
     flags = " ".join(params.llama_flags())
+    memory = estimate(facts, params)
     if as_json:
         report = {"model": str(facts.path), "params": params.to_dict(), "llama_cli": f"llama-cli -m {facts.path} {flags}",
-                  "llama_server": None if params.self_extend else f"llama-server -m {facts.path} {flags}"}
+                  "llama_server": None if params.self_extend else f"llama-server -m {facts.path} {flags}",
+                  "memory": memory.to_dict()}
         if ladder.adaptive:
             report["ladder"] = [{"params": step.to_dict(), "llama_flags": " ".join(step.llama_flags())}
                                 for step in ladder.steps]
@@ -149,6 +163,8 @@ def presets_show(name: str, model: str | None, ctx: int | None, as_json: bool) -
             click.echo(f"  {key:<18}{value}")
     for note in params.notes:
         click.echo(f"  note: {note}")
+    click.echo(f"  {'memory':<18}about {human(memory.total)} (model {human(memory.model_bytes)}, KV cache "
+               f"{human(memory.kv_bytes)}, compute {human(memory.compute_bytes)})")
     if params.self_extend:
         click.echo(SELF_EXTEND_NOTE.format(g=params.group_size, w=params.neighbor_window, t=params.trained_ctx))
         click.echo(f"\nllama-cli -m {facts.path} {flags}   (nearest llama.cpp equivalent; no llama-server flags)")
