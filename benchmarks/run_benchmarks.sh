@@ -59,6 +59,14 @@ step quality $LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --d
 step speed $PY benchmarks/bench_auto.py switch planner --json "$OUT/auto.json"
 # Issue 13: KV snapshots (a 12K-token document asked twice, chat, sizes, batch-split logits).
 step speed $PY benchmarks/bench_kvcache.py --json "$OUT/kvcache.json"
+# Issue 14: Self-Extend beside the RoPE presets (their cells are cached above), its mechanism and speed.
+step quality $LC eval ppl --presets self-extend-32k --lengths 2k,8k,16k,32k --end $END
+step quality $LC eval passkey --presets self-extend-32k --lengths 8k,16k,32k --depths 0,0.5,1
+step speed $PY benchmarks/bench_self_extend.py --json "$OUT/self_extend.json"
+# Issue 15: peak memory of a filled window against the estimate (memory, not time: may share the
+# machine), and what the window-sized sliding cache costs when a cache is reused.
+step quality $PY benchmarks/bench_memory.py --validate --json "$OUT/memory.json"
+step speed $PY benchmarks/bench_swa_reuse.py --json "$OUT/swa_reuse.json"
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).
@@ -72,4 +80,6 @@ $LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0
   --plot "$OUT/passkey.png" --json > "$OUT/passkey.json"
 $LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0.5,1 --cached-only > "$OUT/passkey.txt"
 $LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --depths 0,0.5,1 --cached-only > "$OUT/passkey_auto.txt"
-cat "$OUT/ppl.txt" "$OUT/passkey.txt" "$OUT/passkey_auto.txt"
+$LC eval passkey --presets self-extend-32k,yarn-32k,ntk-32k --lengths 8k,16k,32k --depths 0,0.5,1 --cached-only \
+  > "$OUT/passkey_self_extend.txt"
+cat "$OUT/ppl.txt" "$OUT/passkey.txt" "$OUT/passkey_auto.txt" "$OUT/passkey_self_extend.txt"

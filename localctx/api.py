@@ -32,7 +32,8 @@ ModelRef = str | os.PathLike[str] | None  # None: the default model; a GGUF path
 def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int | None = None,
                cache_type: str | None = None, flash_attn: bool | None = None, device: str = "auto",
                gpu_layers: GpuLayers = None, threads: int | None = None, force: bool = False,
-               verbose: bool = False, seed: int = 0, kv_cache: bool = True) -> Engine:
+               verbose: bool = False, seed: int = 0, kv_cache: bool = True,
+               swa_full: bool | None = None) -> Engine:
     """Load a model at a preset's context: resolved against its GGUF metadata, checked against the
     memory available (refused with what would fit, unless `force`), then loaded by llama.cpp.
 
@@ -48,10 +49,13 @@ def open_model(model: ModelRef = None, preset: str = DEFAULT_PRESET, *, ctx: int
     With `kv_cache` (the default), a long document given to `generate_text` or attached to a chat
     is saved as a KV snapshot after it is evaluated, and restored by any later prompt that starts
     with it under the same model and parameters (see `kv_snapshots`).
+
+    `swa_full`: on models with sliding-window layers, cache the whole context for them too (default:
+    the preset's, off: their window only; memory, not results, differs).
     """
     spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn,
                    device=device, gpu_layers=gpu_layers, threads=threads, force=force, verbose=verbose,
-                   kv_cache=kv_cache)
+                   kv_cache=kv_cache, swa_full=swa_full)
     return open_engine(spec, seed=_seed(seed))
 
 
@@ -70,10 +74,13 @@ def resolve_preset(preset: str = DEFAULT_PRESET, model: ModelRef = None, *, ctx:
 
 
 def estimate_memory(preset: str = DEFAULT_PRESET, model: ModelRef = None, *, ctx: int | None = None,
-                    cache_type: str | None = None, flash_attn: bool | None = None) -> MemoryEstimate:
+                    cache_type: str | None = None, flash_attn: bool | None = None,
+                    swa_full: bool | None = None) -> MemoryEstimate:
     """What loading the model at this preset will take in memory (weights, KV cache, compute
-    buffers): the estimate the memory refusal compares with what is available."""
-    spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn)
+    buffers): the estimate the memory refusal compares with what is available. `.to_dict()`
+    gives its parts, the sliding-window layers' cache included."""
+    spec = RunSpec(model=_model(model), preset=preset, ctx=ctx, cache_type=cache_type, flash_attn=flash_attn,
+                   swa_full=swa_full)
     resolved = resolve_spec(spec)
     return estimate(resolved.facts, resolved.params)
 

@@ -17,7 +17,7 @@ from .presets import best_preset
 MEMORY_LIMIT_ENV = "LOCALCTX_MEMORY_LIMIT"
 # The process before any window: Python, numpy, llama.cpp's code and the model's vocabulary
 # structures (calibrated against benchmarks/bench_memory.py: see benchmarks/RESULTS.md section 10).
-_OVERHEAD = 64 * 2**20
+_OVERHEAD = 80 * 2**20
 _VOCAB_OVERHEAD = 256  # bytes per vocabulary entry held by llama.cpp and llama-cpp-python
 _PAD = 256  # llama.cpp rounds a context's cells up to a multiple of this
 
