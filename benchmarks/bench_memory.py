@@ -62,7 +62,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from common import CORPUS
+from common import CORPUS, proc_status
 
 from localctx.runtime import RunSpec, open_engine
 
@@ -103,16 +103,6 @@ VALIDATION = {"synthetic": {**CONFIGS["native-8k-fa-f16"], "name": "validate-syn
 
 
 # --- /proc ---------------------------------------------------------------------------------------
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon and RssFile of this process, in bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def reset_peak() -> bool:

@@ -14,3 +14,13 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 def raw_llama(engine: localctx.Engine) -> llama_cpp.Llama:
     return llama_cpp.Llama(**engine.llama_arguments)
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM (the peak), RssAnon and RssFile of this process, in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out

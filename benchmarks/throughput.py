@@ -16,15 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import proc_status
+
 CONFIGS = {"fa-f16": (True, "f16"), "nofa-f16": (False, "f16"), "fa-q8_0": (True, "q8_0")}
 GEN_TOKENS = 32
 
 
 def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return proc_status()["VmHWM"]
 
 
 def gpu_memory_used() -> int | None:

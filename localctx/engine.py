@@ -337,11 +337,10 @@ class Engine:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = params.n_ctx, params.n_batch, params.n_ubatch
         cp.rope_scaling_type = arguments["rope_scaling_type"]
         for name in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
-                     "yarn_beta_slow", "yarn_orig_ctx", "type_k", "type_v"):
+                     "yarn_beta_slow", "yarn_orig_ctx", "type_k", "type_v", "swa_full"):
             setattr(cp, name, arguments[name])
         cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cp.swa_full = params.swa_full
         llm._ctx.close()
         llm._ctx = llama_internals.LlamaContext(model=llm._model, params=cp, verbose=llm.verbose)
         if params.n_batch != llm.n_batch:
@@ -785,7 +784,7 @@ class Engine:
         c = self._grouped
         if index < c:
             return index // self.params.group_size
-        return c // self.params.group_size + (index - c) if c else index
+        return c // self.params.group_size + (index - c)
 
     def _group_before(self, n: int, b: int) -> None:
         """Before evaluating tokens [n, n + b): move the oldest tokens out of the exact region (into

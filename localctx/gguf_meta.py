@@ -528,10 +528,9 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
     positions = _positions(header, arch)
     n_embd = f.integer(k(Keys.LLM.EMBEDDING_LENGTH), 1, U32_MAX, required=True)
     assert n_embd is not None
-    n_heads, n_heads_kv, head_dim_k, head_dim_v = _attention(f, k, n_layers, n_embd, positions)
+    n_heads, kv_heads, head_dim_k, head_dim_v = _attention(f, k, n_layers, n_embd, positions)
     rope_base, rope_dims = _rope(f, arch, positions, head_dim_k)
     window, sliding, kind = _sliding(f, k, arch, n_layers)
-    kv_heads = f.per_layer(k(Keys.Attention.HEAD_COUNT_KV), 0, U32_MAX, n_layers)
     n_ff = f.per_layer(k(Keys.LLM.FEED_FORWARD_LENGTH), 0, U32_MAX, n_layers)
     return ModelFacts(
         path=header.path,
@@ -546,7 +545,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
         scaling=_scaling(f, k),
         n_layers=n_layers,
         n_heads=n_heads,
-        n_heads_kv=n_heads_kv,
+        n_heads_kv=max(kv_heads),
         head_dim_k=head_dim_k,
         head_dim_v=head_dim_v,
         n_embd=n_embd,
@@ -554,7 +553,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
         provenance=_provenance(f),
         chat_template=f.string(Keys.Tokenizer.CHAT_TEMPLATE),
         n_ff=max(n_ff or [0]),
-        kv_heads_per_layer=tuple(kv_heads or ()),
+        kv_heads_per_layer=tuple(kv_heads),
         sliding_window=window,
         sliding_layers=sliding,
         sliding_kind=kind,
@@ -617,8 +616,9 @@ def _check_llama_limits(f: _Fields, k: Callable[[str], str], n_layers: int) -> N
 
 
 def _attention(f: _Fields, k: Callable[[str], str], n_layers: int, n_embd: int,
-               positions: str) -> tuple[int, int, int, int]:
-    """Head counts and head sizes, which size the KV cache and the rotary dimensions."""
+               positions: str) -> tuple[int, list[int], int, int]:
+    """Head count, KV heads of each layer, and head sizes: they size the KV cache and the rotary
+    dimensions."""
     heads_key, kv_key = k(Keys.Attention.HEAD_COUNT), k(Keys.Attention.HEAD_COUNT_KV)
     heads = f.per_layer(heads_key, 0, U32_MAX, n_layers) or [0] * n_layers
     kv_heads = f.per_layer(kv_key, 0, U32_MAX, n_layers) or heads
@@ -639,7 +639,7 @@ def _attention(f: _Fields, k: Callable[[str], str], n_layers: int, n_embd: int,
             raise f.refuse(k(Keys.LLM.EMBEDDING_LENGTH), f"= {n_embd} is not a multiple of {heads_key} = "
                                                           f"{n_heads}, so the head size is undefined")
         derived = n_embd // n_heads
-    return n_heads, n_heads_kv, head_dim_k or derived, head_dim_v or derived
+    return n_heads, kv_heads, head_dim_k or derived, head_dim_v or derived
 
 
 def _rope(f: _Fields, arch: str, positions: str, head_dim_k: int) -> tuple[float | None, int | None]:
