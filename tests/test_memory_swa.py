@@ -53,6 +53,38 @@ def test_facts_follow_llama_cpps_pattern(gemma: Path, tmp_path: Path) -> None:
     assert plain.sliding_window == 0 and plain.kv_bytes_per_cell()[1] == 0
 
 
+def test_other_architectures_follow_their_llama_cpp_rules(tmp_path: Path) -> None:
+    # smallthinker: every fourth layer global counting from the first, window forced to 4,096.
+    thinker = read_facts(write_model(tmp_path / "st.gguf", "smallthinker", n_layer=8,
+                                     extra_kv={"smallthinker.attention.sliding_window": 100}))
+    assert thinker.sliding_window == 4096 and thinker.sliding_layers == (False, True, True, True) * 2
+    # llama4: chunked attention over 8,192 whatever the file says, and none when the file says 0.
+    chunked = read_facts(write_model(tmp_path / "l4.gguf", "llama4", n_layer=4,
+                                     extra_kv={"llama4.attention.sliding_window": 1}))
+    assert (chunked.sliding_window, chunked.sliding_kind) == (8192, "chunked")
+    assert chunked.sliding_layers == (True, True, True, False)
+    off = read_facts(write_model(tmp_path / "l4off.gguf", "llama4", extra_kv={"llama4.attention.sliding_window": 0}))
+    assert off.sliding_window == 0
+    # gemma2 slides every other layer over 4,096 tokens even when the file names no window.
+    assert read_facts(write_model(tmp_path / "g2.gguf", "gemma2", n_layer=4)).sliding_layers == (True, False) * 2
+
+
+def test_the_sliding_cache_setting_comes_from_presets_flags_and_the_api(gemma: Path, tmp_path: Path) -> None:
+    import localctx
+    from localctx.errors import PresetError
+
+    preset = tmp_path / "full.toml"
+    preset.write_text('method = "extrapolate"\ntarget_ctx = 16384\n[context]\nswa_full = true\n')
+    params = resolve(load_preset(str(preset)), read_facts(gemma))
+    assert params.swa_full and "--swa-full" in params.llama_flags() and params.to_dict()["swa_full"] is True
+    assert "swa_full" not in resolve(load_preset("extrapolate-16k"), read_facts(gemma)).to_dict()  # old keys stand
+    preset.write_text('method = "extrapolate"\ntarget_ctx = 16384\n[context]\nswa_full = "yes"\n')
+    with pytest.raises(PresetError, match="swa_full"):
+        load_preset(str(preset))
+    full, windowed = (localctx.estimate_memory("extrapolate-16k", gemma, swa_full=f) for f in (True, False))
+    assert full.kv_bytes > windowed.kv_bytes and full.kv_sliding_full_bytes == windowed.kv_sliding_full_bytes
+
+
 def test_a_window_with_no_sliding_layer_is_refused_before_llama_cpp_crashes(tmp_path: Path) -> None:
     path = write_model(tmp_path / "none.gguf", "gemma3", n_layer=4, extra_kv={
         "gemma3.attention.sliding_window": 512, "gemma3.attention.sliding_window_pattern": 1})
