@@ -17,7 +17,7 @@ from llama_cpp import _internals as llama_internals
 import numpy as np
 
 from .chat_template import TEMPLATE_COMPILE_ERRORS, ChatTemplate, Segment, uncompilable_template
-from .errors import ContextOverflowError, InputError, LocalctxError, ResourceError
+from .errors import Cancelled, ContextOverflowError, InputError, LocalctxError, ResourceError
 from .gguf_meta import ModelFacts
 from .kvcache import KVStore, SnapshotKey, model_identity, snapshot_threshold
 from .params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
@@ -255,6 +255,9 @@ class Engine:
         self._model_id: str | None = None
         self._template: ChatTemplate | None = None
         self._grouped = 0  # Self-Extend: how many leading tokens sit at grouped positions
+        # Asked before each batch is decoded (prompt batches and each generated token): when it
+        # returns True the request stops with Cancelled (the server: a client that went away).
+        self.should_stop: Callable[[], bool] | None = None
         # Every evaluation of a prompt or a generated token goes through _decode (positions, and
         # Self-Extend's grouping), including llama-cpp-python's generate loop.
         llm.eval = self._eval  # type: ignore[method-assign]
@@ -752,6 +755,9 @@ class Engine:
         batch = llm._batch.batch
         step = self._batch_size()
         for offset in range(0, len(tokens), step):
+            if self.should_stop is not None and self.should_stop():
+                # Between batches: input_ids and n_tokens describe what the KV cache holds.
+                raise Cancelled("The request was cancelled.")
             chunk = tokens[offset : offset + step]
             first = start + offset
             if self.params.self_extend:

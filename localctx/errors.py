@@ -30,3 +30,7 @@ class ConversionError(LocalctxError):
 
 class InputError(LocalctxError):
     """A document or text input that cannot be read."""
+
+
+class Cancelled(LocalctxError):
+    """A request stopped before it finished: its client went away, or the server is stopping."""

@@ -5,7 +5,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from . import cache, chat, convert, core, evaluate, summarize
+    from . import cache, chat, convert, core, evaluate, serve, summarize
 
-    for module in (core, chat, convert, summarize, evaluate, cache):
+    for module in (core, chat, convert, summarize, evaluate, cache, serve):
         module.register(group)

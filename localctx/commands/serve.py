@@ -1,0 +1,59 @@
+"""serve: the OpenAI-compatible server."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import click
+
+from ..options import run_options, seed_option
+from ..runtime import RunSpec
+
+API_KEY_ENV = "LOCALCTX_API_KEY"
+
+
+@click.command()
+@run_options(preset=False, kv_cache=True)
+@click.option("-p", "--preset", default="auto", show_default=True,
+              help="Context-extension preset (see `localctx presets list`) or a .toml file; auto scales each "
+                   "request only as far as its length needs.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free port; the address is printed on stderr).")
+@click.option("--api-key", envvar=API_KEY_ENV, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request but GET /health.")
+@click.option("--max-body-mb", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Largest request body accepted, in MiB (larger: HTTP 413).")
+@seed_option
+def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None, max_body_mb: int,
+          seed: int) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
+
+    Requests run one at a time, each at the preset's scaling for its own length (auto); a prompt
+    that starts with a long document the server has seen restores its KV snapshot; a prompt that
+    does not fit the largest window is refused with HTTP 400 (context_length_exceeded), never
+    truncated. Logs one line per request on stderr. Ctrl-C or SIGTERM stops it. See docs/serve.md.
+
+    \b
+    Examples:
+      localctx serve --preset auto --port 8080
+      curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from ..runtime import open_engine
+    from ..serve import serve as run_server
+
+    spec = replace(spec, preset=preset)
+    with open_engine(spec, seed=seed) as engine:
+        windows = ", ".join(f"{step.n_ctx:,}" for step in engine.ladder.steps)
+
+        def ready(url: str) -> None:
+            key = ", API key required" if api_key else ""
+            click.echo(f"Serving {engine.facts.path.name} (preset {preset}: windows {windows}) on {url}{key}. "
+                       "Ctrl-C to stop.", err=True)
+
+        run_server(engine, host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_mb * 2**20,
+                   ready=ready)
+    click.echo("Stopped.", err=True)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(serve)

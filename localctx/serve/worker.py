@@ -1,0 +1,187 @@
+"""The engine-facing half of the server: one thread owns the model and runs requests one at a
+time, in arrival order (a single-worker executor is the one lock). Everything that touches the
+engine happens on that thread, tokenizing included: llama.cpp's context is not thread-safe, and
+the chat template compiles lazily.
+
+A request becomes a Job; its events (start, text, done, error) go to the event loop through
+`call_soon_threadsafe`, so the HTTP side never blocks on the model. A job is cancelled by its
+Event (a client that went away) or by the worker's `stopping` (shutdown): a queued job is
+skipped, a running one stops before its next decoded batch or token (Engine.should_stop).
+
+The document boundary, for KV snapshots: a prompt that begins with a long document should
+restore that document's snapshot whatever question follows it. The rule matches how `localctx
+generate --file` builds its prompt (`document + "\\n\\n" + question`): the document is
+everything up to the last paragraph break in the last user message (completions: in the prompt),
+with the earlier messages before it; when the last user message has no paragraph break, the
+document is the conversation before that message (a document sent as an earlier message or a
+system prompt). Snapshots are taken only for boundaries of 2,048 tokens or more (the engine's
+threshold), so short prompts are untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import Engine
+from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceError
+from ..generate import common_prefix
+from ..kvcache import snapshot_threshold
+from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
+
+PARAGRAPH = "\n\n"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    document_end: int | None
+    max_tokens: int
+    stop: list[str]
+
+
+@dataclass
+class Job:
+    request: ApiRequest
+    post: Callable[[tuple[str, Any]], None]  # thread-safe: hands an event to the request's coroutine
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelWorker:
+    """Runs Jobs on `engine`, one at a time, on its own thread."""
+
+    def __init__(self, engine: Engine, model_id: str) -> None:
+        self.engine, self.model_id = engine, model_id
+        self.stopping = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localctx-model")
+        self._pending = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return self._pending
+
+    def submit(self, request: ApiRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Job:
+        def post(event: tuple[str, Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        job = Job(request, post)
+        with self._count_lock:
+            self._pending += 1
+        try:
+            self._executor.submit(self._run, job)
+        except RuntimeError:  # the executor has shut down: the server is stopping
+            self._run(job)  # sees `stopping` and only posts the refusal
+        return job
+
+    def stop(self) -> None:
+        """Stop the running request and skip the queued ones; returns once the thread is idle."""
+        self.stopping.set()
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # --- on the model thread ----------------------------------------------------------------
+
+    def _run(self, job: Job) -> None:
+        try:
+            self._run_job(job)
+        finally:
+            with self._count_lock:
+                self._pending -= 1
+
+    def _run_job(self, job: Job) -> None:
+        engine = self.engine
+        if job.cancel.is_set() or self.stopping.is_set():
+            job.post(("error", Cancelled("The request was cancelled before it started.")))
+            return
+        engine.should_stop = lambda: job.cancel.is_set() or self.stopping.is_set()
+        try:
+            prompt = self.prompt(job.request)
+            s = job.request.sampling
+            gen = engine.generate(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
+                                  top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end)
+            job.post(("start", None))
+            for text in gen:
+                job.post(("text", text))
+            t = gen.timings
+            details = {"window": engine.n_ctx, "scaling": engine.params.scaling, "max_tokens": prompt.max_tokens,
+                       "document_tokens": prompt.document_end or 0, **t.to_dict()}
+            job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
+        except (LocalctxError, ApiError) as exc:
+            job.post(("error", exc))
+        except Exception as exc:  # a bug: the client gets a 500 without details, the log the traceback
+            traceback.print_exc(file=sys.stderr)
+            job.post(("error", exc))
+        finally:
+            engine.should_stop = None
+
+    def prompt(self, request: ApiRequest) -> Prompt:
+        """The request's tokens, its document boundary and answer budget; refused (never
+        truncated) when they do not fit the largest window."""
+        engine = self.engine
+        if request.kind == "chat":
+            messages = list(request.messages)
+            tokens = engine.chat_tokens(messages)
+            stop = list(dict.fromkeys(engine.chat_stop + list(request.sampling.stop)))
+        else:
+            tokens = engine.tokenize(request.prompt, add_bos=True)
+            stop = list(request.sampling.stop)
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is None:
+            # Not "the rest of the window": with `auto` that would run every request at its largest step.
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, engine.max_ctx - len(tokens)))
+        try:
+            engine.check_fits(len(tokens), max_tokens)
+        except ContextOverflowError as exc:
+            raise ApiError(str(exc), param="messages" if request.kind == "chat" else "prompt",
+                           code="context_length_exceeded") from None
+        return Prompt(tokens, self.document_end(request, tokens), max_tokens, stop)
+
+    def document_end(self, request: ApiRequest, tokens: list[int]) -> int | None:
+        """How many leading tokens are a document (the module's rule); None when too short to keep."""
+        threshold = self.engine.kv_store.threshold if self.engine.kv_store is not None else snapshot_threshold()
+        if len(tokens) <= threshold:
+            return None
+        engine = self.engine
+        if request.kind == "completion":
+            at = request.prompt.rfind(PARAGRAPH)
+            head = engine.tokenize(request.prompt[:at], add_bos=True) if at > 0 else None
+        else:
+            messages = list(request.messages)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            if last is None:
+                return None
+            text = messages[last]["content"]
+            at = text.rfind(PARAGRAPH)
+            if at > 0:
+                cut = messages[:last] + [{"role": "user", "content": text[:at]}]
+                head = engine.chat_tokens(cut)  # as generate --file --chat: the document as a whole message
+            elif last > 0:
+                head = engine.chat_tokens(messages[:last], add_generation_prompt=False)
+            else:
+                head = None
+        if head is None:
+            return None
+        end = common_prefix(tokens, head)
+        return end if end >= threshold else None
+
+
+def status_of(exc: BaseException) -> ApiError:
+    """The HTTP error a failed job becomes."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Cancelled):
+        return ApiError(str(exc), status=503, type="server_error", code="cancelled")
+    if isinstance(exc, ResourceError):
+        return ApiError(str(exc), status=503, type="server_error", code="resource_exhausted")
+    if isinstance(exc, LocalctxError):  # bad input the library refused: a template, a control token
+        return ApiError(str(exc))
+    return ApiError("The server failed on this request (see its log).", status=500, type="server_error")
