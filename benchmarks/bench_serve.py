@@ -74,9 +74,10 @@ def chat_streamed(client: openai.OpenAI, messages: list[dict[str, str]], max_tok
     text, usage, details = [], None, {}
     for chunk in client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens, temperature=0,
                                                 stream=True, stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            # The first token: its text, or the end of the answer when the first token ends it.
             first = first or time.perf_counter()
-            text.append(chunk.choices[0].delta.content)
+            text.append(chunk.choices[0].delta.content or "")
         if chunk.usage:
             usage = chunk.usage
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -150,7 +151,8 @@ def document(home: Path, max_tokens: int) -> dict[str, Any]:
         out[name] = {"ttft_seconds": round(c["ttft"], 2), "total_seconds": round(c["seconds"], 2),
                      "prompt_tokens": c["prompt_tokens"], "window": d.get("window"), "scaling": d.get("scaling"),
                      "document_tokens": d.get("document_tokens"), "restored_tokens": d.get("restored_tokens"),
-                     "saved_tokens": d.get("saved_tokens"), "snapshot_seconds": d.get("snapshot_seconds")}
+                     "saved_tokens": d.get("saved_tokens"), "snapshot_seconds": d.get("snapshot_seconds"),
+                     "completion_tokens": c["completion_tokens"], "answer": c["text"][:80]}
     first = out["first"]["ttft_seconds"]
     for name in ("second_same_server", "after_unrelated_request", "after_restart"):
         out[name]["speedup_vs_first"] = round(first / out[name]["ttft_seconds"], 1)

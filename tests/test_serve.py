@@ -75,7 +75,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield srv
     finally:
         if srv.proc.poll() is None:
-            rc = srv.stop(signal.SIGINT)  # Ctrl-C
+            try:
+                rc = srv.stop(signal.SIGINT)  # Ctrl-C
+            finally:
+                if srv.proc.poll() is None:  # never leave a server running after a failure
+                    srv.proc.kill()
             log = srv.log_text()
             assert rc == 0, log
             assert "Traceback" not in log, log
@@ -147,6 +151,11 @@ def test_chat_streamed_and_not_agree(client: openai.OpenAI) -> None:
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [choice.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == u.model_dump()
+    # Content as a list of text parts is the same message.
+    parts = [{"type": "text", "text": USER[0]["content"][:20]}, {"type": "text", "text": USER[0]["content"][20:]}]
+    same = client.chat.completions.create(model="x", messages=[{"role": "user", "content": parts}], max_tokens=12,
+                                          temperature=0)
+    assert same.choices[0].message.content == choice.message.content and same.usage.prompt_tokens == u.prompt_tokens
 
 
 def test_completions_streamed_and_not(client: openai.OpenAI) -> None:
@@ -212,6 +221,18 @@ def test_document_snapshot_is_restored_for_another_question(client: openai.OpenA
     client.completions.create(model="x", prompt="Something else entirely.", max_tokens=2)  # evicts the cache
     second = ask("Where does Alice sit?")
     assert second["restored_tokens"] == first["document_tokens"], second
+
+    # No paragraph break in the last user message: the document is the conversation before it.
+    def follow_up(question: str) -> dict:
+        messages = [{"role": "user", "content": doc.replace("\n\n", "\n")}, {"role": "assistant", "content": "Read."},
+                    {"role": "user", "content": question}]
+        return client.chat.completions.create(model="x", messages=messages, max_tokens=2,
+                                              temperature=0).model_extra["localctx"]
+
+    saved = follow_up("Who is the story about?")
+    assert saved["saved_tokens"] == saved["document_tokens"] >= 300
+    client.completions.create(model="x", prompt="Something else entirely.", max_tokens=2)
+    assert follow_up("Where does Alice sit?")["restored_tokens"] == saved["document_tokens"]
 
 
 def test_concurrent_clients_all_complete(server: Server) -> None:

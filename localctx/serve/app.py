@@ -47,7 +47,7 @@ def model_id(engine: Engine) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               log: Callable[[str], None] | None = None) -> Starlette:
+               log: Callable[[str], None] | None = None) -> _Guard:
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
     uvicorn). Requests run one at a time on a worker thread; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
@@ -77,7 +77,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         lifespan=lifespan,
     )
     app.state.worker = worker
-    return _Guard(app, api_key, log or _stderr)  # type: ignore[return-value]
+    return _Guard(app, api_key, log or _stderr)
 
 
 def _stderr(line: str) -> None:
