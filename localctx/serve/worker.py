@@ -22,19 +22,21 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Engine
+from ..engine import Engine, Generation
 from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceError
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
 from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
 
 PARAGRAPH = "\n\n"
+FLUSH_SECONDS = 0.05  # streamed text is sent at most 20 times a second (the first piece at once)
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,10 @@ class ModelWorker:
             gen = engine.generate(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
                                   top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end)
             job.post(("start", None))
-            for text in gen:
-                job.post(("text", text))
+            if job.request.stream:
+                self._stream_text(gen, job)
+            else:
+                gen.finish()  # the outcome carries the text: no event per token to wake the loop for
             t = gen.timings
             details = {"window": engine.n_ctx, "scaling": engine.params.scaling, "max_tokens": prompt.max_tokens,
                        "document_tokens": prompt.document_end or 0, **t.to_dict()}
@@ -122,6 +126,21 @@ class ModelWorker:
             job.post(("error", exc))
         finally:
             engine.should_stop = None
+
+    @staticmethod
+    def _stream_text(gen: Generation, job: Job) -> None:
+        """Post the text as it comes, at most one event per FLUSH_SECONDS after the first (pieces
+        in between are sent together): each event wakes the event loop and the client, and on a
+        CPU where llama.cpp's threads use every core each wake-up delays a token."""
+        pending, last = "", 0.0
+        for text in gen:
+            pending += text
+            now = time.monotonic()
+            if now - last >= FLUSH_SECONDS:
+                job.post(("text", pending))
+                pending, last = "", now
+        if pending:
+            job.post(("text", pending))
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never
