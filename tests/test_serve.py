@@ -199,6 +199,7 @@ def test_overflow_is_refused_with_the_counts(client: openai.OpenAI) -> None:
     assert info.value.code == "context_length_exceeded" and f"answer budget {CTX:,}" in info.value.body["message"]
 
 
+@pytest.mark.slow  # a few seconds alone; over 20 s on a shared 2-core machine
 def test_default_budget_is_not_the_rest_of_the_window(client: openai.OpenAI) -> None:
     """No max_tokens: 512 at most, less when the window has less room left (documented)."""
     prompt = "word " * 1000  # about 1,000 tokens of a 1,024 window: less than 512 left
@@ -208,6 +209,7 @@ def test_default_budget_is_not_the_rest_of_the_window(client: openai.OpenAI) -> 
     assert short.model_extra["localctx"]["max_tokens"] == 512
 
 
+@pytest.mark.slow  # a few seconds alone; over 20 s on a shared 2-core machine
 def test_document_snapshot_is_restored_for_another_question(client: openai.OpenAI, corpus: Path) -> None:
     doc = corpus.joinpath("alice.txt").read_text()[:1500]  # about 350 tokens (the server's threshold: 64)
 
@@ -235,6 +237,7 @@ def test_document_snapshot_is_restored_for_another_question(client: openai.OpenA
     assert follow_up("Where does Alice sit?")["restored_tokens"] == saved["document_tokens"]
 
 
+@pytest.mark.slow  # a few seconds alone; over 20 s on a shared 2-core machine
 def test_concurrent_clients_all_complete(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     results: dict[int, str] = {}
