@@ -1,8 +1,10 @@
 """Summarize on Ray workers against one process, on the same batch of short documents, in one run:
 
+  0. what the fixed prompt splits (the price of identical results) cost in one process;
   1. one process with T threads (T = all cores) against --workers T (one thread each), wall time
      of the whole batch (runtime start and model loads included, and without them), and whether
-     the summaries are identical;
+     the summaries are identical (to one process with T threads, and with one thread: llama.cpp's
+     results depend on the thread count);
   2. the driver's cost per task: a Ray round trip (dispatch + result return) with a model call's
      real payload, and the store write the driver does for it, against a task's own time;
   3. the object store: ray.put of the model file's bytes and ray.get in a worker;
@@ -134,6 +136,56 @@ def model(per_doc: float, overhead_s: float, startup_s: float, docs: int = 1000)
     return rows
 
 
+class WithoutFixedHead:
+    """The engine as before issue 16: a call's prompt reuses whatever prefix the last call left."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def complete(self, tokens: Any, **kwargs: Any) -> Any:
+        kwargs.pop("head_end", None)
+        return self.engine.complete(tokens, **kwargs)
+
+
+def split_cost(paths: list[str], threads: int) -> dict[str, Any]:
+    """What the fixed splits cost in one process: the same summarize batch, and the same passkey
+    prompts in the grid's old order (each reusing the previous prompt's prefix), with and without."""
+    from localctx.evaluate.passkey import ANSWER_TOKENS, build_passkey_prompt, passkey_key
+    from localctx.runtime import open_engine
+
+    out: dict[str, Any] = {}
+    with open_engine(RunSpec(threads=threads)) as engine:
+        times: dict[str, list[float]] = {"fixed": [], "reuse": []}
+        for _ in range(2):
+            for name, wrapped in (("fixed", engine), ("reuse", WithoutFixedHead(engine))):
+                with tempfile.TemporaryDirectory() as home:
+                    os.environ["LOCALCTX_HOME"] = home
+                    engine.reset_cache()
+                    start = time.perf_counter()
+                    summarize_batch(paths, RunSpec(), OPTIONS, engine=wrapped)
+                    times[name].append(time.perf_counter() - start)
+        out["summarize_fixed_s"], out["summarize_reuse_s"] = min(times["fixed"]), min(times["reuse"])
+        prefix = engine.tokenize("", add_bos=True)
+        prompts = [build_passkey_prompt(lambda t: engine.tokenize(t, add_bos=False), prefix, n - ANSWER_TOKENS, d,
+                                        passkey_key(0, 0))
+                   for n in (1024, 2048, 4096) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        prompts.sort(key=lambda p: (len(p.tokens), p.tokens))
+        answers: dict[str, list[str]] = {}
+        for name in ("reuse", "fixed"):
+            engine.reset_cache()
+            start = time.perf_counter()
+            answers[name] = [engine.complete(p.tokens, max_tokens=ANSWER_TOKENS, temperature=0.0,
+                                             **({"head_end": p.filler_start} if name == "fixed" else {})).text
+                             for p in prompts]
+            out[f"passkey_{name}_s"] = time.perf_counter() - start
+        out["passkey_cells"] = len(prompts)
+        out["passkey_answers_differ"] = sum(a != b for a, b in zip(answers["reuse"], answers["fixed"]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=8)
@@ -144,7 +196,10 @@ def main() -> None:
     cores = cpu_count()
     with tempfile.TemporaryDirectory() as tmp:
         paths = documents(Path(tmp), args.docs, args.chars)
+        cost = split_cost(paths, cores)
+        print(f"fixed splits in one process: {cost}", file=sys.stderr)
         single = batch(paths, RunSpec(threads=cores), None)
+        single1 = batch(paths, RunSpec(threads=1), None)
         print(f"one process, {cores} threads: {single['seconds']:.1f} s ({single['after_start']:.1f} s after loading), "
               f"{single['calls']} calls of {single['call_seconds']:.2f} s", file=sys.stderr)
         workers = batch(paths, RunSpec(), Cluster(workers=cores))
@@ -165,7 +220,10 @@ def main() -> None:
         "cores": cores, "docs": args.docs, "chars": args.chars,
         "single": {k: v for k, v in single.items() if k != "summaries"},
         "workers": {k: v for k, v in workers.items() if k != "summaries"},
-        "identical": single["summaries"] == workers["summaries"],
+        "identical_to_one_thread_process": single1["summaries"] == workers["summaries"],
+        "identical_to_all_threads_process": single["summaries"] == workers["summaries"],
+        "single_1_thread": {k: v for k, v in single1.items() if k != "summaries"},
+        "split_cost": cost,
         "ratio_total": single["seconds"] / workers["seconds"],
         "ratio_after_start": single["after_start"] / workers["after_start"],
         "driver": overhead, "per_task_overhead_fraction": per_task / workers["call_seconds"],

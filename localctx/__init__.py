@@ -37,9 +37,9 @@ _EXPORTS = {
     "evaluate_passkey": "api", "estimate_memory": "api", "kv_snapshots": "api", "clear_kv_snapshots": "api",
     # what they take and return
     "Engine": "engine", "Generation": "engine", "Timings": "engine", "ChatSession": "chat",
-    "ModelFacts": "gguf_meta", "RuntimeParams": "params", "RunSpec": "runtime", "Cluster": "cluster", "SummarizeOptions": "summarize",
+    "ModelFacts": "gguf_meta", "RuntimeParams": "params", "RunSpec": "runtime", "SummarizeOptions": "summarize",
     "BatchResult": "summarize", "ConversionResult": "convert", "EvalResult": "evaluate",
-    "MemoryEstimate": "memory", "KVStore": "kvcache",
+    "MemoryEstimate": "memory", "KVStore": "kvcache", "Cluster": "cluster",
     # errors: every one a LocalctxError whose message a user can act on
     "LocalctxError": "errors", "ModelFileError": "errors", "PresetError": "errors", "ResourceError": "errors",
     "ContextOverflowError": "errors", "ConversionError": "errors", "InputError": "errors",
