@@ -36,7 +36,7 @@ from localctx.runtime import RunSpec
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
 from localctx.summary_store import Store
 
-OPTIONS = SummarizeOptions(max_summary_tokens=64)
+OPTIONS = SummarizeOptions(max_summary_tokens=48)
 
 
 class Calls(Reporter):
@@ -159,7 +159,7 @@ def split_cost(paths: list[str], threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with open_engine(RunSpec(threads=threads)) as engine:
         times: dict[str, list[float]] = {"fixed": [], "reuse": []}
-        for _ in range(2):
+        for _ in range(1):
             for name, wrapped in (("fixed", engine), ("reuse", WithoutFixedHead(engine))):
                 with tempfile.TemporaryDirectory() as home:
                     os.environ["LOCALCTX_HOME"] = home
@@ -171,7 +171,7 @@ def split_cost(paths: list[str], threads: int) -> dict[str, Any]:
         prefix = engine.tokenize("", add_bos=True)
         prompts = [build_passkey_prompt(lambda t: engine.tokenize(t, add_bos=False), prefix, n - ANSWER_TOKENS, d,
                                         passkey_key(0, 0))
-                   for n in (1024, 2048, 4096) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+                   for n in (512, 1024) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
         prompts.sort(key=lambda p: (len(p.tokens), p.tokens))
         answers: dict[str, list[str]] = {}
         for name in ("reuse", "fixed"):
@@ -188,8 +188,8 @@ def split_cost(paths: list[str], threads: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=8)
-    parser.add_argument("--chars", type=int, default=1200)
+    parser.add_argument("--docs", type=int, default=6)
+    parser.add_argument("--chars", type=int, default=800)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -242,7 +242,12 @@ class Pool:
     def ready(self) -> None:
         """Every worker loads its model; the first error (a model a node cannot read, a preset that
         does not fit its memory, a prompt too long for the window) is raised here, once."""
-        for outcome in self.s.ray.get([a.ready.remote() for a in self.actors]):
+        ray = self.s.ray
+        try:
+            outcomes = ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:  # a worker that could not start or died loading
+            raise ResourceError(f"A Ray worker failed to start: {type(exc).__name__}: {exc}") from None
+        for outcome in outcomes:
             raise_error(outcome)
 
     def submit(self, tag: Any, method: str, *args: Any) -> None:
@@ -302,9 +307,6 @@ class Pool:
             pass
         self.actors[slot] = self._start(slot)
         self.idle.append(slot)
-
-    def pids(self) -> list[int]:
-        return self.s.ray.get([a.pid.remote() for a in self.actors])
 
     def stop(self) -> None:
         for actor in self.actors:
