@@ -364,7 +364,6 @@ class _DocRun:
     requests: list[Request] = field(default_factory=list)
     answers: list[Any] = field(default_factory=list)
     missing: int = 0
-    started: float = field(default_factory=time.perf_counter)
     done: bool = False
 
 
@@ -400,10 +399,10 @@ class _Driver:
             try:
                 requests = next(run.flow) if answers is None else run.flow.send(answers)
             except StopIteration as stop:
-                reused = sum(c["seconds"] for c in run.calls if c["cached"])
+                # Its calls' own time (run here or before): on a cluster the wall time since the
+                # document started would count the time its calls waited for a free worker.
                 try:
-                    result = document_result(run.plan, run.calls, stop.value,
-                                             time.perf_counter() - run.started + reused)
+                    result = document_result(run.plan, run.calls, stop.value, sum(c["seconds"] for c in run.calls))
                 except LocalctxError as exc:
                     return self._fail(run, str(exc))
                 return self._finish(run, result)
