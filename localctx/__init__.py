@@ -11,6 +11,11 @@ measure what it costs.
         chat = localctx.start_chat(model, temperature=0)
         print(chat.ask("What is the capital of Italy?"))
 
+Batches scale out on Ray (`pip install "localctx[ray]"`): `summarize_files`, `evaluate_perplexity`
+and `evaluate_passkey` take `workers=N` (a local Ray runtime of N worker processes) or
+`ray_address="HOST:PORT"` / "auto" (an existing cluster whose nodes see the model file), with the
+same results, store and resumability as one process (see docs/distributed.md).
+
 Models: None means the default model; otherwise a GGUF path or a name in the models directory.
 Presets: a shipped or user preset name (`localctx presets list`) or a .toml path. Errors are
 LocalctxError subclasses whose message says what to do.
@@ -34,7 +39,7 @@ _EXPORTS = {
     "Engine": "engine", "Generation": "engine", "Timings": "engine", "ChatSession": "chat",
     "ModelFacts": "gguf_meta", "RuntimeParams": "params", "RunSpec": "runtime", "SummarizeOptions": "summarize",
     "BatchResult": "summarize", "ConversionResult": "convert", "EvalResult": "evaluate",
-    "MemoryEstimate": "memory", "KVStore": "kvcache",
+    "MemoryEstimate": "memory", "KVStore": "kvcache", "Cluster": "cluster",
     # errors: every one a LocalctxError whose message a user can act on
     "LocalctxError": "errors", "ModelFileError": "errors", "PresetError": "errors", "ResourceError": "errors",
     "ContextOverflowError": "errors", "ConversionError": "errors", "InputError": "errors",

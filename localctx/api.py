@@ -4,6 +4,12 @@
 Run options, wherever a function loads a model (`**run` below): `ctx`, `cache_type` ("f16",
 "q8_0", "q4_0"), `flash_attn`, `device` ("auto", "cpu", "cuda", "metal"), `gpu_layers` (a count,
 "all" or None), `threads`, `force` (skip the memory refusal), `verbose` (llama.cpp's log).
+
+Scale-out, wherever a function runs a batch (`summarize_files`, `evaluate_perplexity`,
+`evaluate_passkey`): `workers=N` runs it on N worker processes of a local Ray runtime (the CPU
+threads shared between them), `ray_address="HOST:PORT"` (or "auto": $RAY_ADDRESS) on an existing
+Ray cluster whose nodes see the model file. This process alone writes the store, the output and
+the cache; the results are the same as in one process. Needs `pip install "localctx[ray]"`.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Any
 
 from . import engine as _engine  # noqa: F401  llama.cpp before numpy: see cli.MODEL_COMMANDS
 from .chat import ChatSession
+from .cluster import Cluster
 from .convert import ConversionResult, convert
 from .engine import Engine, Generation
 from .errors import InputError
@@ -121,39 +128,47 @@ def convert_model(source: str | os.PathLike[str], out: str | os.PathLike[str], p
 def summarize_files(paths: Sequence[str | os.PathLike[str]], *, model: ModelRef = None,
                     preset: str = DEFAULT_PRESET, out: str | os.PathLike[str] | None = None,
                     options: SummarizeOptions | None = None, reporter: Reporter | None = None,
-                    engine: Engine | None = None, **run: Any) -> BatchResult:
+                    engine: Engine | None = None, workers: int | None = None, ray_address: str | None = None,
+                    **run: Any) -> BatchResult:
     """Summarize files, directories and glob patterns: one pass when a document fits the window,
     map-reduce when not. Finished work is stored, so a repeated or interrupted batch resumes.
     With `out`, writes a Markdown file per input and `summaries.jsonl` there. Pass an open `engine`
-    to reuse a loaded model (then `model`, `preset` and `run` are not used)."""
+    to reuse a loaded model (then `model`, `preset` and `run` are not used). `workers` /
+    `ray_address`: run on Ray workers (see the module docstring)."""
     spec = RunSpec(model=_model(model), preset=preset, **run)
     return summarize_batch([str(p) for p in paths], spec, options or SummarizeOptions(),
-                           out=Path(out) if out is not None else None, reporter=reporter, engine=engine)
+                           out=Path(out) if out is not None else None, reporter=reporter, engine=engine,
+                           cluster=Cluster.of(workers, ray_address))
 
 
 def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *, model: ModelRef = None,
                         text: str | os.PathLike[str] | None = None, mode: str = "fixed", span: int = 256,
                         end: int | None = None, max_chunks: int | None = None, use_cache: bool = True,
-                        progress: Callable[[str], None] | None = None, **run: Any) -> EvalResult:
+                        progress: Callable[[str], None] | None = None, workers: int | None = None,
+                        ray_address: str | None = None, **run: Any) -> EvalResult:
     """Perplexity of each preset against context length (lengths as 8192 or "8k"). Fixed mode scores
     the same `span` tokens after each length of context; "chunks" is llama-perplexity's method.
-    Cells are cached (resumable) unless `use_cache` is False. `text` defaults to the shared corpus."""
+    Cells are cached (resumable) unless `use_cache` is False. `text` defaults to the shared corpus.
+    `workers` / `ray_address`: compute the cells on Ray workers (see the module docstring)."""
+    cluster = Cluster.of(workers, ray_address)
     request = PplRequest(list(presets), _lengths(lengths), load_text(text), mode=mode, span=span, end=end,
                          max_chunks=max_chunks)
     return run_ppl(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
-                   progress=progress or _quiet)
+                   progress=progress or _quiet, cluster=cluster)
 
 
 def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
                      depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, trials: int = 1, seed: int = 0,
                      model: ModelRef = None, use_cache: bool = True, progress: Callable[[str], None] | None = None,
-                     **run: Any) -> EvalResult:
+                     workers: int | None = None, ray_address: str | None = None, **run: Any) -> EvalResult:
     """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
-    for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`."""
+    for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`, and like it run on Ray
+    workers with `workers` / `ray_address`."""
+    cluster = Cluster.of(workers, ray_address)
     depths = parse_depths(",".join(str(d) for d in depths))  # the CLI's rule, in one place
     request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
-                       progress=progress or _quiet)
+                       progress=progress or _quiet, cluster=cluster)
 
 
 def kv_snapshots() -> list[Entry]:

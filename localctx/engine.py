@@ -562,7 +562,21 @@ class Engine:
         first_seen = (n // w) * w if self.facts.sliding_kind == "chunked" else n - w + 1
         return oldest <= max(0, first_seen)
 
-    def _document_prefix(self, tokens: list[int], end: int, timings: Timings) -> None:
+    def _fixed_head(self, tokens: list[int], end: int) -> int:
+        """Bring `tokens[:end]` into the KV cache as one piece evaluated alone from the first token
+        (kept when the cache holds it so, and can go on after it); returns where the rest starts.
+        A fixed split makes the answer independent of the engine's history: llama.cpp's CPU
+        flash-attention kernels give different logits for different batch splits (see below)."""
+        end = min(end, len(tokens) - 1)
+        if end <= 0:
+            return 0
+        if self._held(tokens) >= end and self._grouped <= end and self._resumable(end):
+            return end
+        self._llm.n_tokens = 0  # _eval drops anything cached past it first
+        self._eval(tokens[:end])
+        return end
+
+    def _document_prefix(self, tokens: list[int], end: int, timings: Timings) -> int | None:
         """Bring the document, `tokens[:end]`, into the KV cache: kept from this engine's last call,
         restored from a snapshot, or evaluated (and saved as one); `_stream`'s prefix matching then
         evaluates only the rest. A document below the threshold is left to that matching alone.
@@ -570,15 +584,16 @@ class Engine:
         The document is always evaluated alone and from the first token, and the rest after it,
         with or without snapshots: llama.cpp's CPU flash-attention kernels give different logits
         for different batch splits (up to 1.2 on the default model; benchmarks/RESULTS.md), so
-        this fixed split is what makes an answer after a restore equal a fresh one."""
+        this fixed split is what makes an answer after a restore equal a fresh one. Returns where the
+        rest starts (`end`), or None when the document was left to prefix matching."""
         store = self.kv_store
         end = min(end, len(tokens) - 1)  # the last prompt token is evaluated with the rest, for its logits
         if self.params.self_extend:
-            return  # its cache holds grouped positions: not a state a snapshot key describes (yet)
+            return None  # its cache holds grouped positions: not a state a snapshot key describes (yet)
         if end < (store.threshold if store is not None else snapshot_threshold()):
-            return
+            return None
         if self._held(tokens) >= end:
-            return
+            return end
         key = self._snapshot_key_or_none() if store is not None else None
         if store is not None and key is not None:
             start = time.perf_counter()
@@ -587,7 +602,7 @@ class Engine:
             timings.snapshot_seconds += time.perf_counter() - start
             if restored:
                 timings.restored_tokens, timings.snapshot_bytes = end, len(found.payload)
-                return
+                return end
         self._llm.n_tokens = 0  # _eval drops anything cached past it first
         self._eval(tokens[:end])
         if store is not None and key is not None:
@@ -596,6 +611,7 @@ class Engine:
             if store.save(key, tokens[:end], state, self._snapshot_about()) is not None:
                 timings.saved_tokens, timings.snapshot_bytes = end, len(state)
             timings.snapshot_seconds += time.perf_counter() - start
+        return end
 
     def _restore(self, payload: bytearray, tokens: Sequence[int], origin: str) -> bool:
         ctx = self._llm._ctx
@@ -630,10 +646,14 @@ class Engine:
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.0, document_end: int | None = None) -> Generation:
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, document_end: int | None = None,
+                 head_end: int | None = None) -> Generation:
         """Stream a completion of `tokens`. The KV cache is reused for any prefix shared with the
         previous call, so a growing chat or a fixed instruction prefix is evaluated once. `document_end`: the prompt's tokens up to there are a
-        long document, restored from a KV snapshot when one matches, else evaluated and saved as one."""
+        long document, restored from a KV snapshot when one matches, else evaluated and saved as one.
+        `head_end`: the prompt's tokens up to there are a fixed head (an instruction), evaluated alone
+        from the first token (or kept when cached) and the rest after it, whatever ran before: the
+        answer is the same on any engine in any order (see `_document_prefix`)."""
         self.check_fits(len(tokens), max_tokens)
         self.use_window(len(tokens) + max_tokens)
         if seed is not None:
@@ -641,11 +661,11 @@ class Engine:
         gen = Generation(iter(()))
         gen.chunks = self._stream(list(tokens), gen, max_tokens=max_tokens, temp=temperature, stop=list(stop),
                                   top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                                  document_end=document_end)
+                                  document_end=document_end, head_end=head_end)
         return gen
 
     def _stream(self, tokens: list[int], gen: Generation, *, max_tokens: int, stop: list[str],
-                document_end: int | None = None, **sampling: Any) -> Iterator[str]:
+                document_end: int | None = None, head_end: int | None = None, **sampling: Any) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         timings = gen.timings
         timings.prompt_tokens = len(tokens)
@@ -654,12 +674,16 @@ class Engine:
         held = ""  # text withheld while it could be the start of a stop string
         stopped = False
         gen.finish_reason = "length"
-        if document_end is not None:
-            self._document_prefix(tokens, document_end, timings)
+        split = self._document_prefix(tokens, document_end, timings) if document_end is not None else None
+        # With a fixed head the rest is always evaluated from the split (the document's end, or the
+        # head's), never from a longer prefix a previous call left; a chat (no head) reuses its turns.
+        limit = len(tokens)
+        if head_end is not None:
+            limit = split if split is not None else self._fixed_head(tokens, head_end)
         # The prefix already in the KV cache is kept (at least the last token is evaluated again, for
         # its logits); llama-cpp-python's own matching is bypassed: it cuts the cache at a position
         # equal to the token count, which Self-Extend's grouped positions are not.
-        cached = min(self._held(tokens), len(tokens) - 1)
+        cached = min(self._held(tokens), len(tokens) - 1, limit)
         self._llm.n_tokens = cached
         generator = self._llm.generate(tokens[cached:], reset=False, **sampling)
         try:

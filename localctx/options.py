@@ -83,3 +83,22 @@ def run_options(preset: bool = True, ctx: bool = True, kv_cache: bool = False) -
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def cluster_options(f: F) -> F:
+    """--workers and --ray, gathered into one `cluster: Cluster | None` argument (None: this process)."""
+    from .cluster import MAX_WORKERS, Cluster
+
+    def wrapper(**kwargs: Any) -> Any:
+        return f(cluster=Cluster.of(kwargs.pop("workers"), kwargs.pop("ray_address")), **kwargs)
+
+    wrapper.__name__ = f.__name__
+    wrapper.__doc__ = f.__doc__
+    wrapper.__click_params__ = list(getattr(f, "__click_params__", []))  # type: ignore[attr-defined]
+    wrapper = click.option("--ray", "ray_address", metavar="ADDRESS",
+                           help="Run on an existing Ray cluster (HOST:PORT, ray://HOST:PORT, or auto for "
+                                "$RAY_ADDRESS); its nodes must see the model file. Needs localctx[ray].")(wrapper)
+    wrapper = click.option("--workers", type=click.IntRange(1, MAX_WORKERS), metavar="N",
+                           help="Split the work over N worker processes (a local Ray runtime, the CPU threads "
+                                "shared between them; with --ray: N workers on the cluster). Needs localctx[ray].")(wrapper)
+    return wrapper  # type: ignore[return-value]

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +27,7 @@ from .files import read_stream
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir, writable_cache
 from .runtime import Resolved, RunSpec, open_engine, resolve_spec
+from .cluster import Cluster
 from .fsutil import atomic_write, check_output_dir
 from .summary_store import JSONL_NAME, Store, markdown, sha256_text, write_jsonl
 
@@ -115,6 +116,19 @@ class BatchStats:
     generated_tokens: int = 0
     model_loaded: bool = False
     seconds: float = 0.0
+    workers: int = 0  # cluster workers that ran the batch (0: this process)
+    retried: int = 0  # cluster tasks run again after their worker died
+
+    def add(self, info: dict[str, Any]) -> None:
+        """Count one model call actually run."""
+        self.model_calls += 1
+        self.prompt_tokens += info["prompt_tokens"]
+        self.generated_tokens += info["generated_tokens"]
+
+    def merge(self, other: BatchStats) -> None:
+        self.model_calls += other.model_calls
+        self.prompt_tokens += other.prompt_tokens
+        self.generated_tokens += other.generated_tokens
 
 
 @dataclass
@@ -132,6 +146,9 @@ class Reporter:
     def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None: ...
     def doc_done(self, record: dict[str, Any], cached: bool) -> None: ...
     def warn(self, message: str) -> None: ...
+    def cluster_progress(self, done: int, total: int, tokens: int, seconds: float, workers: int) -> None:
+        """On a cluster: `done` of `total` documents finished, `tokens` (prompt + generated) computed
+        by `workers` workers in `seconds`."""
     def batch_done(self, stats: BatchStats) -> None: ...
     def close(self) -> None: ...
 
@@ -366,8 +383,79 @@ class Plan:
     chunks: list[str]
 
 
+@dataclass(frozen=True)
+class Call:
+    """One model call of a document's summary: a map chunk (or, `whole`, the document in one
+    pass) or a reduce group's joined partial summaries. `doc_tokens`: its share of the document,
+    for progress."""
+
+    role: str  # map | reduce
+    body: str
+    whole: bool = False
+    doc_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """Partial summaries to split into reduce calls (counting them needs the tokenizer)."""
+
+    parts: tuple[str, ...]
+
+
+Request = Call | Group
+Flow = Generator[list[Request], list[Any], str]
+
+
+def run_flow(flow: Flow, answer: Callable[[list[Request]], list[Any]]) -> str:
+    """Drive a document's flow to its summary, answering each round of requests with `answer`."""
+    try:
+        requests = next(flow)
+        while True:
+            requests = flow.send(answer(requests))
+    except StopIteration as stop:
+        return stop.value
+
+
+def summary_flow(plan: Plan) -> Flow:
+    """A document's summary as the requests it needs, in rounds: each `yield` hands out requests
+    that do not depend on each other (every map chunk of a document; every reduce group of a
+    level) and receives their answers. One process answers them in order (`Summarizer.summarize`);
+    a cluster answers them in parallel (localctx.distributed). Either way the same calls."""
+    if plan.strategy == "stuff":
+        [summary] = yield [Call("map", plan.chunks[0], whole=True, doc_tokens=plan.tokens)]
+        return summary
+    share = plan.tokens // len(plan.chunks)  # progress measured in document tokens
+    parts = yield [Call("map", chunk, doc_tokens=share) for chunk in plan.chunks]
+    while len(parts) > 1:
+        [groups] = yield [Group(tuple(parts))]
+        if len(groups) == len(parts):  # cannot happen while reduce_room >= 2 answers; guard anyway
+            raise ContextOverflowError("Partial summaries do not shrink enough to combine; use a larger preset.")
+        parts = yield [Call("reduce", _join_parts(g)) for g in groups]
+    return parts[0]
+
+
+def document_result(plan: Plan, calls: list[dict[str, Any]], summary: str, seconds: float) -> dict[str, Any]:
+    """A finished document's record fields, from its calls (run or cached) and its summary."""
+    if not summary.strip():
+        raise LocalctxError("the model returned an empty summary.")
+    return {"status": "ok", "strategy": plan.strategy, "tokens": plan.tokens, "chunks": len(plan.chunks),
+            "model_calls": len(calls), "windows": [c.get("window") for c in calls],
+            "seconds": round(seconds, 2), "summary": summary.strip(), "error": None}
+
+
+def failed_result(plan: Plan | None, message: str) -> dict[str, Any]:
+    return {"status": "failed", "strategy": plan.strategy if plan else None,
+            "tokens": plan.tokens if plan else None, "chunks": len(plan.chunks) if plan else None,
+            "model_calls": 0, "seconds": 0.0, "summary": None, "error": message}
+
+
+def error_message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, LocalctxError) else f"{type(exc).__name__}: {exc}"
+
+
 class Summarizer:
-    """Summarizes documents over one loaded engine, reusing and filling the store."""
+    """Summarizes documents over one loaded engine, reusing and filling the store (a cluster's
+    workers only `execute` requests: the driver keeps the store)."""
 
     def __init__(self, engine: Any, store: Store, options: SummarizeOptions, fp: str, reporter: Reporter) -> None:
         self.engine, self.store, self.options, self.fp, self.reporter = engine, store, options, fp, reporter
@@ -449,68 +537,69 @@ class Summarizer:
         self.reporter.doc_start(index, total, doc.label, plan.strategy, plan.tokens, len(plan.chunks))
         start = time.perf_counter()
         calls: list[dict[str, Any]] = []
-        if plan.strategy == "stuff":
-            self._check_stuff(plan)
-            summary = self._call("map", self.map_frame, plan.chunks[0], calls, doc_tokens=plan.tokens, whole=True)
-        else:
-            summary = self._map_reduce(plan, calls)
-        if not summary.strip():
-            raise LocalctxError("the model returned an empty summary.")
+        summary = run_flow(self.flow(plan), lambda requests: [self._answer(r, calls) for r in requests])
         reused = sum(c["seconds"] for c in calls if c["cached"])
-        return {"status": "ok", "strategy": plan.strategy, "tokens": plan.tokens, "chunks": len(plan.chunks),
-                "model_calls": len(calls), "windows": [c.get("window") for c in calls],
-                "seconds": round(time.perf_counter() - start + reused, 2),
-                "summary": summary.strip(), "error": None}
+        return document_result(plan, calls, summary, time.perf_counter() - start + reused)
 
-    def _check_stuff(self, plan: Plan) -> None:
+    def flow(self, plan: Plan) -> Flow:
+        return summary_flow(plan)
+
+    def execute(self, request: Request) -> Any:
+        """Answer one request on this engine: a model call's record (not stored), or the groups."""
+        if isinstance(request, Group):
+            return self._group(list(request.parts))
+        return self.run_call(request)
+
+    def _check_stuff(self, tokens: int) -> None:
         try:
-            self.engine.check_fits(plan.tokens + self.map_frame.overhead, self.options.max_summary_tokens)
+            self.engine.check_fits(tokens + self.map_frame.overhead, self.options.max_summary_tokens)
         except ContextOverflowError as exc:
-            raise ContextOverflowError(f"--strategy stuff: the document is {plan.tokens:,} tokens. {exc} "
+            raise ContextOverflowError(f"--strategy stuff: the document is {tokens:,} tokens. {exc} "
                                        "Or use --strategy auto (map-reduce).") from None
-
-    def _map_reduce(self, plan: Plan, calls: list[dict[str, Any]]) -> str:
-        parts = []
-        for i, chunk in enumerate(plan.chunks):
-            share = plan.tokens // len(plan.chunks)  # progress measured in document tokens
-            parts.append(self._call("map", self.map_frame, chunk, calls, doc_tokens=share))
-        while len(parts) > 1:
-            groups = self._group(parts)
-            if len(groups) == len(parts):  # cannot happen while reduce_room >= 2 answers; guard anyway
-                raise ContextOverflowError("Partial summaries do not shrink enough to combine; use a larger preset.")
-            parts = [self._call("reduce", self.reduce_frame, _join_parts(g), calls) for g in groups]
-        return parts[0]
 
     def _group(self, parts: list[str]) -> list[list[str]]:
         return group_parts(parts, self.engine.count, self.reduce_room)
 
-    def _call(self, role: str, frame: Frame, body: str, calls: list[dict[str, Any]], doc_tokens: int = 0,
-              whole: bool = False) -> str:
-        """One model call (or its stored result). `whole`: the body is the whole document, read in
-        one pass, whose KV state is worth a snapshot (its instruction and text come before the tail)."""
-        key = call_key(self.fp, role, body)
+    def _answer(self, request: Request, calls: list[dict[str, Any]]) -> Any:
+        if isinstance(request, Group):
+            return self.execute(request)
+        return self._call(request, calls)
+
+    def _call(self, call: Call, calls: list[dict[str, Any]]) -> str:
+        """One model call (or its stored result), stored as soon as it is done."""
+        key = call_key(self.fp, call.role, call.body)
         hit = self.store.get_call(key)
         if hit is not None:
             calls.append({**hit, "cached": True})
-            self._advance(hit, doc_tokens, cached=True)
+            self._advance(hit, call.doc_tokens, cached=True)
             return hit["summary"]
-        tokens = frame.tokens(self.engine, body)
+        info = self.run_call(call)
+        self.store.put_call(key, info)
+        calls.append({**info, "cached": False})
+        self.stats.add(info)
+        self._advance(info, call.doc_tokens, cached=False)
+        return info["summary"]
+
+    def run_call(self, call: Call) -> dict[str, Any]:
+        """Run one model call. The frame's head (the instruction) is evaluated alone from the first
+        token and the rest after it, so the answer does not depend on which call this engine ran
+        before (llama.cpp's logits depend on the batch split): one process and any worker of a
+        cluster give the same summary. A `whole` call's body is the whole document, read in one
+        pass, whose KV state is worth a snapshot (its instruction and text come before the tail)."""
+        frame = self.map_frame if call.role == "map" else self.reduce_frame
+        if call.whole:
+            self._check_stuff(call.doc_tokens)
+        tokens = frame.tokens(self.engine, call.body)
         start = time.perf_counter()
         gen = self.engine.complete(tokens, max_tokens=self.options.max_summary_tokens,
                                    temperature=self.options.temperature, seed=self.options.seed,
                                    stop=frame.stop, repeat_penalty=self.options.repeat_penalty,
-                                   document_end=len(tokens) - len(frame.tail) if whole else None)
-        info = {"role": role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
+                                   document_end=len(tokens) - len(frame.tail) if call.whole else None,
+                                   head_end=len(frame.head))
+        return {"role": call.role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
                 "seconds": round(time.perf_counter() - start, 3), "window": self.engine.n_ctx,  # the one this call ran at
                 "restored_tokens": gen.timings.restored_tokens,
                 "summary": gen.text.strip()}
-        self.store.put_call(key, info)
-        calls.append({**info, "cached": False})
-        self.stats.model_calls += 1
-        self.stats.prompt_tokens += len(tokens)
-        self.stats.generated_tokens += gen.timings.generated_tokens
-        self._advance(info, doc_tokens, cached=False)
-        return info["summary"]
 
     def _advance(self, info: dict[str, Any], doc_tokens: int, cached: bool) -> None:
         self._doc_tokens_done += doc_tokens
@@ -527,12 +616,15 @@ def store_dir() -> Path:
 def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: SummarizeOptions, *,
                     out: Path | None = None, stdin: IO[bytes] | None = None, reporter: Reporter | None = None,
                     on_record: Callable[[dict[str, Any]], None] | None = None, engine: Any = None,
-                    store: Store | None = None) -> BatchResult:
+                    store: Store | None = None, cluster: Cluster | None = None) -> BatchResult:
     """Summarize every input; finished work comes from the store, the rest runs on one engine
-    (loaded here unless `engine` is given). Records come back in input order; `on_record` sees each
+    (loaded here unless `engine` is given) or, with `cluster`, on Ray workers while this process
+    alone writes the store and the output. Records come back in input order; `on_record` sees each
     as soon as it is final. With `out`, Markdown files and summaries.jsonl are kept up to date."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    if engine is not None and cluster is not None:
+        raise InputError("An open engine runs in this process: pass either engine or workers, not both.")
     if out is not None:
         check_output_dir(out, "--out")
     sources = expand_inputs(inputs, exclude=out)
@@ -549,11 +641,20 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     store = store or Store(writable_cache(store_dir(), "summarizer's store"))
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
                    targets, {"model": facts.path.name, "preset": params.preset})
-    batch.run(lambda: engine if engine is not None else open_engine(resolved, seed=options.seed),
-              close=engine is None)
+    if cluster is not None:
+        batch.run_on(lambda pending: _on_cluster(batch, pending, cluster, resolved))
+    else:
+        batch.run_on(lambda pending: batch.run_here(
+            engine if engine is not None else open_engine(resolved, seed=options.seed), pending, close=engine is None))
     batch.stats.seconds = time.perf_counter() - started
     reporter.batch_done(batch.stats)
     return BatchResult(batch.ordered_records(), batch.stats, batch.out_files)
+
+
+def _on_cluster(batch: _Batch, pending: list[Document], cluster: Cluster, resolved: Resolved) -> None:
+    from .distributed import summarize_on_cluster
+
+    summarize_on_cluster(batch, pending, cluster, resolved)
 
 
 class _Batch:
@@ -578,7 +679,8 @@ class _Batch:
             return None
         return record
 
-    def run(self, load_engine: Callable[[], Any], close: bool) -> None:
+    def run_on(self, run_pending: Callable[[list[Document]], None]) -> None:
+        """Emit what is finished, then hand the rest to `run_pending` (nothing: no model, no workers)."""
         for record in self.records.values():  # the skipped ones
             if self.on_record:
                 self.on_record(record)
@@ -592,8 +694,10 @@ class _Batch:
         self._write_jsonl()
         if not pending:
             return  # everything is done: the model is not even loaded
-        engine = load_engine()
         self.stats.model_loaded = True
+        run_pending(pending)
+
+    def run_here(self, engine: Any, pending: list[Document], close: bool) -> None:
         try:
             self._run_pending(engine, pending)
         finally:
@@ -614,9 +718,7 @@ class _Batch:
                     continue
                 self._run_one(summarizer, doc, plan, i, len(pending))
         finally:
-            self.stats.model_calls += summarizer.stats.model_calls
-            self.stats.prompt_tokens += summarizer.stats.prompt_tokens
-            self.stats.generated_tokens += summarizer.stats.generated_tokens
+            self.stats.merge(summarizer.stats)
 
     def _plan(self, summarizer: Summarizer, doc: Document) -> Plan | None:
         try:
@@ -629,15 +731,24 @@ class _Batch:
             plan = plan or summarizer.plan(doc)
             result = summarizer.summarize(doc, plan, i, n)
         except Exception as exc:  # one bad document must not stop the batch; the reason is recorded
-            message = str(exc) if isinstance(exc, LocalctxError) else f"{type(exc).__name__}: {exc}"
+            message = error_message(exc)
             self.reporter.warn(f"{doc.label}: failed: {message}")
-            result = {"status": "failed", "strategy": plan.strategy if plan else None,
-                      "tokens": plan.tokens if plan else None, "chunks": len(plan.chunks) if plan else None,
-                      "model_calls": 0, "seconds": 0.0, "summary": None, "error": message}
+            result = failed_result(plan, message)
+        self.finish(doc, result)
+
+    def finish(self, doc: Document, result: dict[str, Any]) -> None:
+        """Store a document's final record and emit it (the one writer: one process or a cluster's driver)."""
         record = {"path": doc.label, "sha256": doc.sha256, **self.meta, **result}
         self.store.put_document(self._key(doc), record)
         self._emit(doc, record, cached=False)
         self._write_jsonl()
+
+    def emit_stored(self, doc: Document) -> None:
+        """A document whose record another path of the same content just stored."""
+        record = self.store.get_document(self._key(doc))
+        if record is not None:
+            self._emit(doc, record, cached=True)
+            self._write_jsonl()
 
     def _emit(self, doc: Document, stored: dict[str, Any], cached: bool) -> None:
         record = {**stored, "path": doc.label}  # the same content may sit at another path

@@ -40,20 +40,35 @@ def _summary_line(stats: BatchStats) -> str:
     parts = [f"{stats.summarized} summarized", f"{stats.cached} already done", f"{stats.failed} failed"]
     if stats.skipped:
         parts.append(f"{stats.skipped} skipped")
+    where = ""
+    if stats.workers:
+        retried = f", {stats.retried} task(s) retried after a worker died" if stats.retried else ""
+        where = f" on {stats.workers} workers{retried}"
     return (f"{stats.documents} documents: {', '.join(parts)}; {stats.model_calls} model calls "
             f"({stats.prompt_tokens:,} prompt + {stats.generated_tokens:,} generated tokens) "
-            f"in {duration(stats.seconds)}.")
+            f"in {duration(stats.seconds)}{where}.")
 
 
 def _call_line(info: dict[str, Any], index: int, chunks: int) -> str:
+    # On a cluster calls of several documents interleave: each names its document and worker.
+    index, chunks = info.get("map_index", index), info.get("chunks", chunks)
     what = "reduce" if info["role"] == "reduce" else "one pass" if chunks == 1 else f"map {index}/{chunks}"
+    if "label" in info:
+        what = f"{info['label']}: {what}"
     if info["cached"]:
         return f"  {what}: already done"
     tokens = info["prompt_tokens"] + info["generated_tokens"]
     rate = tokens / info["seconds"] if info["seconds"] else 0.0
     restored = f", {info['restored_tokens']:,} of them from a KV snapshot" if info.get("restored_tokens") else ""
+    worker = f" on worker {info['worker']}" if "worker" in info else ""
     return (f"  {what}: {info['prompt_tokens']:,} prompt{restored} + {info['generated_tokens']:,} generated tokens "
-            f"in {info['seconds']:.1f}s ({rate:,.0f} tok/s)")
+            f"in {info['seconds']:.1f}s ({rate:,.0f} tok/s){worker}")
+
+
+def _cluster_line(done: int, total: int, tokens: int, seconds: float, workers: int) -> str:
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return (f"{done}/{total} documents done; {tokens:,} tokens at {rate:,.0f} tok/s across {workers} "
+            f"worker{'s' if workers != 1 else ''}")
 
 
 class PlainReporter(Reporter):
@@ -94,6 +109,9 @@ class PlainReporter(Reporter):
 
     def warn(self, message: str) -> None:
         self._print(f"warning: {message}")
+
+    def cluster_progress(self, done: int, total: int, tokens: int, seconds: float, workers: int) -> None:
+        self._print(_cluster_line(done, total, tokens, seconds, workers))
 
     def batch_done(self, stats: BatchStats) -> None:
         self._print(_summary_line(stats))
@@ -140,6 +158,10 @@ class RichReporter(PlainReporter):
     def doc_done(self, record: dict[str, Any], cached: bool) -> None:
         super().doc_done(record, cached)
         self.progress.advance(self.docs_task)
+
+    def cluster_progress(self, done: int, total: int, tokens: int, seconds: float, workers: int) -> None:
+        rate = tokens / seconds if seconds > 0 else 0.0
+        self.progress.update(self.docs_task, rate=f"{rate:,.0f} tok/s on {workers} workers")
 
     def batch_done(self, stats: BatchStats) -> None:
         self.progress.stop()

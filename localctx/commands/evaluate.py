@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 import click
 
 from .output import echo_json
-from ..options import json_option, run_options
+from ..cluster import Cluster
+from ..options import cluster_options, json_option, run_options
 from ..runtime import RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,6 +23,7 @@ def eval_options(f: F) -> F:
         click.option("--lengths", default="2k,4k,8k,16k,32k", show_default=True,
                      help="Comma-separated context lengths in tokens (k = 1024)."),
         run_options(preset=False, ctx=False),
+        cluster_options,
         click.option("--no-cache", is_flag=True, help="Recompute every cell (finished cells are still saved)."),
         click.option("--cached-only", is_flag=True, help="Compute nothing: report finished cells, '-' for the rest."),
         json_option,
@@ -84,7 +86,7 @@ def eval_group() -> None:
 @click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
 @click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
 @click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
-def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
+def ppl(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
         plot_file: Path | None, text_file: Path | None, mode: str, span: int, end: int | None, ctx: int | None,
         max_chunks: int | None) -> None:
     """Perplexity against context length, one row per preset.
@@ -100,6 +102,7 @@ def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: 
       localctx eval ppl --presets extrapolate-32k,linear-32k,ntk-32k,yarn-32k --lengths 8k,16k,32k
       localctx eval ppl --presets native --lengths 2k,4k,8k --text book.txt --csv
       localctx eval ppl --presets native,yarn-32k --mode chunks --ctx 512 --chunks 20 --json
+      localctx eval ppl --presets native,yarn-32k --lengths 2k,4k,8k --workers 4
     """
     from ..evaluate import CellCache, PplRequest, load_text, parse_lengths, parse_presets, ppl_table, run_ppl
 
@@ -107,7 +110,7 @@ def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: 
     request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
                          mode=mode, span=span, end=end, max_chunks=max_chunks)
     result = run_ppl(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
-                     compute=not cached_only)
+                     compute=not cached_only, cluster=cluster)
     _render(result, ppl_table, as_json, as_csv, plot_file)
 
 
@@ -117,7 +120,7 @@ def ppl(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: 
               help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
 @click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
-def passkey(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
+def passkey(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
             as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int) -> None:
     """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?
 
@@ -129,6 +132,7 @@ def passkey(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_on
     Examples:
       localctx eval passkey --presets yarn-32k,linear-32k --lengths 8k,16k,32k --depths 0,0.5,1
       localctx eval passkey --presets native --lengths 2k,4k --trials 5 --seed 1 --plot passkey.png
+      localctx eval passkey --presets yarn-32k --lengths 8k,16k --depths 0,0.5,1 --ray auto
     """
     from ..evaluate import (CellCache, PasskeyRequest, parse_depths, parse_lengths, parse_presets, passkey_table,
                             run_passkey)
@@ -136,7 +140,7 @@ def passkey(spec: RunSpec, presets: str, lengths: str, no_cache: bool, cached_on
     _check_plot(plot_file)
     request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
     result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
-                         compute=not cached_only)
+                         compute=not cached_only, cluster=cluster)
     _render(result, passkey_table, as_json, as_csv, plot_file)
 
 

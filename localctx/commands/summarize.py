@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import LocalctxError
-from ..options import json_option, run_options
+from ..cluster import Cluster
+from ..options import cluster_options, json_option, run_options
 from ..runtime import RunSpec
 from ..summary_store import dumps
 
@@ -33,10 +34,11 @@ from ..summary_store import dumps
 @click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
 @run_options(kv_cache=True)
+@cluster_options
 @json_option
-def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy: str, chunk_tokens: int | None,
-              overlap: int, max_summary_tokens: int, style: str, prompt: str | None, prompt_file: Path | None,
-              retry_failed: bool, quiet: bool, as_json: bool) -> None:
+def summarize(spec: RunSpec, cluster: Cluster | None, paths: tuple[str, ...], out: Path | None, strategy: str,
+              chunk_tokens: int | None, overlap: int, max_summary_tokens: int, style: str, prompt: str | None,
+              prompt_file: Path | None, retry_failed: bool, quiet: bool, as_json: bool) -> None:
     """Summarize files, directories (recursively), glob patterns or - (stdin).
 
     A document that fits the window (instruction + text + answer) is read in one pass; a longer one
@@ -55,6 +57,7 @@ def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy:
       localctx summarize book.txt --preset yarn-32k --style fiction
       localctx summarize docs/ "notes/**/*.md" --preset yarn-32k --out summaries/
       cat report.txt | localctx summarize - --max-summary-tokens 128
+      localctx summarize reports/ --out summaries/ --workers 4
     """
     from ..summarize import PROMPTS, Interrupted, SummarizeOptions, summarize_batch
     from ..summarize_progress import make_reporter
@@ -72,7 +75,7 @@ def summarize(spec: RunSpec, paths: tuple[str, ...], out: Path | None, strategy:
     reporter = make_reporter(quiet)
     try:
         result = summarize_batch(paths, spec, options, out=out, stdin=sys.stdin.buffer, reporter=reporter,
-                                 on_record=on_record)
+                                 on_record=on_record, cluster=cluster)
     except KeyboardInterrupt:
         raise Interrupted() from None
     finally:

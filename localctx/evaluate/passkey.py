@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..cluster import Cluster
 from ..errors import InputError
 from ..runtime import Resolved, RunSpec
 from .cache import CACHE_VERSION, CellCache, params_key
@@ -83,7 +84,10 @@ class PasskeyRequest:
 
 def passkey_cell(engine: EvalEngine, prompt: PasskeyPrompt) -> dict[str, Any]:
     start = time.perf_counter()
-    gen = engine.complete(prompt.tokens, max_tokens=ANSWER_TOKENS, temperature=0.0)
+    # The task line is evaluated alone and the rest after it, whatever this engine ran before: a
+    # cell's answer is the same in any order, on any worker, and after a resume (llama.cpp's logits
+    # depend on the batch split; see Engine.generate's head_end).
+    gen = engine.complete(prompt.tokens, max_tokens=ANSWER_TOKENS, temperature=0.0, head_end=prompt.filler_start)
     found = first_integer(gen.text)
     return {"status": "ok", "key": prompt.key, "answer": gen.text, "found": found,
             "correct": found == prompt.key, "prompt_tokens": len(prompt.tokens),
@@ -119,10 +123,9 @@ class Passkey:
         jobs = [(cell, key, build_passkey_prompt(tokenize, prefix, cell["length"] - ANSWER_TOKENS, cell["depth"],
                                                  passkey_key(self.request.seed, cell["trial"])))
                 for cell, key in todo]
-        # Lexicographic order walks the prompts' prefix tree depth-first: each prompt re-evaluates
-        # only what it does not share with the one before (llama-cpp-python's prefix reuse). An
-        # adaptive engine's window follows the length, so lengths come in order: one switch each.
-        jobs.sort(key=lambda job: (job[0]["length"], job[2].tokens))
+        # An adaptive engine's window follows the length, so lengths come in order: one switch each.
+        # (Each cell evaluates its prompt after the task line: no prefix is shared between cells.)
+        jobs.sort(key=lambda job: (job[0]["length"], job[0]["depth"], job[0]["trial"]))
         for cell, key, prompt in jobs:
             yield cell, key, passkey_cell(engine, prompt)
 
@@ -136,10 +139,10 @@ class Passkey:
 
 def run_passkey(request: PasskeyRequest, spec: RunSpec | Resolved = RunSpec(), *, cache: CellCache | None = None,
                 engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
-                compute: bool = True) -> EvalResult:
+                compute: bool = True, cluster: Cluster | None = None) -> EvalResult:
     """Passkey retrieval for every (preset, length, depth, trial) cell, cached like `run_ppl`."""
     return run_grid(Passkey(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
-                    progress=progress, compute=compute)
+                    progress=progress, compute=compute, cluster=cluster)
 
 
 def passkey_accuracy(cells: Sequence[Cell]) -> dict[tuple[str, int, float], float | None]:

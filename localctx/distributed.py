@@ -1,0 +1,532 @@
+"""Summarize and evaluate on Ray: long-lived worker processes (actors) that each load the model once
+and answer many small tasks, and a driver (this process) that alone writes the summarizer's store,
+`summaries.jsonl` and the evaluation cache, exactly as one process does.
+
+    driver: plan ─▶ tasks ─▶ Pool (ray.wait) ─▶ results ─▶ store / cache / output
+    worker: Worker actor: engine loaded once per preset; plan, group, model call, evaluation cell
+
+Tasks: summarize plans every document on the workers (the driver loads no model: it has no
+tokenizer), then runs each document's flow (summarize.summary_flow): every map chunk of every
+document is a task, then reduce groups, level by level; each evaluation cell is a task. A result is
+independent of which worker computed it and what that worker ran before (the engine's fixed
+splits: Engine.generate's head_end), so the output equals one process's.
+
+Faults: a worker that dies (SIGKILL, out of memory, ray.kill) loses only its task: the task goes to
+another worker and the dead one is replaced; a task whose worker dies twice fails (its document is
+recorded failed, the batch goes on). Ctrl-C stops the workers and raises Interrupted; everything
+finished is already stored, so the same command resumes.
+
+The model reaches workers by its path: a cluster's nodes must see the same file (shared storage),
+and have localctx installed. Ray is imported here only, and only when --workers or --ray is given.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from . import engine as _llama  # noqa: F401  llama.cpp before numpy, also in a worker (it imports this module first)
+from . import errors
+from .cluster import Cluster
+from .errors import InputError, LocalctxError, ResourceError
+from .runtime import Resolved
+
+if TYPE_CHECKING:
+    from .evaluate.grid import Cell, Evaluation, Key
+    from .summarize import Call, Document, Plan, Request, _Batch
+
+MAX_ATTEMPTS = 2  # a task whose worker dies this many times fails
+ENV_PREFIX = "LOCALCTX_"  # the driver's settings (user directory, KV cache limits) reach its workers
+Outcome = tuple  # ("ok", value, worker index, pid) | ("error", error class name, message) | ("died", message)
+
+
+# --- The worker -----------------------------------------------------------------------------------
+
+
+class Worker:
+    """One worker process. It loads the model on its first task and keeps it (one engine at a
+    time: an evaluation over several presets reloads when the preset changes). Every method
+    returns an Outcome: a user-facing error travels as data, not as a Ray exception."""
+
+    def __init__(self, index: int, threads: int, env: dict[str, str], job: tuple[Any, ...]) -> None:
+        os.environ.update(env)
+        import localctx.engine  # noqa: F401  llama.cpp before numpy (see cli.MODEL_COMMANDS)
+
+        self.index, self.threads, self.job = index, threads, job
+        self.engine: Any = None
+        self.resolved: Resolved | None = None
+        self.summarizer: Any = None
+
+    def _outcome(self, work: Callable[[], Any]) -> Outcome:
+        try:
+            return ("ok", work(), self.index, os.getpid())
+        except LocalctxError as exc:
+            return ("error", type(exc).__name__, str(exc))
+        except Exception as exc:  # a bug or a llama.cpp failure: recorded like one process records it
+            return ("error", "LocalctxError", f"{type(exc).__name__}: {exc}")
+
+    def _engine(self, resolved: Resolved, seed: int = 0) -> Any:
+        from .runtime import open_engine
+
+        if self.engine is None or self.resolved != resolved:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = self.summarizer = None
+            spec = replace(resolved.spec, threads=self.threads)
+            self.engine = open_engine(Resolved(spec, resolved.facts, resolved.ladder), seed=seed)
+            self.resolved = resolved
+        return self.engine
+
+    def _summarizer(self) -> Any:
+        from .summarize import Reporter, Summarizer
+
+        _, resolved, options, fp = self.job
+        engine = self._engine(resolved, seed=options.seed)
+        if self.summarizer is None:
+            self.summarizer = Summarizer(engine, None, options, fp, Reporter())  # type: ignore[arg-type]
+        return self.summarizer
+
+    def ready(self) -> Outcome:
+        """Load what the job needs now: a bad setting fails once, before any task."""
+        def load() -> None:
+            if self.job[0] == "summarize":
+                self._summarizer()
+
+        return self._outcome(load)
+
+    def plan(self, doc: Document) -> Outcome:
+        return self._outcome(lambda: self._summarizer().plan(doc))
+
+    def execute(self, request: Request) -> Outcome:
+        return self._outcome(lambda: self._summarizer().execute(request))
+
+    def evaluate(self, resolved: Resolved, cell: Cell, key: Key) -> Outcome:
+        evaluation = self.job[1]
+
+        def run() -> dict[str, Any]:
+            engine = self._engine(resolved)
+            return next(iter(evaluation.compute(engine, resolved, [(cell, key)], lambda _: None)))[2]
+
+        return self._outcome(run)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# --- Connecting ----------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ResourceError('--workers and --ray need Ray: pip install "localctx[ray]" '
+                            '(or bash scripts/install.sh in a checkout).') from None
+    return ray
+
+
+def cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A cluster address that answers nothing is an error within `timeout`, not a long retry loop."""
+    if address in ("local",):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"Ray address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto).")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ResourceError(f"Cannot reach a Ray cluster at {address}: {exc.strerror or exc}. Start one "
+                            "(ray start --head) or check the address.") from None
+
+
+@dataclass
+class Session:
+    """A Ray runtime to run on: one already started in this process (used as it is), a local one
+    started for this batch, or an existing cluster joined for it (both left at the end)."""
+
+    ray: Any
+    started: bool
+    workers: int
+    threads: int
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+@contextmanager
+def session(cluster: Cluster, threads: int | None) -> Iterator[Session]:
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        import logging
+
+        quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        if cluster.local:
+            n = cluster.workers or 1
+            each = threads or max(1, cpu_count() // n)
+            # address="local": never join $RAY_ADDRESS's cluster when a local runtime was asked for.
+            ray.init(address="local", num_cpus=n * each, **quiet)
+        else:
+            address = cluster.resolved_address()
+            _check_reachable(address, cluster.timeout)
+            try:
+                ray.init(address=address, **quiet)
+            except Exception as exc:  # a port that is not Ray's, a version mismatch, a refused job
+                raise ResourceError(f"Cannot join the Ray cluster at {address}: {exc}") from None
+        started = True
+    try:
+        total = int(ray.cluster_resources().get("CPU", 0))
+        each = threads or (max(1, total // cluster.workers) if cluster.workers else 1)
+        n = cluster.workers or max(1, total // each)
+        if n * each > total:
+            raise ResourceError(f"{n} workers of {each} thread(s) need {n * each} CPUs, and the Ray runtime has "
+                                f"{total}: ask for fewer --workers or --threads.")
+        s = Session(ray, started, n, each)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --- The pool ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    tag: Any
+    method: str
+    args: tuple[Any, ...]
+    attempts: int = 0
+    avoid: int | None = None  # the worker it died on
+
+
+@dataclass
+class Pool:
+    """Workers and a queue: a task goes to an idle worker, its result comes back through
+    `results`; a worker that dies is replaced and its task queued again for another one."""
+
+    s: Session
+    job: tuple[Any, ...]
+    actors: list[Any] = field(default_factory=list)
+    idle: deque[int] = field(default_factory=deque)
+    queue: deque[_Task] = field(default_factory=deque)
+    running: dict[Any, tuple[int, _Task]] = field(default_factory=dict)
+    retried: int = 0
+    replaced: int = 0
+
+    def __post_init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+        self._remote = self.s.ray.remote(num_cpus=self.s.threads, max_restarts=0, max_task_retries=0)(Worker)
+        self._env = env
+        self.actors = [self._start(i) for i in range(self.s.workers)]
+        self.idle = deque(range(self.s.workers))
+
+    def _start(self, index: int) -> Any:
+        return self._remote.remote(index, self.s.threads, self._env, self.job)
+
+    def ready(self) -> None:
+        """Every worker loads its model; the first error (a model a node cannot read, a preset that
+        does not fit its memory, a prompt too long for the window) is raised here, once."""
+        ray = self.s.ray
+        try:
+            outcomes = ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:  # a worker that could not start or died loading
+            raise ResourceError(f"A Ray worker failed to start: {type(exc).__name__}: {exc}") from None
+        for outcome in outcomes:
+            raise_error(outcome)
+
+    def submit(self, tag: Any, method: str, *args: Any) -> None:
+        self.queue.append(_Task(tag, method, args))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            task = self.queue.popleft()
+            slot = next((i for i in self.idle if i != task.avoid), self.idle[0])
+            self.idle.remove(slot)
+            ref = getattr(self.actors[slot], task.method).remote(*task.args)
+            self.running[ref] = (slot, task)
+
+    def results(self, poll: float = 0.5) -> list[tuple[Any, Outcome]]:
+        """Wait for finished tasks (polling, so Ctrl-C is seen at once) and return their outcomes."""
+        ray = self.s.ray
+        while True:
+            self._dispatch()
+            if not self.running:
+                return []
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=poll)
+            if ready:
+                break
+        done = []
+        for ref in ready:
+            slot, task = self.running.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the method itself raised (Worker catches errors)
+                outcome = ("error", "LocalctxError", str(exc))
+            except ray.exceptions.RayError as exc:  # the worker process died: SIGKILL, OOM, ray.kill
+                self._replace(slot)
+                task.attempts += 1
+                if task.attempts >= MAX_ATTEMPTS:
+                    done.append((task.tag, ("died", f"its worker died {task.attempts} times ({type(exc).__name__})")))
+                else:
+                    task.avoid = slot
+                    self.retried += 1
+                    self.queue.appendleft(task)
+                continue
+            self.idle.append(slot)
+            done.append((task.tag, outcome))
+        return done
+
+    def _replace(self, slot: int) -> None:
+        self.replaced += 1
+        if self.replaced > 2 * len(self.actors) + 2:
+            raise ResourceError(f"Workers keep dying ({self.replaced} so far): see `ray status` and the workers' "
+                                "logs (out of memory?). Finished work is saved; run the same command to resume.")
+        try:
+            self.s.ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[slot] = self._start(slot)
+        self.idle.append(slot)
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            try:
+                self.s.ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors, self.running = [], {}
+
+
+def raise_error(outcome: Outcome) -> None:
+    """An error outcome raised as the error it was in the worker (a LocalctxError subclass)."""
+    if outcome[0] == "error":
+        cls = getattr(errors, outcome[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, LocalctxError)):
+            cls = LocalctxError
+        raise cls(outcome[2])
+    if outcome[0] == "died":
+        raise ResourceError(f"A task failed: {outcome[1]}.")
+
+
+def _message(outcome: Outcome) -> str:
+    return outcome[2] if outcome[0] == "error" else outcome[1]
+
+
+@contextmanager
+def running_pool(cluster: Cluster, threads: int | None, job: tuple[Any, ...]) -> Iterator[Pool]:
+    """A session and its pool; Ctrl-C stops the workers (and a runtime started here) and raises
+    Interrupted: every finished result is already saved by the driver."""
+    from .summarize import Interrupted
+
+    with session(cluster, threads) as s:
+        pool = Pool(s, job)
+        try:
+            yield pool
+        except KeyboardInterrupt:
+            pool.stop()
+            raise Interrupted() from None
+        finally:
+            pool.stop()
+
+
+# --- Summarize -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DocRun:
+    """One document in flight on the cluster: its flow and the answers of its current round."""
+
+    doc: Document
+    plan: Plan
+    index: int
+    flow: Any
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    answers: list[Any] = field(default_factory=list)
+    missing: int = 0
+    done: bool = False
+
+
+class _Driver:
+    """Runs pending documents' flows over a pool; the store and the output are written here only."""
+
+    def __init__(self, batch: _Batch, pool: Pool) -> None:
+        self.batch, self.pool = batch, pool
+        self.runs: dict[int, _DocRun] = {}
+        self.tokens_done = 0
+        self.work_tokens = 0  # prompt + generated tokens computed by the workers
+        self.start = time.perf_counter()
+        self.finished = 0
+
+    def plan_all(self, pending: list[Document]) -> dict[int, Plan | str]:
+        for i, doc in enumerate(pending):
+            self.pool.submit(("plan", i), "plan", doc)
+        plans: dict[int, Plan | str] = {}
+        while self.pool.busy:
+            for (_, i), outcome in self.pool.results():
+                plans[i] = outcome[1] if outcome[0] == "ok" else _message(outcome)
+        return plans
+
+    def start_doc(self, run: _DocRun) -> None:
+        r = self.batch.reporter
+        r.doc_start(run.index, len(self.runs), run.doc.label, run.plan.strategy, run.plan.tokens, len(run.plan.chunks))
+        self._advance(run, None)
+
+    def _advance(self, run: _DocRun, answers: list[Any] | None) -> None:
+        from .summarize import Call, call_key, document_result, error_message
+
+        while True:
+            try:
+                requests = next(run.flow) if answers is None else run.flow.send(answers)
+            except StopIteration as stop:
+                # Its calls' own time (run here or before): on a cluster the wall time since the
+                # document started would count the time its calls waited for a free worker.
+                try:
+                    result = document_result(run.plan, run.calls, stop.value, sum(c["seconds"] for c in run.calls))
+                except LocalctxError as exc:
+                    return self._fail(run, str(exc))
+                return self._finish(run, result)
+            except Exception as exc:
+                return self._fail(run, error_message(exc))
+            run.requests, run.answers, run.missing = requests, [None] * len(requests), 0
+            for j, request in enumerate(requests):
+                hit = self.batch.store.get_call(call_key(self.batch.fp, request.role, request.body)) \
+                    if isinstance(request, Call) else None
+                if hit is not None:
+                    run.calls.append({**hit, "cached": True})
+                    self._call_done(run, request, hit, cached=True)
+                    run.answers[j] = hit["summary"]
+                else:
+                    run.missing += 1
+                    self.pool.submit((run.index, j), "execute", request)
+            if run.missing:
+                return
+            answers = run.answers
+
+    def on_result(self, index: int, j: int, outcome: Outcome) -> None:
+        from .summarize import Call, call_key
+
+        run = self.runs[index]
+        request = run.requests[j]
+        if outcome[0] != "ok":
+            if not run.done:
+                self._fail(run, _message(outcome))
+            return
+        value = outcome[1]
+        if isinstance(request, Call):
+            info = {**value, "worker": outcome[2], "pid": outcome[3]}
+            self.batch.store.put_call(call_key(self.batch.fp, request.role, request.body), value)
+            self.batch.stats.add(value)
+            self.work_tokens += value["prompt_tokens"] + value["generated_tokens"]
+            run.calls.append({**value, "cached": False})
+            self._call_done(run, request, info, cached=False)
+            value = value["summary"]
+        if run.done:  # failed meanwhile: the call is stored (a re-run reuses it), the flow is over
+            return
+        run.answers[j] = value
+        run.missing -= 1
+        if run.missing == 0:
+            self._advance(run, run.answers)
+
+    def _call_done(self, run: _DocRun, call: Call, info: dict[str, Any], cached: bool) -> None:
+        self.tokens_done += call.doc_tokens
+        maps = sum(1 for c in run.calls if c["role"] == "map")
+        self.batch.reporter.call_done({**info, "cached": cached, "label": run.doc.label, "map_index": maps,
+                                       "chunks": len(run.plan.chunks)}, self.tokens_done)
+
+    def _fail(self, run: _DocRun, message: str) -> None:
+        from .summarize import failed_result
+
+        self.batch.reporter.warn(f"{run.doc.label}: failed: {message}")
+        self._finish(run, failed_result(run.plan, message))
+
+    def _finish(self, run: _DocRun, result: dict[str, Any]) -> None:
+        run.done = True
+        self.batch.finish(run.doc, result)
+        self.finished += 1
+        self.batch.reporter.cluster_progress(self.finished, len(self.runs), self.work_tokens,
+                                             time.perf_counter() - self.start, self.pool.s.workers)
+
+
+def summarize_on_cluster(batch: _Batch, pending: list[Document], cluster: Cluster, resolved: Resolved) -> None:
+    """The pending documents of a batch on Ray workers (see the module docstring)."""
+    from .summarize import failed_result, summary_flow
+
+    job = ("summarize", resolved, batch.options, batch.fp)
+    with running_pool(cluster, resolved.spec.threads, job) as pool:
+        pool.ready()
+        batch.stats.workers = pool.s.workers
+        driver = _Driver(batch, pool)
+        first: dict[str, int] = {}  # a document's key → its first pending index: duplicates wait for it
+        unique = []
+        for i, doc in enumerate(pending):
+            if first.setdefault(batch._key(doc), i) == i:
+                unique.append(doc)
+        plans = driver.plan_all(unique)
+        good = [p for p in plans.values() if not isinstance(p, str)]
+        batch.reporter.batch_start(len(batch.order), len(batch.records), sum(p.tokens for p in good),
+                                   sum(len(p.chunks) for p in good))
+        for i, doc in enumerate(unique, 1):
+            plan = plans[i - 1]
+            if isinstance(plan, str):
+                batch.reporter.warn(f"{doc.label}: failed: {plan}")
+                batch.finish(doc, failed_result(None, plan))
+                continue
+            driver.runs[i] = _DocRun(doc, plan, i, summary_flow(plan))
+        for run in list(driver.runs.values()):
+            driver.start_doc(run)
+        while pool.busy:
+            for (i, j), outcome in pool.results():
+                driver.on_result(i, j, outcome)
+        batch.stats.retried = pool.retried
+    ran = {id(doc) for doc in unique}
+    for doc in pending:  # a duplicate's record is its twin's, as in one process
+        if id(doc) not in ran:
+            batch.emit_stored(doc)
+
+
+# --- Evaluate --------------------------------------------------------------------------------------
+
+
+def evaluate_on_cluster(evaluation: Evaluation, todo: list[tuple[Resolved, Cell, Key]], cluster: Cluster,
+                        threads: int | None, on_found: Callable[[Cell, Key, dict[str, Any]], None]) -> None:
+    """Every cell of `todo` on Ray workers; `on_found` (the driver: the cache and the result) sees each
+    as it finishes. A cell whose worker died twice is not cached; the error names it after the rest."""
+    failed = []
+    with running_pool(cluster, threads, ("evaluate", evaluation)) as pool:
+        for i, (resolved, cell, key) in enumerate(todo):
+            pool.submit(i, "evaluate", resolved, cell, key)
+        while pool.busy:
+            for i, outcome in pool.results():
+                _, cell, key = todo[i]
+                if outcome[0] == "ok":
+                    on_found(cell, key, outcome[1])
+                elif outcome[0] == "error":
+                    pool.stop()
+                    raise_error(outcome)  # as in one process: a bad cell stops the run
+                else:
+                    failed.append(f"{cell['preset']} {cell['length']:,}: {outcome[1]}")
+    if failed:
+        raise ResourceError(f"{len(failed)} cell(s) failed: {'; '.join(failed)}. The other cells are cached: "
+                            "run the same command again to compute the rest.")
+

@@ -1,0 +1,185 @@
+"""Summarize and evaluate on a real local Ray runtime with 2 workers (one runtime for the module):
+the same outputs as one process, a worker SIGKILLed mid-batch, Ctrl-C, a finished batch re-run
+without starting a worker, an evaluation grid filling the same cache cells, and clean errors."""
+from __future__ import annotations
+
+import localctx.engine  # noqa: F401  llama.cpp before numpy, as the CLI does
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import ray
+
+from conftest import assert_clean_error, invoke
+from localctx.cluster import Cluster
+from localctx.errors import InputError
+from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, load_text, run_passkey, run_ppl
+from localctx.runtime import RunSpec
+from localctx.summarize import Interrupted, Reporter, SummarizeOptions, summarize_batch
+
+# A 512-token window: three short documents fit it (one pass), the fourth is map-reduced.
+SPEC = RunSpec(preset="native", ctx=512, threads=1)  # llama.cpp's results depend on the thread count
+OPTIONS = SummarizeOptions(max_summary_tokens=24)
+TWO = Cluster(workers=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    """One local Ray runtime for the module: each batch starts its 2 workers in it (as a batch
+    started from a notebook that called ray.init would) and stops them at its end."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> list[str]:
+    root = tmp_path_factory.mktemp("docs")
+    text = (corpus / "alice.txt").read_text(encoding="utf-8")
+    start = text.index("Alice was beginning")
+    pieces = [text[start:start + 500], text[start + 2000:start + 2600], text[start + 5000:start + 5400],
+              text[start + 8000:start + 10800]]
+    paths = []
+    for i, piece in enumerate(pieces):
+        path = root / f"doc{i}.txt"
+        path.write_text(piece, encoding="utf-8")
+        paths.append(str(path))
+    return paths
+
+
+def summaries(result: Any) -> list[tuple[str, str, int, str]]:
+    return [(r["path"], r["strategy"], r["chunks"], r["summary"]) for r in result.records]
+
+
+@pytest.fixture(scope="module")
+def single(documents: list[str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The batch in this process (the reference)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCALCTX_HOME", str(tmp_path_factory.mktemp("single-home")))
+        return summarize_batch(documents, SPEC, OPTIONS)
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_same_summaries_and_a_rerun_starts_none(single, documents, tmp_path):
+    assert [r["strategy"] for r in single.records] == ["stuff", "stuff", "stuff", "map-reduce"]
+    out = tmp_path / "out"
+    result = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, out=out)
+    assert summaries(result) == summaries(single)
+    assert result.stats.workers == 2 and result.stats.summarized == 4 and result.stats.failed == 0
+    assert result.stats.model_calls == single.stats.model_calls and result.stats.model_loaded
+    lines = [json.loads(line) for line in (out / "summaries.jsonl").read_text().splitlines()]
+    assert [line["summary"] for line in lines] == [s[3] for s in summaries(single)]
+    assert len(result.out_files) == 4 and all(f.is_file() for f in result.out_files)
+    # A finished batch: every record from the store, no runtime joined, no worker started.
+    again = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, out=out)
+    assert again.stats.cached == 4 and again.stats.model_calls == 0
+    assert not again.stats.model_loaded and again.stats.workers == 0
+    assert summaries(again) == summaries(single)
+
+
+class KillAWorkerMidTask(Reporter):
+    """When the first model call comes back, SIGKILL the other worker while it runs a task."""
+
+    def __init__(self) -> None:
+        self.killed: int | None = None
+
+    def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None:
+        if self.killed is not None or "pid" not in info:
+            return
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] != info["pid"] and title.startswith("ray::Worker.execute"):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                self.killed = proc.info["pid"]
+                return
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_batch_loses_only_its_task(single, documents):
+    reporter = KillAWorkerMidTask()
+    result = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, reporter=reporter)
+    assert reporter.killed is not None, "no worker was running a task when the first call came back"
+    assert result.stats.retried >= 1 and result.stats.failed == 0
+    assert summaries(result) == summaries(single)
+
+
+class InterruptAfterFirstCall(Reporter):
+    def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None:
+        if not info["cached"]:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(single, documents):
+    with pytest.raises(Interrupted):
+        summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, reporter=InterruptAfterFirstCall())
+    deadline = time.monotonic() + 15
+    while worker_processes() and time.monotonic() < deadline:  # ray.kill is asynchronous
+        time.sleep(0.2)
+    assert not worker_processes()
+    # The call that came back is stored: the re-run does every other call only.
+    again = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO)
+    assert again.stats.model_calls == single.stats.model_calls - 1
+    assert summaries(again) == summaries(single)
+
+
+def worker_processes() -> list[int]:
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if " ".join(p.info["cmdline"] or []).startswith("ray::Worker")]
+
+
+def _cells(directory: Path) -> dict[str, dict]:
+    """Each cache file's key and result, less what a clock measures."""
+    cells = {}
+    for path in directory.glob("*.json"):
+        data = json.loads(path.read_text())
+        data["result"] = {k: v for k, v in data["result"].items() if k not in ("seconds", "tokens_per_second")}
+        cells[path.name] = data
+    return cells
+
+
+@pytest.mark.slow
+def test_eval_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
+    text = load_text(corpus / "alice.txt")
+    ppl = PplRequest(["native", "yarn-16k"], [256, 384], text, span=32)  # two presets: a worker switches engines
+    passkey = PasskeyRequest(["native"], [256], [0.0, 1.0])
+    here, there = tmp_path / "here", tmp_path / "there"
+    spec = RunSpec(threads=1)
+    for directory, cluster in ((here, None), (there, TWO)):
+        run_ppl(ppl, spec, cache=CellCache(directory), cluster=cluster)
+        run_passkey(passkey, spec, cache=CellCache(directory), cluster=cluster)
+    assert len(_cells(here)) == 4 + 2
+    assert _cells(there) == _cells(here)
+
+
+def test_cli_eval_ppl_with_workers(cli, corpus):
+    args = ("eval", "ppl", "--presets", "native", "--lengths", "256", "--span", "32", "--text",
+            str(corpus / "alice.txt"), "--json", "--workers", "2")
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "on Ray workers" in result.stderr
+    assert json.loads(result.stdout)["cells"][0]["status"] == "ok"
+
+
+def test_cluster_settings_are_validated():
+    with pytest.raises(InputError, match="workers must be"):
+        Cluster(workers=0)
+    with pytest.raises(InputError, match="empty"):
+        Cluster(address=" ")
+    assert Cluster.of(None, None) is None
+
+
+def test_cli_rejects_bad_cluster_options_cleanly(run_cli, documents, tmp_path):
+    home = {"LOCALCTX_HOME": str(tmp_path / "home")}
+    assert_clean_error(run_cli("summarize", documents[0], "--ray", "127.0.0.1:9", env=home, timeout=120),
+                       "Cannot reach a Ray cluster at 127.0.0.1:9")
+    env = {**home, "RAY_ADDRESS": ""}
+    assert_clean_error(run_cli("summarize", documents[0], "--ray", "auto", env=env, timeout=120), "RAY_ADDRESS")
+    bad = invoke("summarize", documents[0], "--workers", "0")
+    assert bad.returncode == 2 and "--workers" in bad.stderr
