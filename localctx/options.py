@@ -71,34 +71,35 @@ def run_options(preset: bool = True, ctx: bool = True, kv_cache: bool = False) -
               + (("kv_cache",) if kv_cache else ()))
 
     def decorate(f: F) -> F:
-        def wrapper(**kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in fields}
-            return f(spec=RunSpec(**given), **kwargs)
-
-        wrapper.__name__ = f.__name__
-        wrapper.__doc__ = f.__doc__
-        wrapper.__click_params__ = list(getattr(f, "__click_params__", []))  # type: ignore[attr-defined]
-        for option in reversed(options):
-            wrapper = option(wrapper)
-        return wrapper  # type: ignore[return-value]
+        return _gathered(f, options, lambda kwargs: {"spec": RunSpec(**{name: kwargs.pop(name) for name in fields})})
 
     return decorate
+
+
+def _gathered(f: F, options: list[Callable[[Any], Any]], gather: Callable[[dict[str, Any]], dict[str, Any]]) -> F:
+    """`f` under `options`, whose values `gather` pops from the keyword arguments and turns into
+    the arguments `f` takes instead (one validated object, not a dozen loose values)."""
+    def wrapper(**kwargs: Any) -> Any:
+        return f(**gather(kwargs), **kwargs)
+
+    wrapper.__name__ = f.__name__
+    wrapper.__doc__ = f.__doc__
+    wrapper.__click_params__ = list(getattr(f, "__click_params__", []))  # type: ignore[attr-defined]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
 
 
 def cluster_options(f: F) -> F:
     """--workers and --ray, gathered into one `cluster: Cluster | None` argument (None: this process)."""
     from .cluster import MAX_WORKERS, Cluster
 
-    def wrapper(**kwargs: Any) -> Any:
-        return f(cluster=Cluster.of(kwargs.pop("workers"), kwargs.pop("ray_address")), **kwargs)
-
-    wrapper.__name__ = f.__name__
-    wrapper.__doc__ = f.__doc__
-    wrapper.__click_params__ = list(getattr(f, "__click_params__", []))  # type: ignore[attr-defined]
-    wrapper = click.option("--ray", "ray_address", metavar="ADDRESS",
-                           help="Run on an existing Ray cluster (HOST:PORT, ray://HOST:PORT, or auto for "
-                                "$RAY_ADDRESS); its nodes must see the model file. Needs localctx[ray].")(wrapper)
-    wrapper = click.option("--workers", type=click.IntRange(1, MAX_WORKERS), metavar="N",
-                           help="Split the work over N worker processes (a local Ray runtime, the CPU threads "
-                                "shared between them; with --ray: N workers on the cluster). Needs localctx[ray].")(wrapper)
-    return wrapper  # type: ignore[return-value]
+    options = [
+        click.option("--workers", type=click.IntRange(1, MAX_WORKERS), metavar="N",
+                     help="Split the work over N worker processes (a local Ray runtime, the CPU threads "
+                          "shared between them; with --ray: N workers on the cluster). Needs localctx[ray]."),
+        click.option("--ray", "ray_address", metavar="ADDRESS",
+                     help="Run on an existing Ray cluster (HOST:PORT, ray://HOST:PORT, or auto for "
+                          "$RAY_ADDRESS); its nodes must see the model file. Needs localctx[ray]."),
+    ]
+    return _gathered(f, options, lambda kwargs: {"cluster": Cluster.of(kwargs.pop("workers"), kwargs.pop("ray_address"))})

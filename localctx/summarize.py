@@ -537,12 +537,9 @@ class Summarizer:
         self.reporter.doc_start(index, total, doc.label, plan.strategy, plan.tokens, len(plan.chunks))
         start = time.perf_counter()
         calls: list[dict[str, Any]] = []
-        summary = run_flow(self.flow(plan), lambda requests: [self._answer(r, calls) for r in requests])
+        summary = run_flow(summary_flow(plan), lambda requests: [self._answer(r, calls) for r in requests])
         reused = sum(c["seconds"] for c in calls if c["cached"])
         return document_result(plan, calls, summary, time.perf_counter() - start + reused)
-
-    def flow(self, plan: Plan) -> Flow:
-        return summary_flow(plan)
 
     def execute(self, request: Request) -> Any:
         """Answer one request on this engine: a model call's record (not stored), or the groups."""
@@ -561,9 +558,7 @@ class Summarizer:
         return group_parts(parts, self.engine.count, self.reduce_room)
 
     def _answer(self, request: Request, calls: list[dict[str, Any]]) -> Any:
-        if isinstance(request, Group):
-            return self.execute(request)
-        return self._call(request, calls)
+        return self._call(request, calls) if isinstance(request, Call) else self.execute(request)
 
     def _call(self, call: Call, calls: list[dict[str, Any]]) -> str:
         """One model call (or its stored result), stored as soon as it is done."""
