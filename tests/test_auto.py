@@ -111,15 +111,15 @@ def text_tokens(auto: Engine, corpus: Path) -> list[int]:
 
 
 def test_short_prompt_runs_unscaled_and_long_one_at_the_smallest_step(auto: Engine, text_tokens: list[int]):
-    weights = auto._llm._model
+    weights = auto.model
     localctx.generate_text(auto, "The capital of France is", max_tokens=ANSWER)
     assert (auto.params.method, auto.n_ctx) == ("none", SHORT_TRAINED)
     past = text_tokens[: SHORT_TRAINED - ANSWER + 10]  # 10 tokens past the trained window with the answer
     gen = auto.complete(past, max_tokens=ANSWER)
     assert gen.timings.prompt_tokens == len(past)
     assert (auto.params.method, auto.params.scale, auto.n_ctx) == ("yarn", 2.0, 2 * SHORT_TRAINED)
-    assert auto._llm.n_ctx() == 2 * SHORT_TRAINED  # the KV cache is the window in use, not the maximum
-    assert auto._llm._model is weights  # a new context over the same weights: nothing reloaded
+    assert auto.windows.current().n_ctx == 2 * SHORT_TRAINED  # the KV cache is the window in use, not the maximum
+    assert auto.windows.current().model is weights and auto.model is weights  # a new context, the same weights
     assert [s.after.n_ctx for s in auto.switches[-1:]] == [2 * SHORT_TRAINED]
     localctx.generate_text(auto, "The capital of France is", max_tokens=ANSWER)
     assert auto.params.method == "none"  # the next short request is unscaled again
@@ -257,26 +257,26 @@ def test_a_window_llama_cpp_cannot_create_leaves_the_engine_at_its_window(short_
                                                                         monkeypatch: pytest.MonkeyPatch):
     """llama.cpp refusing a context (out of memory, say) mid-switch: a clean error, the previous
     window restored and still answering; if even that fails, every later request is a clean error."""
-    from localctx import engine as engine_module
+    from localctx.engine import windows as windows_module
 
-    real = engine_module.llama_internals.LlamaContext
+    real = windows_module.Context
 
-    def refuse_large(*, model, params, verbose):
+    def refuse_large(model, params, **kwargs):
         if params.n_ctx > SHORT_TRAINED:
             raise ValueError("Failed to create llama_context")
-        return real(model=model, params=params, verbose=verbose)
+        return real(model, params, **kwargs)
 
     with open_engine(RunSpec(model=short_model, preset="auto")) as engine:
-        monkeypatch.setattr(engine_module.llama_internals, "LlamaContext", refuse_large)
+        monkeypatch.setattr(windows_module, "Context", refuse_large)
         with pytest.raises(localctx.ResourceError, match="engine stays at 1,024 tokens"):
             engine.complete(text_tokens[: SHORT_TRAINED + 100], max_tokens=ANSWER)
         assert (engine.params.method, engine.n_ctx, engine.switches) == ("none", SHORT_TRAINED, [])
         assert localctx.generate_text(engine, "The capital of France is", max_tokens=4).text.strip()
 
-        def refuse_all(*, model, params, verbose):
+        def refuse_all(model, params, **kwargs):
             raise ValueError("Failed to create llama_context")
 
-        monkeypatch.setattr(engine_module.llama_internals, "LlamaContext", refuse_all)
+        monkeypatch.setattr(windows_module, "Context", refuse_all)
         with pytest.raises(localctx.ResourceError, match="nor restore the previous one"):
             engine.complete(text_tokens[: SHORT_TRAINED + 100], max_tokens=ANSWER)
         with pytest.raises(localctx.ResourceError, match="reopen"):

@@ -42,7 +42,7 @@ def engine() -> Engine:
 
 
 def control_ids(engine: Engine, tokens: list[int]) -> list[int]:
-    return [t for t in tokens if engine._token_attr(t) & 8]  # LLAMA_TOKEN_ATTR_CONTROL
+    return [t for t in tokens if engine.token_attr(t) & 8]  # LLAMA_TOKEN_ATTR_CONTROL
 
 
 def contains(tokens: list[int], part: list[int]) -> bool:

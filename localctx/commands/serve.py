@@ -9,6 +9,7 @@ from ..options import run_options, seed_option
 from ..runtime import RunSpec
 
 API_KEY_ENV = "LOCALCTX_API_KEY"
+DEFAULT_PARALLEL = 4  # benchmarks/RESULTS.md: parallel serving
 
 
 @click.command()
@@ -23,31 +24,36 @@ API_KEY_ENV = "LOCALCTX_API_KEY"
               help="Require 'Authorization: Bearer KEY' on every request but GET /health.")
 @click.option("--max-body-mb", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Largest request body accepted, in MiB (larger: HTTP 413).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=DEFAULT_PARALLEL, show_default=True,
+              help="Requests run at once as parallel sequences of one batch (each with the full window; "
+                   "memory is planned for all of them).")
 @seed_option
 def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None, max_body_mb: int,
-          seed: int) -> None:
+          parallel: int, seed: int) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
 
-    Requests run one at a time, each at the preset's scaling for its own length (auto); a prompt
+    Up to --parallel requests run at once (continuous batching), each at the preset's scaling for
+    its own length (auto); a prompt
     that starts with a long document the server has seen restores its KV snapshot; a prompt that
     does not fit the largest window is refused with HTTP 400 (context_length_exceeded), never
     truncated. Logs one line per request on stderr. Ctrl-C or SIGTERM stops it. See docs/serve.md.
 
     \b
     Examples:
-      localctx serve --preset auto --port 8080
+      localctx serve --preset auto --port 8080 --parallel 4
       curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
     from ..runtime import open_engine
     from ..serve import serve as run_server
 
     spec = replace(spec, preset=preset)
-    with open_engine(spec, seed=seed) as engine:
+    with open_engine(spec, seed=seed, parallel=parallel) as engine:
         windows = ", ".join(f"{step.n_ctx:,}" for step in engine.ladder.steps)
 
         def ready(url: str) -> None:
             key = ", API key required" if api_key else ""
-            click.echo(f"Serving {engine.facts.path.name} (preset {preset}: windows {windows}) on {url}{key}. "
+            click.echo(f"Serving {engine.facts.path.name} (preset {preset}: windows {windows}; "
+                       f"{parallel} parallel) on {url}{key}. "
                        "Ctrl-C to stop.", err=True)
 
         run_server(engine, host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_mb * 2**20,

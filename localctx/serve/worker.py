@@ -1,12 +1,17 @@
-"""The engine-facing half of the server: one thread owns the model and runs requests one at a
-time, in arrival order (a single-worker executor is the one lock). Everything that touches the
-engine happens on that thread, tokenizing included: llama.cpp's context is not thread-safe, and
-the chat template compiles lazily.
+"""The engine-facing half of the server: one thread owns the model and runs up to `engine.n_seq`
+requests at once as parallel sequences (continuous batching: each step is one llama_decode with
+every running request's next token and the prefill chunks that fit beside them). Everything that
+touches the engine happens on that thread, tokenizing included: llama.cpp's context is not
+thread-safe, and the chat template compiles lazily. Requests start in arrival order; one that
+needs another window of `auto` waits until the running ones are done (one context at a time).
 
 A request becomes a Job; its events (start, text, done, error) go to the event loop through
 `call_soon_threadsafe`, so the HTTP side never blocks on the model. A job is cancelled by its
 Event (a client that went away) or by the worker's `stopping` (shutdown): a queued job is
-skipped, a running one stops before its next decoded batch or token (Engine.should_stop).
+skipped, a running one stops before the next step, and its sequence is free at once.
+
+Batched answers may differ slightly from one-at-a-time answers (llama.cpp's logits depend on how
+a batch is composed), as with every server that batches; docs/serve.md gives the measured size.
 
 The document boundary, for KV snapshots: a prompt that begins with a long document should
 restore that document's snapshot whatever question follows it. The rule matches how `localctx
@@ -20,16 +25,16 @@ threshold), so short prompts are untouched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Engine, Generation
+from ..engine import Engine, Run
 from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceError
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
@@ -52,22 +57,33 @@ class Job:
     request: ApiRequest
     post: Callable[[tuple[str, Any]], None]  # thread-safe: hands an event to the request's coroutine
     cancel: threading.Event = field(default_factory=threading.Event)
+    run: Run | None = None
+    prompt: Prompt | None = None
+    pending_text: str = ""
+    last_flush: float = 0.0
 
 
 class ModelWorker:
-    """Runs Jobs on `engine`, one at a time, on its own thread."""
+    """Runs Jobs on `engine`, up to `engine.n_seq` at once, on its own thread."""
 
     def __init__(self, engine: Engine, model_id: str) -> None:
         self.engine, self.model_id = engine, model_id
         self.stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localctx-model")
-        self._pending = 0
-        self._count_lock = threading.Lock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="localctx-model", daemon=True)
+        self._thread.start()
 
     @property
     def pending(self) -> int:
         """Requests queued or running."""
-        return self._pending
+        with self._cv:
+            return len(self._queue) + len(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, request: ApiRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Job:
         def post(event: tuple[str, Any]) -> None:
@@ -77,70 +93,117 @@ class ModelWorker:
                 pass
 
         job = Job(request, post)
-        with self._count_lock:
-            self._pending += 1
-        try:
-            self._executor.submit(self._run, job)
-        except RuntimeError:  # the executor has shut down: the server is stopping
-            self._run(job)  # sees `stopping` and only posts the refusal
+        with self._cv:
+            if self.stopping.is_set():
+                job.post(("error", Cancelled("The server is stopping.")))
+                return job
+            self._queue.append(job)
+            self._cv.notify()
         return job
 
     def stop(self) -> None:
-        """Stop the running request and skip the queued ones; returns once the thread is idle."""
+        """Stop the running requests and skip the queued ones; returns once the thread is idle."""
         self.stopping.set()
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        with self._cv:
+            self._cv.notify()
+        self._thread.join()
 
     # --- on the model thread ----------------------------------------------------------------
 
-    def _run(self, job: Job) -> None:
-        try:
-            self._run_job(job)
-        finally:
-            with self._count_lock:
-                self._pending -= 1
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._running and not self.stopping.is_set():
+                    self._cv.wait(timeout=1.0)
+                if self.stopping.is_set() and not self._running:
+                    for job in self._queue:
+                        job.post(("error", Cancelled("The request was cancelled before it started.")))
+                    self._queue.clear()
+                    return
+                admit = self._admissible()
+            for i, job in enumerate(admit):
+                if not self._start(job):  # it needs another window: it and those after it wait
+                    with self._cv:
+                        self._queue.extendleft(reversed(admit[i:]))
+                    break
+            if self._running:
+                self._step()
 
-    def _run_job(self, job: Job) -> None:
+    def _admissible(self) -> list[Job]:
+        """Queued jobs that can start now: free sequences, in arrival order (a cancelled one is dropped)."""
+        admit: list[Job] = []
+        free = self.engine.n_seq - len(self._running)
+        while self._queue and len(admit) < free and not self.stopping.is_set():
+            job = self._queue[0]
+            if job.cancel.is_set():
+                self._queue.popleft()
+                job.post(("error", Cancelled("The request was cancelled before it started.")))
+                continue
+            self._queue.popleft()
+            admit.append(job)
+        return admit
+
+    def _start(self, job: Job) -> bool:
+        """Start the job's run (or post its refusal); False when it must wait for another window."""
         engine = self.engine
-        if job.cancel.is_set() or self.stopping.is_set():
-            job.post(("error", Cancelled("The request was cancelled before it started.")))
-            return
-        engine.should_stop = lambda: job.cancel.is_set() or self.stopping.is_set()
         try:
-            prompt = self.prompt(job.request)
+            prompt = job.prompt or self.prompt(job.request)
+            job.prompt = prompt
+            if self._running and engine.ladder.step_for(len(prompt.tokens) + prompt.max_tokens) != engine.params:
+                return False
             s = job.request.sampling
-            gen = engine.generate(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
-                                  top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end)
+            job.run = engine.start(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
+                                   top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end,
+                                   mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set())
             job.post(("start", None))
-            if job.request.stream:
-                self._stream_text(gen, job)
-            else:
-                gen.finish()  # the outcome carries the text: no event per token to wake the loop for
-            t = gen.timings
-            details = {"window": engine.n_ctx, "scaling": engine.params.scaling, "max_tokens": prompt.max_tokens,
-                       "document_tokens": prompt.document_end or 0, **t.to_dict()}
-            job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
+            with self._cv:
+                self._running.append(job)
         except (LocalctxError, ApiError) as exc:
             job.post(("error", exc))
         except Exception as exc:  # a bug: the client gets a 500 without details, the log the traceback
             traceback.print_exc(file=sys.stderr)
             job.post(("error", exc))
-        finally:
-            engine.should_stop = None
+        return True
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as exc:  # a bug: every running request fails, the server goes on
+            traceback.print_exc(file=sys.stderr)
+            for job in self._running:
+                job.run.end(error=exc)
+        now = time.monotonic()
+        for job in self._running:
+            self._post_text(job, now)
+        with self._cv:
+            done = [j for j in self._running if j.run.done]
+            self._running = [j for j in self._running if not j.run.done]
+        for job in done:
+            self._finish(job)
 
     @staticmethod
-    def _stream_text(gen: Generation, job: Job) -> None:
+    def _post_text(job: Job, now: float) -> None:
         """Post the text as it comes, at most one event per FLUSH_SECONDS after the first (pieces
         in between are sent together): each event wakes the event loop and the client, and on a
         CPU where llama.cpp's threads use every core each wake-up delays a token."""
-        pending, last = "", 0.0
-        for text in gen:
-            pending += text
-            now = time.monotonic()
-            if now - last >= FLUSH_SECONDS:
-                job.post(("text", pending))
-                pending, last = "", now
-        if pending:
-            job.post(("text", pending))
+        if not job.request.stream:
+            job.run.drain()  # the outcome carries the text: no event per token to wake the loop for
+            return
+        job.pending_text += "".join(job.run.drain())
+        if job.pending_text and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
+            job.post(("text", job.pending_text))
+            job.pending_text, job.last_flush = "", now
+
+    def _finish(self, job: Job) -> None:
+        run, prompt = job.run, job.prompt
+        if run.error is not None:
+            job.post(("error", run.error))
+            return
+        gen, engine = run.gen, self.engine
+        t = gen.timings
+        details = {"window": engine.n_ctx, "scaling": engine.params.scaling, "max_tokens": prompt.max_tokens,
+                   "document_tokens": prompt.document_end or 0, **t.to_dict()}
+        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never

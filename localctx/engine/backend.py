@@ -1,0 +1,346 @@
+"""The only code that touches llama-cpp-python, through its low-level `llama_*` functions: a model,
+contexts over it, batches, decoding, the KV memory of each sequence, sequence state, samplers
+and the vocabulary. Nothing here decides policy (which window, which positions, what fits):
+it loads and runs. The llama-cpp-python version is pinned (scripts/install.sh, pyproject) and
+checked at import, because these functions and structs change between releases."""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp
+
+from ..errors import LocalctxError, ResourceError
+from ..params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
+
+LLAMA_CPP_PYTHON = "0.3.36"  # also in pyproject.toml and scripts/install.sh
+if llama_cpp.__version__ != LLAMA_CPP_PYTHON:
+    raise LocalctxError(
+        f"localctx needs llama-cpp-python {LLAMA_CPP_PYTHON}, and {llama_cpp.__version__} is installed: its "
+        "low-level API differs between releases. Run: bash scripts/install.sh"
+    )
+
+_SCALING_TYPES = {
+    None: llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+    "none": llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE,
+    "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+    "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+}
+_CACHE_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in KV_CACHE_TYPES}
+ATTR_CONTROL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+ATTR_LSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
+ATTR_RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+# Tokens llama.cpp matches in text when it parses special tokens (its cache_special_tokens).
+ATTR_SPECIAL = ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # the dist sampler draws a random seed from it
+PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat penalties
+REBUILD = {
+    "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
+    "metal": 'CMAKE_ARGS="-DGGML_METAL=on" bash scripts/install.sh',
+}
+VERSION = llama_cpp.__version__
+
+
+# --- llama.cpp's own log ---------------------------------------------------------------------
+
+_verbose_log = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: object) -> None:
+    # llama-cpp-python's own callback maps ggml's log levels wrongly and lets warnings through;
+    # localctx keeps llama.cpp silent unless --verbose, and then sends everything to stderr.
+    if _verbose_log:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def set_llama_log(verbose: bool) -> None:
+    global _verbose_log
+    _verbose_log = verbose
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+set_llama_log(False)
+llama_cpp.llama_backend_init()
+
+
+# --- build facts and offload -----------------------------------------------------------------
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def backends() -> list[str]:
+    """Names of the ggml backends this build registered (CPU, CUDA, Metal, ...)."""
+    reg_count = getattr(llama_cpp, "ggml_backend_reg_count", None)  # not bound by every release
+    if reg_count is not None:
+        return [llama_cpp.ggml_backend_reg_name(llama_cpp.ggml_backend_reg_get(i)).decode() for i in range(reg_count())]
+    info = system_info().upper()
+    return ["CPU"] + [label for label in GPU_BACKENDS.values() if label.upper() in info]
+
+
+def build_info() -> dict[str, Any]:
+    return {"llama_cpp_python": VERSION, "gpu_offload": supports_gpu_offload(), "backends": backends(),
+            "system_info": system_info()}
+
+
+def offload_layers(device: str = "auto", gpu_layers: GpuLayers = None) -> int:
+    """llama.cpp's n_gpu_layers for a request (-1: all); refuses a GPU request this build cannot
+    serve, with the command that rebuilds it. Never falls back silently."""
+    wanted = gpu_layers not in (None, 0)
+    if device == "cpu":
+        if wanted:
+            raise ResourceError("--device cpu cannot be combined with --gpu-layers; drop one of them.")
+        return 0
+    can = supports_gpu_offload()
+    if device in GPU_BACKENDS:
+        if not can or not any(GPU_BACKENDS[device].lower() in b.lower() for b in backends()):
+            raise ResourceError(
+                f"This llama.cpp build cannot offload to {device} (backends: {', '.join(backends())}). "
+                f"Rebuild it with:\n  {REBUILD[device]}"
+            )
+    elif wanted and not can:
+        raise ResourceError(
+            "--gpu-layers needs a llama.cpp build with GPU offload, and this one is CPU-only. Rebuild with\n"
+            f"  {REBUILD['cuda']}   (NVIDIA)\n  {REBUILD['metal']}   (Apple)"
+        )
+    if not can:
+        return 0
+    return -1 if gpu_layers in (None, "all") else int(gpu_layers)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def llama_arguments(path: str, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,
+                    seed: int = 0, verbose: bool = False) -> dict[str, Any]:
+    """The keyword arguments of llama-cpp-python's high-level `Llama` for these parameters, for
+    benchmarks that build a raw baseline with the same settings as an engine."""
+    threads = threads or default_threads()
+    return dict(model_path=path, n_ctx=params.n_ctx, n_batch=params.n_batch, n_ubatch=params.n_ubatch,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                rope_scaling_type=_SCALING_TYPES[params.rope_scaling_type], rope_freq_base=params.rope_freq_base,
+                rope_freq_scale=params.rope_freq_scale, yarn_ext_factor=params.yarn_ext_factor,
+                yarn_attn_factor=params.yarn_attn_factor, yarn_beta_fast=params.yarn_beta_fast,
+                yarn_beta_slow=params.yarn_beta_slow, yarn_orig_ctx=params.yarn_orig_ctx,
+                flash_attn=params.flash_attn, swa_full=params.swa_full, type_k=_CACHE_TYPES[params.type_k],
+                type_v=_CACHE_TYPES[params.type_v], seed=seed, verbose=verbose)
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+class Model:
+    """Loaded weights and their vocabulary; contexts are made over it (never a reload)."""
+
+    def __init__(self, path: str, gpu_layers: int) -> None:
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0x7FFFFFFF if gpu_layers == -1 else gpu_layers
+        self.ptr = llama_cpp.llama_model_load_from_file(path.encode("utf-8"), mp)
+        if not self.ptr:
+            raise ValueError(f"failed to load model from file: {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.ptr))
+        self._piece = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, data: bytes, *, add_special: bool, parse_special: bool) -> list[int]:
+        n_max = max(16, len(data) + 8)
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # the buffer was too small: -n tokens are needed
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n < 0:
+                raise LocalctxError(f"llama.cpp could not tokenize a text of {len(data):,} bytes.")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, big, -n, 0, special)
+            return bytes(big[:n])
+        return bytes(self._piece[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        out = b"".join(self.piece(t) for t in tokens)
+        # As llama-cpp-python: a leading space after BOS is the tokenizer's, not the text's.
+        return out[1:] if tokens and tokens[0] == self.bos and out[:1] == b" " else out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def attr(self, token: int) -> int:
+        return int(llama_cpp.llama_vocab_get_attr(self.vocab, token))
+
+    def text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+
+# --- contexts, batches, samplers ---------------------------------------------------------------
+
+
+class Context:
+    """One llama.cpp context over a Model: a KV cache of `n_seq` sequences of `params.n_ctx`
+    tokens each (not unified: every sequence has its own cells, so attention over one never
+    spans the others, and a sequence's window is exactly the preset's)."""
+
+    def __init__(self, model: Model, params: RuntimeParams, *, n_seq: int = 1, threads: int | None = None,
+                 n_outputs: int = 0) -> None:
+        threads = threads or default_threads()
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = params.n_ctx * n_seq
+        cp.n_batch, cp.n_ubatch = params.n_batch, min(params.n_batch, params.n_ubatch)
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.rope_scaling_type = _SCALING_TYPES[params.rope_scaling_type]
+        for name in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
+                     "yarn_beta_slow"):
+            setattr(cp, name, getattr(params, name) or 0.0)
+        cp.yarn_orig_ctx = params.yarn_orig_ctx or 0
+        cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cp.type_k, cp.type_v = _CACHE_TYPES[params.type_k], _CACHE_TYPES[params.type_v]
+        cp.swa_full = params.swa_full
+        cp.n_outputs_max = n_outputs  # 0: a whole batch (evaluation); generation needs one per sequence
+        cp.no_perf = True
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, cp)
+        if not self.ptr:
+            raise ValueError("failed to create llama_context")
+        self.model, self.params, self.n_seq, self.threads = model, params, n_seq, threads
+        self.mem = llama_cpp.llama_get_memory(self.ptr)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr)) // n_seq  # per sequence
+        self.batch = Batch(params.n_batch)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.batch.close()
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama_cpp.llama_decode(self.ptr, batch.raw)
+        if rc == 1:
+            raise ResourceError("llama.cpp found no free KV cells for this batch; a smaller --parallel or a larger "
+                                "window would fit.")
+        if rc != 0:
+            raise LocalctxError(f"llama.cpp failed to decode a batch (llama_decode returned {rc}).")
+
+    def logits(self, row: int) -> Any:
+        """A pointer to the n_vocab logits of the batch's `row` (-1: the last with logits)."""
+        return llama_cpp.llama_get_logits_ith(self.ptr, row)
+
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self.mem))
+
+    def clear(self, seq: int | None = None) -> None:
+        if seq is None:
+            llama_cpp.llama_memory_clear(self.mem, True)
+        else:
+            llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        llama_cpp.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
+
+    def pos_min(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self.mem, seq))
+
+    def pos_max(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq))
+
+    def state(self, seq: int) -> memoryview:
+        """The sequence's state (its KV cells and their positions), as bytes."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return memoryview(buf)[:written]
+
+    def set_state(self, seq: int, payload: bytearray) -> bool:
+        """Load a state saved from any sequence into `seq`; False when llama.cpp refuses it."""
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+        return llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(payload), seq) == len(payload)
+
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens, each of one sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def close(self) -> None:
+        if self.capacity:
+            llama_cpp.llama_batch_free(self.raw)
+            self.capacity = 0
+
+    def clear(self) -> None:
+        self.n = self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append a token; returns its row (where its logits are read)."""
+        b, j = self.raw, self.n
+        b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, pos, 1, logits
+        b.seq_id[j][0] = seq
+        self.n = b.n_tokens = j + 1
+        return j
+
+
+class Sampler:
+    """A sampler chain as llama-cpp-python's `Llama.generate` builds it (penalties, then greedy at
+    temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw), so a seed
+    gives the same text as before. It keeps its own token history for the penalties."""
+
+    def __init__(self, n_vocab: int, *, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                 seed: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
+        sp = llama_cpp.llama_sampler_chain_default_params()
+        self.ptr = llama_cpp.llama_sampler_chain_init(sp)
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat_penalty, frequency_penalty,
+                                                   presence_penalty))
+        if temperature < 0:
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        elif temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(top_k))
+            add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Draw the next token from the logits of the batch's `row` (and record it for penalties)."""
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()

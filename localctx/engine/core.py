@@ -1,0 +1,357 @@
+"""The Engine: a model loaded at a resolved ladder of windows, with N sequences per context.
+Open one with `localctx.open_model` (or `runtime.open_engine`); close it, or use `with`.
+
+An engine opened with `auto` is adaptive: its `ladder` holds several windows, and each request
+runs at the smallest that holds it (`params` and `n_ctx` are those in use). Sequences at the same
+step share a context; a request for another step waits until the context's runs are done."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ContextOverflowError, LocalctxError, ResourceError
+from ..gguf_meta import ModelFacts
+from ..kvcache import KVStore, SnapshotKey
+from ..params import RuntimeParams
+from ..presets import Ladder
+from .backend import DEFAULT_SEED, Model, Sampler, llama_arguments, set_llama_log
+from .sequences import Generation, Run, Scheduler, Slot, Timings
+from .snapshots import Snapshots
+from .tokens import ChatPrompt, Tokenizer
+from .windows import Switch, Windows
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion for `generate_many`: the arguments of `Engine.generate`."""
+
+    tokens: Sequence[int]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    head_end: int | None = None
+    document_end: int | None = None
+
+
+class Engine:
+    """Tokenize, generate (one sequence or many at once), chat templates, logits."""
+
+    def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, gpu_layers: int, threads: int | None,
+                 n_seq: int = 1, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
+                 overflow_hint: Callable[[int], str] | None = None, n_outputs: int = 0) -> None:
+        self.model, self.facts, self.ladder = model, facts, ladder
+        self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, n_seq, verbose
+        self.kv_store = kv_store
+        self.overflow_hint = overflow_hint  # what to suggest when a prompt does not fit
+        self.n_vocab = model.n_vocab
+        self.tokenizer = Tokenizer(model, facts)
+        self.snapshots = Snapshots(facts, kv_store)
+        self._seed = seed or DEFAULT_SEED  # 0: a random seed per call, as llama-cpp-python
+        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, n_outputs=n_outputs)
+        self._slots = self._new_slots()
+        self.scheduler = Scheduler(self.windows.current())
+
+    @classmethod
+    def load(cls, facts: ModelFacts, params: RuntimeParams | Ladder, *, gpu_layers: int = 0,
+             threads: int | None = None, verbose: bool = False, seed: int = 0, n_seq: int = 1,
+             kv_store: KVStore | None = None, overflow_hint: Callable[[int], str] | None = None,
+             n_outputs: int = 0) -> Engine:
+        """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
+        ladder = params if isinstance(params, Ladder) else Ladder((params,))
+        set_llama_log(verbose)
+        try:
+            model = Model(str(facts.path), gpu_layers)
+        except ValueError as exc:
+            raise LocalctxError(f"llama.cpp could not load {facts.path} ({exc}). "
+                                "Run again with --verbose to see llama.cpp's own log.") from None
+        try:
+            engine = cls(model, facts, ladder, gpu_layers=gpu_layers, threads=threads, n_seq=n_seq,
+                         kv_store=kv_store, seed=seed, verbose=verbose, overflow_hint=overflow_hint,
+                         n_outputs=n_outputs)
+        except ValueError as exc:
+            model.close()
+            raise LocalctxError(f"llama.cpp could not load {facts.path} at {ladder.bottom.n_ctx} tokens ({exc}). "
+                                "Run again with --verbose to see llama.cpp's own log.") from None
+        if ladder.bottom.self_extend and not engine.windows.current().can_shift():
+            engine.close()
+            raise LocalctxError(
+                f"Self-Extend moves positions inside the KV cache, and llama.cpp cannot shift this one "
+                f"({facts.architecture}: a recurrent or hybrid memory, or positions it cannot re-rotate). "
+                "Use a YaRN preset instead."
+            )
+        return engine
+
+    def close(self) -> None:
+        self.windows.close()
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the window ----------------------------------------------------------------------------
+
+    @property
+    def params(self) -> RuntimeParams:
+        return self.windows.params
+
+    @property
+    def n_ctx(self) -> int:
+        """The window of each sequence in use."""
+        return self.windows.current().n_ctx
+
+    @property
+    def max_ctx(self) -> int:
+        """The largest window a request may use (the window itself, unless adaptive)."""
+        return self.ladder.top.n_ctx
+
+    @property
+    def switches(self) -> list[Switch]:
+        return self.windows.switches
+
+    @property
+    def llama_arguments(self) -> dict[str, Any]:
+        """llama-cpp-python `Llama` arguments with this engine's settings (a raw baseline for benchmarks)."""
+        return llama_arguments(str(self.facts.path), self.params, gpu_layers=self.gpu_layers, threads=self.threads,
+                               verbose=self.verbose)
+
+    def use_window(self, needed: int) -> Switch | None:
+        """Run at the smallest step of the ladder that holds `needed` tokens. Returns the switch made."""
+        if self.scheduler.active and self.ladder.step_for(needed) != self.params:
+            raise ResourceError("Another window is in use by running sequences; wait for them to finish.")
+        try:
+            return self.windows.use(needed)
+        finally:
+            if self.windows.ctx is not None and self.windows.ctx is not self.scheduler.ctx:
+                # A new context (or the old window restored after a failed switch): its cells are empty.
+                self._slots = self._new_slots()
+                self.scheduler = Scheduler(self.windows.ctx)
+
+    def _new_slots(self) -> list[Slot]:
+        ctx = self.windows.current()
+        return [Slot(ctx, seq, self.facts) for seq in range(self.n_seq)]
+
+    def slot(self, seq: int = 0) -> Slot:
+        return self._slots[seq]
+
+    def free_slots(self) -> list[Slot]:
+        busy = {r.slot.seq for r in self.scheduler.active}
+        return [s for s in self._slots if s.seq not in busy]
+
+    # --- tokens and chat ---------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def count(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
+    def is_eog(self, token: int) -> bool:
+        return self.tokenizer.is_eog(token)
+
+    def token_attr(self, token: int) -> int:
+        return self.tokenizer.token_attr(token)
+
+    @property
+    def chat_stop(self) -> list[str]:
+        """The strings that end a chat reply."""
+        return self.tokenizer.template().stop
+
+    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
+        return self.tokenizer.format_chat(messages, add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, add_generation_prompt)
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        return self.tokenizer.control_tokens_in(text)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """The one overflow check: a prompt and its answer budget must fit the largest window, or
+        nothing runs (never truncated), and the error names the counts and what would fit."""
+        needed = n_prompt + max_tokens
+        if needed > self.max_ctx:
+            hint = f" A preset that fits: {self.overflow_hint(needed)}" if self.overflow_hint else ""
+            window = "a maximum window" if self.ladder.adaptive else "a window"
+            raise ContextOverflowError(
+                f"The prompt is {n_prompt:,} tokens and the answer budget {max_tokens:,}: {needed:,} in all, "
+                f"but preset {self.params.preset} gives {window} of {self.max_ctx:,}. Nothing was truncated.{hint}"
+            )
+
+    def start(self, tokens: Sequence[int], *, seq: int | None = None, max_tokens: int = 256,
+              temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40,
+              top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+              frequency_penalty: float = 0.0, presence_penalty: float = 0.0, document_end: int | None = None,
+              head_end: int | None = None, mixed: bool = False,
+              should_stop: Callable[[], bool] | None = None) -> Run:
+        """Prepare a completion of `tokens` on a free sequence and add it to the scheduler; `step`
+        runs it beside the others. The slot's cells are reused for any prefix it holds, so a
+        growing chat or a fixed instruction prefix is evaluated once. `document_end`: the prompt's
+        tokens up to there are a long document, restored from a KV snapshot when one matches, else
+        evaluated and saved as one. `head_end`: the prompt's tokens up to there are a fixed head
+        (an instruction), evaluated alone from the first token (or kept when cached) and the rest
+        after it, whatever ran before. `mixed`: the prefill may share batches with other runs (the
+        server); otherwise it is decoded alone, so the answer does not depend on what ran beside it."""
+        tokens = list(tokens)
+        self.check_fits(len(tokens), max_tokens)
+        self.use_window(len(tokens) + max_tokens)
+        slot = self._slots[seq] if seq is not None else self._free_slot()  # after the switch: its slots
+        if seed is not None:
+            self._seed = seed
+        gen = Generation(iter(()))
+        t = gen.timings
+        t.prompt_tokens = len(tokens)
+        split = (self.snapshots.document(slot, tokens, document_end, t, should_stop)
+                 if document_end is not None else None)
+        # With a fixed head the rest is always evaluated from the split (the document's end, or the
+        # head's), never from a longer prefix a previous call left; a chat (no head) reuses its turns.
+        limit = len(tokens)
+        if head_end is not None:
+            limit = split if split is not None else self._fixed_head(slot, tokens, head_end, should_stop)
+        cached = min(slot.held(tokens), len(tokens) - 1, limit)
+        pending, start = slot.cut(cached, tokens[cached:])
+        t.cached_tokens = start
+        sampler = Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                          presence_penalty=presence_penalty, seed=self._seed)
+        run = Run(slot, pending, sampler, max_tokens=max_tokens, stop=list(stop), is_eog=self.is_eog,
+                  piece=self.model.piece, gen=gen, mixed=mixed, should_stop=should_stop)
+        self.scheduler.add(run)
+        return run
+
+    def step(self) -> None:
+        """One round of every run in progress (one shared llama_decode, plus any lone prefill)."""
+        self.scheduler.step()
+
+    def _free_slot(self) -> Slot:
+        free = self.free_slots()
+        if not free:
+            raise ResourceError(f"All {self.n_seq} sequences of this engine are busy.")
+        return free[0]
+
+    def generate(self, tokens: Sequence[int], *, should_stop: Callable[[], bool] | None = None,
+                 **kwargs: Any) -> Generation:
+        """Stream a completion of `tokens` (the arguments of `start`), stepping the scheduler
+        as the stream is read."""
+        run = self.start(tokens, seq=0 if self.n_seq == 1 else None, should_stop=should_stop, **kwargs)
+        run.gen.chunks = self._follow(run)
+        return run.gen
+
+    def _follow(self, run: Run) -> Iterator[str]:
+        try:
+            while not run.done:
+                self.step()
+                yield from run.drain()
+            yield from run.drain()
+            if run.error is not None:
+                raise run.error
+        finally:
+            if not run.done:  # the reader stopped early: the run ends and its sequence is free
+                run.end(flush=False)
+                self.scheduler.runs = [r for r in self.scheduler.runs if not r.done]
+
+    def complete(self, tokens: Sequence[int], **kwargs: Any) -> Generation:
+        """Run `generate` to the end and return the finished Generation."""
+        return self.generate(tokens, **kwargs).finish()
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Complete every request, up to `n_seq` at a time as parallel sequences, in order. Each
+        prefill is decoded alone (the chunks a lone run uses), so a request's prompt logits do not
+        depend on what ran beside it; generated tokens share one batch per step."""
+        out: list[Generation | None] = [None] * len(requests)
+        queue = list(enumerate(requests))
+        running: list[tuple[int, Run]] = []
+        while queue or running:
+            while queue and len(running) < self.n_seq and self._fits_now(queue[0][1]):
+                i, r = queue.pop(0)
+                running.append((i, self.start(r.tokens, max_tokens=r.max_tokens, temperature=r.temperature,
+                                              seed=r.seed, stop=r.stop, head_end=r.head_end,
+                                              document_end=r.document_end)))
+            self.step()
+            for i, run in [x for x in running if x[1].done]:
+                run.drain()
+                if run.error is not None:
+                    raise run.error
+                out[i] = run.gen
+            running = [x for x in running if not x[1].done]
+        return [g for g in out if g is not None]
+
+    def _fits_now(self, r: Request) -> bool:
+        """Whether a request can start beside the running ones (the same window step)."""
+        return not self.scheduler.active or self.ladder.step_for(len(r.tokens) + r.max_tokens) == self.params
+
+    def _fixed_head(self, slot: Slot, tokens: list[int], end: int,
+                    should_stop: Callable[[], bool] | None) -> int:
+        """Bring `tokens[:end]` into the slot as one piece evaluated alone from the first token
+        (kept when the slot holds it so, and can go on after it); returns where the rest starts.
+        A fixed split makes the answer independent of the engine's history: llama.cpp's CPU
+        flash-attention kernels give different logits for different batch splits."""
+        end = min(end, len(tokens) - 1)
+        if end <= 0:
+            return 0
+        if slot.held(tokens) >= end and slot.positions.grouped <= end and slot.resumable(end):
+            return end
+        slot.extend(0, tokens[:end], should_stop)
+        return end
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def logits_at(self, tokens: Sequence[int], positions: Sequence[int], *, seq: int = 0,
+                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """Evaluate `tokens` from an empty sequence and return the next-token logits after each index
+        in `positions` (shape len(positions) × n_vocab). Logits are requested for those positions
+        only, so memory does not grow with the window. The tokens stay in the sequence for reuse."""
+        n = len(tokens)
+        if n > self.max_ctx:
+            raise ContextOverflowError(f"{n:,} tokens do not fit the {self.max_ctx:,}-token window.")
+        self.use_window(n)
+        slot = self._slots[seq]
+        wanted = sorted(set(positions))
+        if wanted and (wanted[0] < 0 or wanted[-1] >= n):
+            raise ValueError("positions must index into tokens")
+        index = {p: i for i, p in enumerate(wanted)}
+        out = np.empty((len(wanted), self.n_vocab), dtype=np.float32)
+        ctx = slot.ctx
+        slot.clear()
+
+        def keep(at: int, row: int) -> None:
+            out[index[at]] = np.ctypeslib.as_array(ctx.logits(row), shape=(self.n_vocab,))
+
+        slot.decode(list(tokens), index.__contains__, keep, should_stop)
+        return out[[index[p] for p in positions]] if list(positions) != wanted else out
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        """Forget every evaluated token: the next request starts from an empty KV cache, as in a
+        new process (and so restores a snapshot where one matches)."""
+        self.windows.current().clear()
+        for slot in self._slots:
+            slot.tokens, _ = [], slot.positions.reset()
+
+    def last_logits(self) -> np.ndarray:
+        """The next-token logits after the last evaluated token (after `generate(..., max_tokens=1)`:
+        the first answer token's distribution)."""
+        ptr = self.windows.current().logits(-1)
+        if not ptr:
+            raise LocalctxError("No logits yet: nothing has been evaluated since the cache was reset.")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def snapshot_key(self) -> SnapshotKey:
+        return self.snapshots.key(self.params)
+
+    def max_position(self, seq: int = 0) -> int:
+        """The largest position in the sequence's cells (-1 when empty): under Self-Extend it stays
+        below the trained context however long the prompt."""
+        return self.windows.current().pos_max(seq)
