@@ -1,5 +1,5 @@
-"""The public Python API: what `import localctx` offers, the README's example (run, so it cannot
-drift), and each entry point on the real default model at small sizes."""
+"""The public Python API: what `import localctx` offers, docs/python-api.md's example (run, so it
+cannot drift), and each entry point on the real default model at small sizes."""
 from __future__ import annotations
 
 import contextlib
@@ -16,23 +16,23 @@ import localctx
 from conftest import REPO
 from gguf_factory import write_model
 
-README = REPO / "README.md"
+API_PAGE = REPO / "docs" / "python-api.md"
 
 
-def readme_example() -> tuple[str, str]:
-    """The Python API section's code block and the output block shown after it."""
-    section = README.read_text(encoding="utf-8").split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    shown = re.search(r"```text\n(.*?)```", section, re.S)
-    assert code and shown, "README's Python API section needs a python block and its output"
+def api_page_example() -> tuple[str, str]:
+    """The Python API page's first code block and the output block shown after it."""
+    page = API_PAGE.read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", page, re.S)
+    shown = re.search(r"```text\n(.*?)```", page, re.S)
+    assert code and shown, "docs/python-api.md needs a python block and its output"
     return code.group(1), shown.group(1)
 
 
-def test_readme_example_runs_and_prints_what_the_readme_shows() -> None:
-    code, shown = readme_example()
+def test_api_page_example_runs_and_prints_what_the_page_shows() -> None:
+    code, shown = api_page_example()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+        exec(compile(code, str(API_PAGE), "exec"), {"__name__": "api_page_example"})
     assert out.getvalue() == shown
 
 
