@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PresetError, ResourceError
 from .gguf_meta import ModelFacts, read_facts
+from .memory import SCORE, Workload, check_memory
 from .params import C_INT_MAX, DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
 from .presets import Ladder, load_preset, resolve_ladder, suggest_preset
@@ -136,15 +137,17 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0, *, parallel: int = 1)
                        n_seq=parallel, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
 
 
-def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None) -> Ladder:
-    """The ladder memory allows. An explicit window that does not fit is refused (unless --force);
-    auto's default maximum is lowered to the largest step that fits, and says so in its notes."""
+def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None,
+                   workload: Workload = SCORE) -> Ladder:
+    """The ladder memory allows for `workload` (default: scoring, the most logits a context returns;
+    with n_seq sequences each step's window is per sequence, in one unified KV cache of n_seq x
+    window cells). An explicit window that does not fit is refused (unless --force); auto's default
+    maximum is lowered to the largest step that fits, and says so in its notes."""
     from functools import partial
 
-    from .memory import check_memory
-
     ladder = resolved.ladder
-    check = partial(check_memory, resolved.facts, gpu_layers=gpu_layers, force=resolved.spec.force, available=available)
+    check = partial(check_memory, resolved.facts, gpu_layers=gpu_layers, force=resolved.spec.force,
+                    available=available, workload=workload)
     try:
         check(ladder.top)
         return ladder

@@ -118,7 +118,9 @@ def test_gpu_request_on_cpu_build_fails_with_rebuild_command(cli):
 
 
 def test_memory_refusal_names_what_fits(cli):
-    env = {"LOCALCTX_MEMORY_LIMIT": "950M"}
+    # yarn-32k is refused and q8_0 and yarn-16k fit whether generate is planned for a whole batch
+    # of logits (1.2 GiB) or for one row (950 MiB; issue 23).
+    env = {"LOCALCTX_MEMORY_LIMIT": "900M"}
     result = cli("generate", "--preset", "yarn-32k", "hi", env=env)
     assert_clean_error(result, "Not enough memory", "--cache-type q8_0", "--preset yarn-16k", "--force")
     forced = cli("generate", "--preset", "yarn-32k", "--force", "--max-tokens", "4", "hi", env=env)
