@@ -30,7 +30,7 @@ from typing import Any
 from common import CORPUS
 
 from localctx.cluster import Cluster
-from localctx.distributed import cpu_count
+from localctx.distributed import RayExecutor, cpu_count
 from localctx.paths import default_model_path
 from localctx.runtime import RunSpec
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
@@ -65,12 +65,12 @@ def documents(root: Path, n: int, chars: int) -> list[str]:
     return paths
 
 
-def batch(paths: list[str], spec: RunSpec, cluster: Cluster | None) -> dict[str, Any]:
+def batch(paths: list[str], spec: RunSpec, executor: RayExecutor | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         os.environ["LOCALCTX_HOME"] = home  # an empty store: every call is made
         calls = Calls()
         start = time.perf_counter()
-        result = summarize_batch(paths, spec, OPTIONS, reporter=calls, cluster=cluster)
+        result = summarize_batch(paths, spec, OPTIONS, reporter=calls, executor=executor)
         end = time.perf_counter()
     failed = [r for r in result.records if r["status"] != "ok"]
     if failed:
@@ -202,7 +202,7 @@ def main() -> None:
         single1 = batch(paths, RunSpec(threads=1), None)
         print(f"one process, {cores} threads: {single['seconds']:.1f} s ({single['after_start']:.1f} s after loading), "
               f"{single['calls']} calls of {single['call_seconds']:.2f} s", file=sys.stderr)
-        workers = batch(paths, RunSpec(), Cluster(workers=cores))
+        workers = batch(paths, RunSpec(), RayExecutor(Cluster(workers=cores)))
         print(f"{cores} workers, 1 thread each: {workers['seconds']:.1f} s ({workers['after_start']:.1f} s after "
               f"the runtime and the workers started), calls of {workers['call_seconds']:.2f} s", file=sys.stderr)
     import ray

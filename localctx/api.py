@@ -25,6 +25,7 @@ from .convert import ConversionResult, convert
 from .engine import Engine, Generation
 from .errors import InputError
 from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_depths, parse_lengths, run_passkey, run_ppl
+from .executor import Executor
 from .gguf_meta import ModelFacts
 from .kvcache import Entry, KVStore
 from .memory import MemoryEstimate, estimate
@@ -138,7 +139,7 @@ def summarize_files(paths: Sequence[str | os.PathLike[str]], *, model: ModelRef 
     spec = RunSpec(model=_model(model), preset=preset, **run)
     return summarize_batch([str(p) for p in paths], spec, options or SummarizeOptions(),
                            out=Path(out) if out is not None else None, reporter=reporter, engine=engine,
-                           cluster=Cluster.of(workers, ray_address))
+                           executor=executor_for(workers, ray_address))
 
 
 def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *, model: ModelRef = None,
@@ -150,11 +151,11 @@ def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *,
     the same `span` tokens after each length of context; "chunks" is llama-perplexity's method.
     Cells are cached (resumable) unless `use_cache` is False. `text` defaults to the shared corpus.
     `workers` / `ray_address`: compute the cells on Ray workers (see the module docstring)."""
-    cluster = Cluster.of(workers, ray_address)
+    executor = executor_for(workers, ray_address)
     request = PplRequest(list(presets), _lengths(lengths), load_text(text), mode=mode, span=span, end=end,
                          max_chunks=max_chunks)
     return run_ppl(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
-                   progress=progress or _quiet, cluster=cluster)
+                   progress=progress or _quiet, executor=executor)
 
 
 def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
@@ -164,11 +165,11 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
     """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
     for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`, and like it run on Ray
     workers with `workers` / `ray_address`."""
-    cluster = Cluster.of(workers, ray_address)
+    executor = executor_for(workers, ray_address)
     depths = parse_depths(",".join(str(d) for d in depths))  # the CLI's rule, in one place
     request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
-                       progress=progress or _quiet, cluster=cluster)
+                       progress=progress or _quiet, executor=executor)
 
 
 def kv_snapshots() -> list[Entry]:
@@ -181,6 +182,18 @@ def kv_snapshots() -> list[Entry]:
 def clear_kv_snapshots() -> tuple[int, int]:
     """Delete every KV snapshot; returns (files, bytes) removed."""
     return KVStore().clear()
+
+
+def executor_for(workers: int | None = None, ray_address: str | None = None) -> Executor | None:
+    """Where a batch runs: on Ray workers when `workers` or `ray_address` is given (validated here,
+    before anything starts; Ray is imported only then), else None: in this process (the
+    LocalExecutor that summarize and evaluate default to)."""
+    cluster = Cluster.of(workers, ray_address)
+    if cluster is None:
+        return None
+    from .distributed import RayExecutor
+
+    return RayExecutor(cluster)
 
 
 def _seed(seed: int) -> int:

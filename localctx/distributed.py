@@ -28,21 +28,95 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from . import engine as _llama  # noqa: F401  llama.cpp before numpy, also in a worker (it imports this module first)
 from . import errors
 from .cluster import Cluster
 from .errors import InputError, LocalctxError, ResourceError
-from .runtime import Resolved
-
-if TYPE_CHECKING:
-    from .evaluate.grid import Cell, Evaluation, Key
-    from .summarize import Call, Document, Plan, Request, _Batch
+from .evaluate.grid import Cell, Evaluation, Key
+from .executor import CellFound, CellTodo, Progress
+from .runtime import Resolved, open_engine
+from .summarize import (Call, Document, Flow, Interrupted, Plan, Reporter, Request, SummarizeOptions, Summarizer,
+                        _Batch, call_key, document_result, error_message, failed_result, summary_flow)
 
 MAX_ATTEMPTS = 2  # a task whose worker dies this many times fails
 ENV_PREFIX = "LOCALCTX_"  # the driver's settings (user directory, KV cache limits) reach its workers
-Outcome = tuple  # ("ok", value, worker index, pid) | ("error", error class name, message) | ("died", message)
+
+
+# --- What travels between the driver and its workers ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class SummarizeJob:
+    """A batch's settings, the same for every task of it: what a worker loads its Summarizer with."""
+
+    resolved: Resolved
+    options: SummarizeOptions
+    fp: str  # the batch's fingerprint (summarize.fingerprint)
+
+
+@dataclass(frozen=True)
+class EvaluateJob:
+    evaluation: Evaluation
+
+
+Job = SummarizeJob | EvaluateJob
+
+
+@dataclass(frozen=True)
+class Done:
+    """A task's value, and the worker (index, process) that computed it."""
+
+    value: Any
+    worker: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A task that raised: a user-facing error travels as data, not as a Ray exception."""
+
+    error: str  # the LocalctxError subclass' name (errors.py)
+    message: str
+
+
+@dataclass(frozen=True)
+class Died:
+    """A task whose worker died MAX_ATTEMPTS times."""
+
+    message: str
+
+
+Outcome = Done | Failed | Died
+
+
+@dataclass(frozen=True)
+class PlanTask:
+    """Plan pending document `doc` (its place among the batch's unique pending documents)."""
+
+    method: ClassVar[str] = "plan"  # the Worker method that runs it
+    doc: int
+
+
+@dataclass(frozen=True)
+class RequestTask:
+    """Answer request `request` of document `doc`'s current round (a model call or a grouping)."""
+
+    method: ClassVar[str] = "execute"
+    doc: int
+    request: int
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Compute evaluation cell `cell` (its place in the cells left to do)."""
+
+    method: ClassVar[str] = "evaluate"
+    cell: int
+
+
+Tag = PlanTask | RequestTask | CellTask
 
 
 # --- The worker -----------------------------------------------------------------------------------
@@ -53,26 +127,22 @@ class Worker:
     time: an evaluation over several presets reloads when the preset changes). Every method
     returns an Outcome: a user-facing error travels as data, not as a Ray exception."""
 
-    def __init__(self, index: int, threads: int, env: dict[str, str], job: tuple[Any, ...]) -> None:
+    def __init__(self, index: int, threads: int, env: dict[str, str], job: Job) -> None:
         os.environ.update(env)
-        import localctx.engine  # noqa: F401  llama.cpp before numpy (see cli.MODEL_COMMANDS)
-
         self.index, self.threads, self.job = index, threads, job
         self.engine: Any = None
         self.resolved: Resolved | None = None
-        self.summarizer: Any = None
+        self.summarizer: Summarizer | None = None
 
     def _outcome(self, work: Callable[[], Any]) -> Outcome:
         try:
-            return ("ok", work(), self.index, os.getpid())
+            return Done(work(), self.index, os.getpid())
         except LocalctxError as exc:
-            return ("error", type(exc).__name__, str(exc))
+            return Failed(type(exc).__name__, str(exc))
         except Exception as exc:  # a bug or a llama.cpp failure: recorded like one process records it
-            return ("error", "LocalctxError", f"{type(exc).__name__}: {exc}")
+            return Failed("LocalctxError", f"{type(exc).__name__}: {exc}")
 
     def _engine(self, resolved: Resolved, seed: int = 0) -> Any:
-        from .runtime import open_engine
-
         if self.engine is None or self.resolved != resolved:
             if self.engine is not None:
                 self.engine.close()
@@ -82,19 +152,18 @@ class Worker:
             self.resolved = resolved
         return self.engine
 
-    def _summarizer(self) -> Any:
-        from .summarize import Reporter, Summarizer
-
-        _, resolved, options, fp = self.job
-        engine = self._engine(resolved, seed=options.seed)
+    def _summarizer(self) -> Summarizer:
+        job = self.job
+        assert isinstance(job, SummarizeJob)
+        engine = self._engine(job.resolved, seed=job.options.seed)
         if self.summarizer is None:
-            self.summarizer = Summarizer(engine, None, options, fp, Reporter())  # type: ignore[arg-type]
+            self.summarizer = Summarizer(engine, None, job.options, job.fp, Reporter())  # type: ignore[arg-type]
         return self.summarizer
 
     def ready(self) -> Outcome:
         """Load what the job needs now: a bad setting fails once, before any task."""
         def load() -> None:
-            if self.job[0] == "summarize":
+            if isinstance(self.job, SummarizeJob):
                 self._summarizer()
 
         return self._outcome(load)
@@ -106,7 +175,9 @@ class Worker:
         return self._outcome(lambda: self._summarizer().execute(request))
 
     def evaluate(self, resolved: Resolved, cell: Cell, key: Key) -> Outcome:
-        evaluation = self.job[1]
+        job = self.job
+        assert isinstance(job, EvaluateJob)
+        evaluation = job.evaluation
 
         def run() -> dict[str, Any]:
             engine = self._engine(resolved)
@@ -208,10 +279,10 @@ def session(cluster: Cluster, threads: int | None) -> Iterator[Session]:
 
 @dataclass
 class _Task:
-    tag: Any
-    method: str
+    tag: Tag
     args: tuple[Any, ...]
     attempts: int = 0
+    slot: int = -1  # the worker running it
     avoid: int | None = None  # the worker it died on
 
 
@@ -221,11 +292,11 @@ class Pool:
     `results`; a worker that dies is replaced and its task queued again for another one."""
 
     s: Session
-    job: tuple[Any, ...]
+    job: Job
     actors: list[Any] = field(default_factory=list)
     idle: deque[int] = field(default_factory=deque)
     queue: deque[_Task] = field(default_factory=deque)
-    running: dict[Any, tuple[int, _Task]] = field(default_factory=dict)
+    running: dict[Any, _Task] = field(default_factory=dict)  # by the Ray reference of its result
     retried: int = 0
     replaced: int = 0
 
@@ -250,8 +321,8 @@ class Pool:
         for outcome in outcomes:
             raise_error(outcome)
 
-    def submit(self, tag: Any, method: str, *args: Any) -> None:
-        self.queue.append(_Task(tag, method, args))
+    def submit(self, tag: Tag, *args: Any) -> None:
+        self.queue.append(_Task(tag, args))
 
     @property
     def busy(self) -> bool:
@@ -260,12 +331,12 @@ class Pool:
     def _dispatch(self) -> None:
         while self.queue and self.idle:
             task = self.queue.popleft()
-            slot = next((i for i in self.idle if i != task.avoid), self.idle[0])
-            self.idle.remove(slot)
-            ref = getattr(self.actors[slot], task.method).remote(*task.args)
-            self.running[ref] = (slot, task)
+            task.slot = next((i for i in self.idle if i != task.avoid), self.idle[0])
+            self.idle.remove(task.slot)
+            ref = getattr(self.actors[task.slot], task.tag.method).remote(*task.args)
+            self.running[ref] = task
 
-    def results(self, poll: float = 0.5) -> list[tuple[Any, Outcome]]:
+    def results(self, poll: float = 0.5) -> list[tuple[Tag, Outcome]]:
         """Wait for finished tasks (polling, so Ctrl-C is seen at once) and return their outcomes."""
         ray = self.s.ray
         while True:
@@ -275,24 +346,24 @@ class Pool:
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=poll)
             if ready:
                 break
-        done = []
+        done: list[tuple[Tag, Outcome]] = []
         for ref in ready:
-            slot, task = self.running.pop(ref)
+            task = self.running.pop(ref)
             try:
-                outcome = ray.get(ref)
+                outcome: Outcome = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # the method itself raised (Worker catches errors)
-                outcome = ("error", "LocalctxError", str(exc))
+                outcome = Failed("LocalctxError", str(exc))
             except ray.exceptions.RayError as exc:  # the worker process died: SIGKILL, OOM, ray.kill
-                self._replace(slot)
+                self._replace(task.slot)
                 task.attempts += 1
                 if task.attempts >= MAX_ATTEMPTS:
-                    done.append((task.tag, ("died", f"its worker died {task.attempts} times ({type(exc).__name__})")))
+                    done.append((task.tag, Died(f"its worker died {task.attempts} times ({type(exc).__name__})")))
                 else:
-                    task.avoid = slot
+                    task.avoid = task.slot
                     self.retried += 1
                     self.queue.appendleft(task)
                 continue
-            self.idle.append(slot)
+            self.idle.append(task.slot)
             done.append((task.tag, outcome))
         return done
 
@@ -319,25 +390,19 @@ class Pool:
 
 def raise_error(outcome: Outcome) -> None:
     """An error outcome raised as the error it was in the worker (a LocalctxError subclass)."""
-    if outcome[0] == "error":
-        cls = getattr(errors, outcome[1], None)
+    if isinstance(outcome, Failed):
+        cls = getattr(errors, outcome.error, None)
         if not (isinstance(cls, type) and issubclass(cls, LocalctxError)):
             cls = LocalctxError
-        raise cls(outcome[2])
-    if outcome[0] == "died":
-        raise ResourceError(f"A task failed: {outcome[1]}.")
-
-
-def _message(outcome: Outcome) -> str:
-    return outcome[2] if outcome[0] == "error" else outcome[1]
+        raise cls(outcome.message)
+    if isinstance(outcome, Died):
+        raise ResourceError(f"A task failed: {outcome.message}.")
 
 
 @contextmanager
-def running_pool(cluster: Cluster, threads: int | None, job: tuple[Any, ...]) -> Iterator[Pool]:
+def running_pool(cluster: Cluster, threads: int | None, job: Job) -> Iterator[Pool]:
     """A session and its pool; Ctrl-C stops the workers (and a runtime started here) and raises
     Interrupted: every finished result is already saved by the driver."""
-    from .summarize import Interrupted
-
     with session(cluster, threads) as s:
         pool = Pool(s, job)
         try:
@@ -359,7 +424,7 @@ class _DocRun:
     doc: Document
     plan: Plan
     index: int
-    flow: Any
+    flow: Flow
     calls: list[dict[str, Any]] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     answers: list[Any] = field(default_factory=list)
@@ -380,11 +445,12 @@ class _Driver:
 
     def plan_all(self, pending: list[Document]) -> dict[int, Plan | str]:
         for i, doc in enumerate(pending):
-            self.pool.submit(("plan", i), "plan", doc)
+            self.pool.submit(PlanTask(i), doc)
         plans: dict[int, Plan | str] = {}
         while self.pool.busy:
-            for (_, i), outcome in self.pool.results():
-                plans[i] = outcome[1] if outcome[0] == "ok" else _message(outcome)
+            for tag, outcome in self.pool.results():
+                assert isinstance(tag, PlanTask)
+                plans[tag.doc] = outcome.value if isinstance(outcome, Done) else outcome.message
         return plans
 
     def start_doc(self, run: _DocRun) -> None:
@@ -393,8 +459,6 @@ class _Driver:
         self._advance(run, None)
 
     def _advance(self, run: _DocRun, answers: list[Any] | None) -> None:
-        from .summarize import Call, call_key, document_result, error_message
-
         while True:
             try:
                 requests = next(run.flow) if answers is None else run.flow.send(answers)
@@ -418,23 +482,21 @@ class _Driver:
                     run.answers[j] = hit["summary"]
                 else:
                     run.missing += 1
-                    self.pool.submit((run.index, j), "execute", request)
+                    self.pool.submit(RequestTask(run.index, j), request)
             if run.missing:
                 return
             answers = run.answers
 
-    def on_result(self, index: int, j: int, outcome: Outcome) -> None:
-        from .summarize import Call, call_key
-
-        run = self.runs[index]
-        request = run.requests[j]
-        if outcome[0] != "ok":
+    def on_result(self, task: RequestTask, outcome: Outcome) -> None:
+        run = self.runs[task.doc]
+        request = run.requests[task.request]
+        if not isinstance(outcome, Done):
             if not run.done:
-                self._fail(run, _message(outcome))
+                self._fail(run, outcome.message)
             return
-        value = outcome[1]
+        value = outcome.value
         if isinstance(request, Call):
-            info = {**value, "worker": outcome[2], "pid": outcome[3]}
+            info = {**value, "worker": outcome.worker, "pid": outcome.pid}
             self.batch.store.put_call(call_key(self.batch.fp, request.role, request.body), value)
             self.batch.stats.add(value)
             self.work_tokens += value["prompt_tokens"] + value["generated_tokens"]
@@ -443,7 +505,7 @@ class _Driver:
             value = value["summary"]
         if run.done:  # failed meanwhile: the call is stored (a re-run reuses it), the flow is over
             return
-        run.answers[j] = value
+        run.answers[task.request] = value
         run.missing -= 1
         if run.missing == 0:
             self._advance(run, run.answers)
@@ -455,8 +517,6 @@ class _Driver:
                                        "chunks": len(run.plan.chunks)}, self.tokens_done)
 
     def _fail(self, run: _DocRun, message: str) -> None:
-        from .summarize import failed_result
-
         self.batch.reporter.warn(f"{run.doc.label}: failed: {message}")
         self._finish(run, failed_result(run.plan, message))
 
@@ -470,9 +530,7 @@ class _Driver:
 
 def summarize_on_cluster(batch: _Batch, pending: list[Document], cluster: Cluster, resolved: Resolved) -> None:
     """The pending documents of a batch on Ray workers (see the module docstring)."""
-    from .summarize import failed_result, summary_flow
-
-    job = ("summarize", resolved, batch.options, batch.fp)
+    job = SummarizeJob(resolved, batch.options, batch.fp)
     with running_pool(cluster, resolved.spec.threads, job) as pool:
         pool.ready()
         batch.stats.workers = pool.s.workers
@@ -496,8 +554,9 @@ def summarize_on_cluster(batch: _Batch, pending: list[Document], cluster: Cluste
         for run in list(driver.runs.values()):
             driver.start_doc(run)
         while pool.busy:
-            for (i, j), outcome in pool.results():
-                driver.on_result(i, j, outcome)
+            for tag, outcome in pool.results():
+                assert isinstance(tag, RequestTask)
+                driver.on_result(tag, outcome)
         batch.stats.retried = pool.retried
     ran = {id(doc) for doc in unique}
     for doc in pending:  # a duplicate's record is its twin's, as in one process
@@ -509,24 +568,46 @@ def summarize_on_cluster(batch: _Batch, pending: list[Document], cluster: Cluste
 
 
 def evaluate_on_cluster(evaluation: Evaluation, todo: list[tuple[Resolved, Cell, Key]], cluster: Cluster,
-                        threads: int | None, on_found: Callable[[Cell, Key, dict[str, Any]], None]) -> None:
+                        threads: int | None, on_found: CellFound) -> None:
     """Every cell of `todo` on Ray workers; `on_found` (the driver: the cache and the result) sees each
     as it finishes. A cell whose worker died twice is not cached; the error names it after the rest."""
     failed = []
-    with running_pool(cluster, threads, ("evaluate", evaluation)) as pool:
+    with running_pool(cluster, threads, EvaluateJob(evaluation)) as pool:
         for i, (resolved, cell, key) in enumerate(todo):
-            pool.submit(i, "evaluate", resolved, cell, key)
+            pool.submit(CellTask(i), resolved, cell, key)
         while pool.busy:
-            for i, outcome in pool.results():
-                _, cell, key = todo[i]
-                if outcome[0] == "ok":
-                    on_found(cell, key, outcome[1])
-                elif outcome[0] == "error":
+            for tag, outcome in pool.results():
+                assert isinstance(tag, CellTask)
+                _, cell, key = todo[tag.cell]
+                if isinstance(outcome, Done):
+                    on_found(cell, key, outcome.value)
+                elif isinstance(outcome, Failed):
                     pool.stop()
                     raise_error(outcome)  # as in one process: a bad cell stops the run
                 else:
-                    failed.append(f"{cell['preset']} {cell['length']:,}: {outcome[1]}")
+                    failed.append(f"{cell['preset']} {cell['length']:,}: {outcome.message}")
     if failed:
         raise ResourceError(f"{len(failed)} cell(s) failed: {'; '.join(failed)}. The other cells are cached: "
                             "run the same command again to compute the rest.")
 
+
+
+# --- The executor ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """localctx.executor.Executor on the Ray workers of `cluster`: the API and the commands build
+    it for workers= / --workers or a Ray address, and summarize and evaluate run through it."""
+
+    cluster: Cluster
+
+    def summarize(self, batch: _Batch, pending: list[Document], resolved: Resolved) -> None:
+        summarize_on_cluster(batch, pending, self.cluster, resolved)
+
+    def evaluate(self, evaluation: Evaluation, todo: CellTodo, found: CellFound, progress: Progress,
+                 engine_factory: Callable[[Resolved], Any]) -> None:
+        """Every cell on the workers; `engine_factory` is this process's, and unused: workers open their own."""
+        cells = [(resolved, cell, key) for resolved, cells in todo for cell, key in cells]
+        progress(f"computing {len(cells)} cell(s) on Ray workers")
+        evaluate_on_cluster(evaluation, cells, self.cluster, todo[0][0].spec.threads, found)

@@ -91,8 +91,9 @@ def _gathered(f: F, options: list[Callable[[Any], Any]], gather: Callable[[dict[
 
 
 def cluster_options(f: F) -> F:
-    """--workers and --ray, gathered into one `cluster: Cluster | None` argument (None: this process)."""
-    from .cluster import MAX_WORKERS, Cluster
+    """--workers and --ray, gathered into one `executor` argument (api.executor_for: Ray workers when
+    either is given, None for this process)."""
+    from .cluster import MAX_WORKERS
 
     options = [
         click.option("--workers", type=click.IntRange(1, MAX_WORKERS), metavar="N",
@@ -102,4 +103,10 @@ def cluster_options(f: F) -> F:
                      help="Run on an existing Ray cluster (HOST:PORT, ray://HOST:PORT, or auto for "
                           "$RAY_ADDRESS); its nodes must see the model file. Needs localctx[ray]."),
     ]
-    return _gathered(f, options, lambda kwargs: {"cluster": Cluster.of(kwargs.pop("workers"), kwargs.pop("ray_address"))})
+    return _gathered(f, options, lambda kwargs: {"executor": _executor(kwargs.pop("workers"), kwargs.pop("ray_address"))})
+
+
+def _executor(workers: int | None, ray_address: str | None) -> Any:
+    from .api import executor_for  # loads llama.cpp first: only when a command that runs the model is invoked
+
+    return executor_for(workers, ray_address)

@@ -26,8 +26,8 @@ from .documents import MAX_DOCUMENT_BYTES, decode_bytes, read_text
 from .files import read_stream
 from .errors import ContextOverflowError, InputError, LocalctxError
 from .paths import cache_dir, writable_cache
-from .runtime import Resolved, RunSpec, open_engine, resolve_spec
-from .cluster import Cluster
+from .runtime import Resolved, RunSpec, resolve_spec
+from .executor import Executor, LocalExecutor
 from .fsutil import atomic_write, check_output_dir
 from .summary_store import JSONL_NAME, Store, markdown, sha256_text, write_jsonl
 
@@ -420,7 +420,7 @@ def summary_flow(plan: Plan) -> Flow:
     """A document's summary as the requests it needs, in rounds: each `yield` hands out requests
     that do not depend on each other (every map chunk of a document; every reduce group of a
     level) and receives their answers. One process answers them in order (`Summarizer.summarize`);
-    a cluster answers them in parallel (localctx.distributed). Either way the same calls."""
+    a cluster's driver answers them in parallel. Either way the same calls."""
     if plan.strategy == "stuff":
         [summary] = yield [Call("map", plan.chunks[0], whole=True, doc_tokens=plan.tokens)]
         return summary
@@ -611,15 +611,15 @@ def store_dir() -> Path:
 def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: SummarizeOptions, *,
                     out: Path | None = None, stdin: IO[bytes] | None = None, reporter: Reporter | None = None,
                     on_record: Callable[[dict[str, Any]], None] | None = None, engine: Any = None,
-                    store: Store | None = None, cluster: Cluster | None = None) -> BatchResult:
-    """Summarize every input; finished work comes from the store, the rest runs on one engine
-    (loaded here unless `engine` is given) or, with `cluster`, on Ray workers while this process
-    alone writes the store and the output. Records come back in input order; `on_record` sees each
-    as soon as it is final. With `out`, Markdown files and summaries.jsonl are kept up to date."""
+                    store: Store | None = None, executor: Executor | None = None) -> BatchResult:
+    """Summarize every input; finished work comes from the store, the rest runs on `engine` when
+    given, else where `executor` runs it (this process by default, or Ray workers) while this
+    process alone writes the store and the output. Records come back in input order; `on_record`
+    sees each as soon as it is final. With `out`, Markdown files and summaries.jsonl are kept up to date."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    if engine is not None and cluster is not None:
-        raise InputError("An open engine runs in this process: pass either engine or workers, not both.")
+    if engine is not None and executor is not None:
+        raise InputError("An open engine runs in this process: pass either engine or workers (an executor), not both.")
     if out is not None:
         check_output_dir(out, "--out")
     sources = expand_inputs(inputs, exclude=out)
@@ -636,20 +636,13 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     store = store or Store(writable_cache(store_dir(), "summarizer's store"))
     batch = _Batch(docs, skipped, [s.label for s in sources], options, fp, store, reporter, on_record, out,
                    targets, {"model": facts.path.name, "preset": params.preset})
-    if cluster is not None:
-        batch.run_on(lambda pending: _on_cluster(batch, pending, cluster, resolved))
+    if engine is not None:
+        batch.run_on(lambda pending: batch.run_here(engine, pending, close=False))
     else:
-        batch.run_on(lambda pending: batch.run_here(
-            engine if engine is not None else open_engine(resolved, seed=options.seed), pending, close=engine is None))
+        batch.run_on(lambda pending: (executor or LocalExecutor()).summarize(batch, pending, resolved))
     batch.stats.seconds = time.perf_counter() - started
     reporter.batch_done(batch.stats)
     return BatchResult(batch.ordered_records(), batch.stats, batch.out_files)
-
-
-def _on_cluster(batch: _Batch, pending: list[Document], cluster: Cluster, resolved: Resolved) -> None:
-    from .distributed import summarize_on_cluster
-
-    summarize_on_cluster(batch, pending, cluster, resolved)
 
 
 class _Batch:

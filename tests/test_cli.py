@@ -236,3 +236,28 @@ def test_model_commands_load_llama_cpp_before_numpy(argv, loads_llama, isolated_
         assert llama >= 0 and (numpy == -1 or llama < numpy)
     else:
         assert llama == -1
+
+
+# Runs a localctx command line in a fresh interpreter, then prints its exit status and whether Ray
+# and the Ray side were imported.
+IMPORTS_RAY = """
+import runpy, sys
+sys.argv = ["localctx", *sys.argv[1:]]
+try:
+    runpy.run_module("localctx", run_name="__main__")
+    status = 0
+except SystemExit as exit:
+    status = exit.code or 0
+print(status, "ray" in sys.modules, "localctx.distributed" in sys.modules)
+"""
+
+
+def test_a_batch_without_workers_never_imports_ray(isolated_home, tmp_path):
+    """Without --workers / --ray a batch runs in this process: neither Ray nor localctx.distributed is imported."""
+    doc = tmp_path / "note.txt"
+    doc.write_text("The meeting moved to Tuesday because the room was booked.", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", IMPORTS_RAY, "summarize", str(doc), "--max-summary-tokens", "16"],
+                         capture_output=True, text=True, check=True)
+    *summary, status, ray, distributed = out.stdout.split()
+    assert (status, ray, distributed) == ("0", "False", "False"), out.stderr
+    assert summary  # it did summarize, in this process

@@ -18,6 +18,7 @@ import ray
 
 from conftest import assert_clean_error, invoke
 from localctx.cluster import Cluster
+from localctx.distributed import RayExecutor
 from localctx.errors import InputError
 from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, load_text, run_passkey, run_ppl
 from localctx.runtime import RunSpec
@@ -26,7 +27,7 @@ from localctx.summarize import Interrupted, Reporter, SummarizeOptions, summariz
 # A 512-token window: three short documents fit it (one pass), the fourth is map-reduced.
 SPEC = RunSpec(preset="native", ctx=512, threads=1)  # llama.cpp's results depend on the thread count
 OPTIONS = SummarizeOptions(max_summary_tokens=24)
-TWO = Cluster(workers=2)
+TWO = RayExecutor(Cluster(workers=2))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +70,7 @@ def single(documents: list[str], tmp_path_factory: pytest.TempPathFactory) -> An
 def test_two_workers_give_the_same_summaries_and_a_rerun_starts_none(single, documents, tmp_path):
     assert [r["strategy"] for r in single.records] == ["stuff", "stuff", "stuff", "map-reduce"]
     out = tmp_path / "out"
-    result = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, out=out)
+    result = summarize_batch(documents, SPEC, OPTIONS, executor=TWO, out=out)
     assert summaries(result) == summaries(single)
     assert result.stats.workers == 2 and result.stats.summarized == 4 and result.stats.failed == 0
     assert result.stats.model_calls == single.stats.model_calls and result.stats.model_loaded
@@ -77,7 +78,7 @@ def test_two_workers_give_the_same_summaries_and_a_rerun_starts_none(single, doc
     assert [line["summary"] for line in lines] == [s[3] for s in summaries(single)]
     assert len(result.out_files) == 4 and all(f.is_file() for f in result.out_files)
     # A finished batch: every record from the store, no runtime joined, no worker started.
-    again = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, out=out)
+    again = summarize_batch(documents, SPEC, OPTIONS, executor=TWO, out=out)
     assert again.stats.cached == 4 and again.stats.model_calls == 0
     assert not again.stats.model_loaded and again.stats.workers == 0
     assert summaries(again) == summaries(single)
@@ -103,7 +104,7 @@ class KillAWorkerMidTask(Reporter):
 @pytest.mark.slow
 def test_worker_killed_mid_batch_loses_only_its_task(single, documents):
     reporter = KillAWorkerMidTask()
-    result = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, reporter=reporter)
+    result = summarize_batch(documents, SPEC, OPTIONS, executor=TWO, reporter=reporter)
     assert reporter.killed is not None, "no worker was running a task when the first call came back"
     assert result.stats.retried >= 1 and result.stats.failed == 0
     assert summaries(result) == summaries(single)
@@ -118,13 +119,13 @@ class InterruptAfterFirstCall(Reporter):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(single, documents):
     with pytest.raises(Interrupted):
-        summarize_batch(documents, SPEC, OPTIONS, cluster=TWO, reporter=InterruptAfterFirstCall())
+        summarize_batch(documents, SPEC, OPTIONS, executor=TWO, reporter=InterruptAfterFirstCall())
     deadline = time.monotonic() + 15
     while worker_processes() and time.monotonic() < deadline:  # ray.kill is asynchronous
         time.sleep(0.2)
     assert not worker_processes()
     # The call that came back is stored: the re-run does every other call only.
-    again = summarize_batch(documents, SPEC, OPTIONS, cluster=TWO)
+    again = summarize_batch(documents, SPEC, OPTIONS, executor=TWO)
     assert again.stats.model_calls == single.stats.model_calls - 1
     assert summaries(again) == summaries(single)
 
@@ -151,9 +152,9 @@ def test_eval_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
     passkey = PasskeyRequest(["native"], [256], [0.0, 1.0])
     here, there = tmp_path / "here", tmp_path / "there"
     spec = RunSpec(threads=1)
-    for directory, cluster in ((here, None), (there, TWO)):
-        run_ppl(ppl, spec, cache=CellCache(directory), cluster=cluster)
-        run_passkey(passkey, spec, cache=CellCache(directory), cluster=cluster)
+    for directory, executor in ((here, None), (there, TWO)):
+        run_ppl(ppl, spec, cache=CellCache(directory), executor=executor)
+        run_passkey(passkey, spec, cache=CellCache(directory), executor=executor)
     assert len(_cells(here)) == 4 + 2
     assert _cells(there) == _cells(here)
 

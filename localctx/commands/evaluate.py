@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from .output import echo_json
-from ..cluster import Cluster
+from ..executor import Executor
 from ..options import cluster_options, json_option, run_options
 from ..runtime import RunSpec
 
@@ -86,7 +86,7 @@ def eval_group() -> None:
 @click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
 @click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
 @click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
-def ppl(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
+def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
         plot_file: Path | None, text_file: Path | None, mode: str, span: int, end: int | None, ctx: int | None,
         max_chunks: int | None) -> None:
     """Perplexity against context length, one row per preset.
@@ -110,7 +110,7 @@ def ppl(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_c
     request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
                          mode=mode, span=span, end=end, max_chunks=max_chunks)
     result = run_ppl(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
-                     compute=not cached_only, cluster=cluster)
+                     compute=not cached_only, executor=executor)
     _render(result, ppl_table, as_json, as_csv, plot_file)
 
 
@@ -120,7 +120,7 @@ def ppl(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_c
               help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
 @click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
-def passkey(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
+def passkey(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
             as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int) -> None:
     """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?
 
@@ -140,7 +140,7 @@ def passkey(spec: RunSpec, cluster: Cluster | None, presets: str, lengths: str, 
     _check_plot(plot_file)
     request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
     result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
-                         compute=not cached_only, cluster=cluster)
+                         compute=not cached_only, executor=executor)
     _render(result, passkey_table, as_json, as_csv, plot_file)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import LocalctxError
-from ..cluster import Cluster
+from ..executor import Executor
 from ..options import cluster_options, json_option, run_options
 from ..runtime import RunSpec
 from ..summary_store import dumps
@@ -36,7 +36,7 @@ from ..summary_store import dumps
 @run_options(kv_cache=True)
 @cluster_options
 @json_option
-def summarize(spec: RunSpec, cluster: Cluster | None, paths: tuple[str, ...], out: Path | None, strategy: str,
+def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], out: Path | None, strategy: str,
               chunk_tokens: int | None, overlap: int, max_summary_tokens: int, style: str, prompt: str | None,
               prompt_file: Path | None, retry_failed: bool, quiet: bool, as_json: bool) -> None:
     """Summarize files, directories (recursively), glob patterns or - (stdin).
@@ -75,7 +75,7 @@ def summarize(spec: RunSpec, cluster: Cluster | None, paths: tuple[str, ...], ou
     reporter = make_reporter(quiet)
     try:
         result = summarize_batch(paths, spec, options, out=out, stdin=sys.stdin.buffer, reporter=reporter,
-                                 on_record=on_record, cluster=cluster)
+                                 on_record=on_record, executor=executor)
     except KeyboardInterrupt:
         raise Interrupted() from None
     finally:

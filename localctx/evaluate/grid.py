@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..cluster import Cluster
+from ..executor import Executor, LocalExecutor
 from ..params import RuntimeParams
 from ..paths import writable_cache
 from ..runtime import Resolved, RunSpec, resolve_spec
@@ -79,11 +79,11 @@ def label(cell: Cell) -> str:
 
 def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Resolved, *,
              cache: CellCache | None = None, engine_factory: EngineFactory = open_eval_engine,
-             progress: Progress = lambda _: None, compute: bool = True, cluster: Cluster | None = None) -> EvalResult:
+             progress: Progress = lambda _: None, compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Every cell of every preset; cached cells are not recomputed, and a preset's model is loaded
     only when one of its cells needs computing. With `compute=False` missing cells are reported as
-    "not run" (a report of what a long run has finished so far). With `cluster` the cells left are
-    computed on Ray workers, and this process alone fills the cache and the result."""
+    "not run" (a report of what a long run has finished so far). The cells left are computed where
+    `executor` runs them (this process by default), and this process alone fills the cache and the result."""
     cache = cache or CellCache()
     if compute:  # cells are saved as they finish: a cache that cannot take them fails now, not after one
         writable_cache(cache.directory, "evaluation cache")
@@ -123,20 +123,7 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
         progress(f"[{done}/{total}] {label(cell)}: {evaluation.describe(cell, found)} ({found['seconds']:.0f} s)")
         result.cells.append({**cell, **found})
 
-    if cluster is not None and todos:
-        from ..distributed import evaluate_on_cluster
-
-        cells = [(resolved, cell, key) for resolved, todo in todos for cell, key in todo]
-        progress(f"computing {len(cells)} cell(s) on Ray workers")
-        evaluate_on_cluster(evaluation, cells, cluster, base.spec.threads, finished)
-        todos = []
-    for resolved, todo in todos:
-        progress(f"loading {resolved.facts.name} with preset {resolved.spec.preset} (window {resolved.params.n_ctx:,})")
-        engine = engine_factory(resolved)
-        try:
-            for cell, key, found in evaluation.compute(engine, resolved, todo, progress):
-                finished(cell, key, found)
-        finally:
-            engine.close()
+    if todos:
+        (executor or LocalExecutor()).evaluate(evaluation, todos, finished, progress, engine_factory)
     result.cells.sort(key=lambda c: (presets.index(c["preset"]), evaluation.order(c)))
     return result

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..cluster import Cluster
+from ..executor import Executor
 from ..errors import InputError
 from ..runtime import Resolved, RunSpec
 from .cache import CACHE_VERSION, CellCache, params_key
@@ -139,10 +139,10 @@ class Passkey:
 
 def run_passkey(request: PasskeyRequest, spec: RunSpec | Resolved = RunSpec(), *, cache: CellCache | None = None,
                 engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
-                compute: bool = True, cluster: Cluster | None = None) -> EvalResult:
+                compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Passkey retrieval for every (preset, length, depth, trial) cell, cached like `run_ppl`."""
     return run_grid(Passkey(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
-                    progress=progress, compute=compute, cluster=cluster)
+                    progress=progress, compute=compute, executor=executor)
 
 
 def passkey_accuracy(cells: Sequence[Cell]) -> dict[tuple[str, int, float], float | None]:

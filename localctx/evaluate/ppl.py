@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cluster import Cluster
+from ..executor import Executor
 from ..errors import InputError
 from ..gguf_meta import ModelFacts
 from ..params import RuntimeParams
@@ -170,7 +170,7 @@ class Perplexity:
 
 def run_ppl(request: PplRequest, spec: RunSpec | Resolved = RunSpec(), *, cache: CellCache | None = None,
             engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
-            compute: bool = True, cluster: Cluster | None = None) -> EvalResult:
+            compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Perplexity for every (preset, length) cell (see `grid.run_grid` for caching and loading)."""
     return run_grid(Perplexity(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
-                    progress=progress, compute=compute, cluster=cluster)
+                    progress=progress, compute=compute, executor=executor)
