@@ -33,10 +33,9 @@ class Workload:
     scoring (an output for each scored position of a batch: eval ppl, `Engine.logits_at`) differ by
     up to n_batch - 1 rows: 1 GiB at Gemma 3's vocabulary (262,144) and a 512-token batch.
 
-    `n_seq` sequences are planned as llama.cpp's unified KV cache holds them (kv_unified, the
-    context created with n_seq_max = n_seq and n_ctx = n_seq x the window): one cache of n_seq x
-    window cells that the sequences share, sliding-window layers keeping n_seq windows plus a
-    micro-batch. (Without kv_unified llama.cpp gives each sequence n_ctx / n_seq cells instead.)"""
+    `n_seq` sequences are planned as the engine opens them (n_seq_max = n_seq, n_ctx = n_seq x the
+    window, kv_unified off): llama.cpp gives each sequence a stream of its own window of cells,
+    and its sliding-window layers their window plus a micro-batch, each."""
 
     kind: Literal["generate", "score"] = "score"
     n_seq: int = 1
@@ -91,13 +90,13 @@ def _pad(n: int) -> int:
 
 def sliding_cells(facts: ModelFacts, n_ctx: int, *, n_ubatch: int = 512, swa_full: bool = False,
                   n_seq: int = 1) -> int:
-    """Cells of the sliding-window layers' cache for `n_seq` sequences of `n_ctx` tokens in one
-    unified cache: the whole (padded) context with `swa_full`, else llama.cpp's window per sequence
-    plus one micro-batch (llama-kv-cache-iswa.cpp: n_swa x n_seq_max + n_ubatch when unified)."""
-    cells = _pad(n_seq * n_ctx)
+    """Cells of the sliding-window layers' cache for `n_seq` sequences of `n_ctx` tokens, each in
+    its own stream (kv_unified off): the whole (padded) window with `swa_full`, else llama.cpp's
+    window plus one micro-batch (llama-kv-cache-iswa.cpp: n_swa + n_ubatch per stream)."""
+    cells = _pad(n_ctx)
     if not facts.sliding_window or swa_full:
-        return cells
-    return min(cells, _pad(facts.sliding_window * n_seq + min(n_ubatch, n_seq * n_ctx)))
+        return n_seq * cells
+    return n_seq * min(cells, _pad(facts.sliding_window + min(n_ubatch, n_ctx)))
 
 
 def estimate(facts: ModelFacts, params: RuntimeParams, workload: Workload = SCORE) -> MemoryEstimate:
@@ -107,7 +106,7 @@ def estimate(facts: ModelFacts, params: RuntimeParams, workload: Workload = SCOR
     for and the process's own overhead.
 
     `params.n_ctx` is the window of one sequence; the cache is planned for `workload.n_seq` of
-    them in one unified KV cache of n_seq x n_ctx cells (see Workload). Logits: a scoring workload
+    them, a stream of n_ctx cells each (see Workload). Logits: a scoring workload
     is charged a whole batch of them, a generating one a row per sequence. The compute buffer is
     reserved for a micro-batch of outputs, but on the CPU its pages become resident only when a
     graph writes them, and a generating graph's logits tensor has one row per sequence."""
@@ -178,8 +177,8 @@ def human(n: float) -> str:
 def check_memory(facts: ModelFacts, params: RuntimeParams, *, gpu_layers: int = 0, force: bool = False,
                  available: Callable[[], int] | None = None, workload: Workload = SCORE) -> MemoryEstimate:
     """Refuse to load when the estimate for `workload` exceeds free memory (`available`, default:
-    what the system reports), naming what would fit. With n_seq sequences the plan is one unified
-    KV cache of n_seq x params.n_ctx cells (see Workload), and the refusal says so."""
+    what the system reports), naming what would fit. With n_seq sequences the plan is n_seq
+    windows of params.n_ctx cells (see Workload), and the refusal says so."""
     est = estimate(facts, params, workload)
     # With layers on a GPU the weights and cache leave system memory; its size is not known here.
     if force or gpu_layers != 0:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs
     from .engine import Engine
 
 DEFAULT_PRESET = "native"
-MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True)
@@ -113,17 +112,16 @@ def _ladder(spec: RunSpec, facts: ModelFacts) -> Ladder:
     return resolve_ladder(load_preset(spec.preset), facts, ctx=spec.ctx).map(overrides)
 
 
-def open_engine(target: RunSpec | Resolved, seed: int = 0, *, parallel: int = 1) -> Engine:
-    """Resolve (unless already resolved), choose the offload, check memory for `parallel`
-    sequences at the largest window, load at the smallest (an adaptive engine grows its window
-    per request). The engine is built complete: ladder, snapshot store and overflow hint."""
+def open_engine(target: RunSpec | Resolved, seed: int = 0, *, workload: Workload = SCORE) -> Engine:
+    """Resolve (unless already resolved), choose the offload, check memory for the workload (its
+    sequences, each at the largest window, and the logits it reads), load at the smallest (an
+    adaptive engine grows its window per request). The engine is built complete: ladder, snapshot
+    store, overflow hint and `workload.n_seq` sequences per context."""
     from .engine import Engine, offload_layers
     from .kvcache import KVStore, snapshot_threshold
 
     resolved = target if isinstance(target, Resolved) else resolve_spec(target)
     spec, facts = resolved.spec, resolved.facts
-    if not _is_int(parallel, 1, MAX_PARALLEL):
-        raise ResourceError(f"parallel must be a number of sequences from 1 to {MAX_PARALLEL}, not {parallel!r}.")
     store = KVStore() if spec.kv_cache else None
     # A malformed LOCALCTX_KV_CACHE_* is an error now, not mid-answer (the threshold also decides,
     # without snapshots, where a document prompt is split).
@@ -132,9 +130,9 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0, *, parallel: int = 1)
     else:
         snapshot_threshold()
     gpu_layers = offload_layers(spec.device, spec.gpu_layers)
-    ladder = planned_ladder(resolved, gpu_layers)
+    ladder = planned_ladder(resolved, gpu_layers, workload=workload)
     return Engine.load(facts, ladder, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose, seed=seed,
-                       n_seq=parallel, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
+                       n_seq=workload.n_seq, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
 
 
 def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None,

@@ -19,7 +19,7 @@ from gguf_factory import write_model
 from gguf_runnable import gemma3_swa_layers, write_runnable_model
 from localctx.errors import ModelFileError
 from localctx.gguf_meta import read_facts
-from localctx.memory import estimate, sliding_cells
+from localctx.memory import GENERATE, estimate, sliding_cells
 from localctx.presets import load_preset, resolve
 
 WINDOW = 256  # the synthetic model's sliding window (tokens)
@@ -141,7 +141,9 @@ def test_the_estimate_bounds_a_filled_window(gemma: Path, corpus: Path, ctx: int
 def test_the_refusal_counts_the_sliding_saving_and_names_what_fits(gemma: Path, cli, monkeypatch) -> None:
     facts = read_facts(gemma)
     params = resolve(load_preset("extrapolate-16k"), facts)
-    full, windowed = (estimate(facts, params.with_ctx_settings(n_ctx=16384, swa_full=f)).total for f in (True, False))
+    # generate plans for generating: one row of logits (localctx.memory.GENERATE)
+    full, windowed = (estimate(facts, params.with_ctx_settings(n_ctx=16384, swa_full=f), GENERATE).total
+                      for f in (True, False))
     monkeypatch.setenv("LOCALCTX_MEMORY_LIMIT", str((full + windowed) // 2))
     refused = cli("generate", "--model", str(gemma), "--preset", "extrapolate-16k", "--swa-full", "hi")
     assert_clean_error(refused, "Not enough memory", "5 sliding-window layers at the full window",

@@ -85,17 +85,15 @@ def test_planned_ladder_plans_for_the_workload(facts: ModelFacts) -> None:
         planned_ladder(resolved, 0, available=lambda: generate, workload=Workload("generate", 2))
 
 
-# llama.cpp's allocations for N sequences in one unified cache, as the engine will create them.
+# llama.cpp's allocations for N sequences, as the engine creates them (its own log, --verbose).
 ALLOCATED = """
-import localctx.engine as le, json, sys, llama_cpp
-from llama_cpp import _internals
+import localctx.engine, sys
+from localctx.memory import Workload
 from localctx.runtime import RunSpec, open_engine
 model, window, n_seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with open_engine(RunSpec(model=model, preset="extrapolate-16k", ctx=window, kv_cache=False)) as e:
-    cp = llama_cpp.llama_context_params.from_buffer_copy(e._llm.context_params)
-    cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_seq * window, n_seq, True
-    le.set_llama_log(True)
-    _internals.LlamaContext(model=e._llm._model, params=cp, verbose=True).close()
+with open_engine(RunSpec(model=model, preset="extrapolate-16k", ctx=window, kv_cache=False, verbose=True),
+                 workload=Workload("generate", n_seq)) as e:
+    pass
 """
 
 
@@ -107,10 +105,11 @@ def test_n_sequences_match_what_llama_cpp_allocates(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", ALLOCATED, str(model), str(window), str(n_seq)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    caches = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers", out.stderr)
-    (full_mib, full_cells, _), (swa_mib, swa_cells, _) = caches[-2:]  # the new context's
-    assert int(full_cells) == n_seq * window
-    assert int(swa_cells) == sliding_cells(facts, window, n_seq=n_seq) == 1280  # 3 x 256 + 512
+    caches = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +\d+ layers, +\d+/(\d+) seqs",
+                        out.stderr)  # cells per sequence (a stream each), then the streams
+    (full_mib, full_cells, streams), (swa_mib, swa_cells, _) = caches[-2:]
+    assert int(streams) == n_seq and int(full_cells) * n_seq == n_seq * window
+    assert int(swa_cells) * n_seq == sliding_cells(facts, window, n_seq=n_seq) == 2304  # 3 x (256 + 512): a stream each
     params = resolve(load_preset("extrapolate-16k"), facts).with_ctx_settings(n_ctx=window)
     est = estimate(facts, params, Workload("generate", n_seq))
     assert abs(est.kv_bytes / 2**20 - (float(full_mib) + float(swa_mib))) < 0.02

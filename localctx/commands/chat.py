@@ -84,6 +84,7 @@ def chat(spec: RunSpec, system: str | None, files: tuple[Path, ...], max_tokens:
       printf 'hi\\n' | localctx chat
     """
     from ..chat import ChatSession, Console, Message, run_repl
+    from ..memory import GENERATE
     from ..runtime import open_engine
 
     interactive = sys.stdin.isatty()
@@ -92,7 +93,7 @@ def chat(spec: RunSpec, system: str | None, files: tuple[Path, ...], max_tokens:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with open_engine(spec, seed=seed) as engine:
+    with open_engine(spec, seed=seed, workload=GENERATE) as engine:
         session = ChatSession(engine, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         # A chat template that cannot render fails here, with a clean error, before the first prompt.
         session.tokens_for(session.messages + [Message("user", "Hello.")])

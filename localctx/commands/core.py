@@ -262,6 +262,7 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
     """
     from ..generate import GenerateRequest, generate as run, generation_report
     from ..kvcache import snapshot_notice
+    from ..memory import GENERATE
     from ..runtime import open_engine
 
     if prompt is None:
@@ -269,7 +270,7 @@ def generate(spec: RunSpec, prompt: str | None, document: Path | None, max_token
     if not prompt and document is None:
         raise click.UsageError("Give a PROMPT argument, a --file, or text on stdin.")
     request = GenerateRequest(prompt, document, chat, system, max_tokens, temperature, seed)
-    with open_engine(spec, seed=seed) as engine:
+    with open_engine(spec, seed=seed, workload=GENERATE) as engine:
         gen = run(engine, request)
         for chunk in gen:
             if not as_json:

@@ -43,11 +43,12 @@ def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None,
       localctx serve --preset auto --port 8080 --parallel 4
       curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from ..memory import Workload
     from ..runtime import open_engine
     from ..serve import serve as run_server
 
     spec = replace(spec, preset=preset)
-    with open_engine(spec, seed=seed, parallel=parallel) as engine:
+    with open_engine(spec, seed=seed, workload=Workload("generate", parallel)) as engine:
         windows = ", ".join(f"{step.n_ctx:,}" for step in engine.ladder.steps)
 
         def ready(url: str) -> None:
