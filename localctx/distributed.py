@@ -36,9 +36,12 @@ from .cluster import Cluster
 from .errors import InputError, LocalctxError, ResourceError
 from .evaluate.grid import Cell, Evaluation, Key
 from .executor import CellFound, CellTodo, Progress
+from .memory import Workload
 from .runtime import Resolved, open_engine
 from .summarize import (Call, Document, Flow, Interrupted, Plan, Reporter, Request, SummarizeOptions, Summarizer,
                         _Batch, call_key, document_result, error_message, failed_result, summary_flow)
+
+EXACT = Workload("generate", exact=True)  # a one-thread worker answers as any process does
 
 MAX_ATTEMPTS = 2  # a task whose worker dies this many times fails
 ENV_PREFIX = "LOCALCTX_"  # the driver's settings (user directory, KV cache limits) reach its workers
@@ -148,7 +151,8 @@ class Worker:
                 self.engine.close()
                 self.engine = self.summarizer = None
             spec = replace(resolved.spec, threads=self.threads)
-            self.engine = open_engine(Resolved(spec, resolved.facts, resolved.ladder), seed=seed)
+            # exact: a one-thread worker gives what a process with any thread count gives (memory.Workload)
+            self.engine = open_engine(Resolved(spec, resolved.facts, resolved.ladder), seed=seed, workload=EXACT)
             self.resolved = resolved
         return self.engine
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from .memory import Workload
 from .runtime import Resolved, open_engine
 
 Progress = Callable[[str], None]
@@ -50,7 +51,8 @@ class LocalExecutor:
     """Runs the work in this process: one engine at a time, loaded when work needs it."""
 
     def summarize(self, batch: PendingBatch, pending: list[Any], resolved: Resolved) -> None:
-        batch.run_here(open_engine(resolved, seed=batch.options.seed), pending, close=True)
+        workload = Workload("generate", batch.options.parallel, exact=True)
+        batch.run_here(open_engine(resolved, seed=batch.options.seed, workload=workload), pending, close=True)
 
     def evaluate(self, evaluation: CellWork, todo: CellTodo, found: CellFound, progress: Progress,
                  engine_factory: Callable[[Resolved], Any]) -> None:

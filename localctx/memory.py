@@ -39,6 +39,13 @@ class Workload:
 
     kind: Literal["generate", "score"] = "score"
     n_seq: int = 1
+    # Results that must not depend on threads or on what ran beside them (eval, summarize, Ray):
+    # the context holds one more stream (engine.backend.Context), planned here like a sequence.
+    exact: bool = False
+
+    @property
+    def streams(self) -> int:
+        return self.n_seq + (1 if self.exact else 0)
 
     def __post_init__(self) -> None:
         if self.kind not in ("generate", "score"):
@@ -56,6 +63,7 @@ class Workload:
 # The safe default (the most logits a localctx context returns), and what text generation needs.
 SCORE = Workload("score")
 GENERATE = Workload("generate")
+EXACT_SCORE = Workload("score", exact=True)  # eval cells: the same result on any machine's thread count
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ def estimate(facts: ModelFacts, params: RuntimeParams, workload: Workload = SCOR
     is charged a whole batch of them, a generating one a row per sequence. The compute buffer is
     reserved for a micro-batch of outputs, but on the CPU its pages become resident only when a
     graph writes them, and a generating graph's logits tensor has one row per sequence."""
-    n_seq = workload.n_seq
+    n_seq = workload.streams
     n_cells = n_seq * params.n_ctx
     n_kv = _pad(n_cells)
     swa = sliding_cells(facts, params.n_ctx, n_ubatch=params.n_ubatch, swa_full=params.swa_full, n_seq=n_seq)

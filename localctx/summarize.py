@@ -74,6 +74,7 @@ class SummarizeOptions:
     seed: int = 0
     repeat_penalty: float = REPEAT_PENALTY
     one_pass_max_scale: float = ONE_PASS_MAX_SCALE  # auto engines: see ONE_PASS_MAX_SCALE
+    parallel: int = 1  # model calls at once, as sequences of one batch (answers do not depend on it)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -411,9 +412,17 @@ def run_flow(flow: Flow, answer: Callable[[list[Request]], list[Any]]) -> str:
     try:
         requests = next(flow)
         while True:
-            requests = flow.send(answer(requests))
+            requests = flow.send(_raise_failed(answer(requests)))
     except StopIteration as stop:
         return stop.value
+
+
+def _raise_failed(answers: list[Any]) -> list[Any]:
+    """A round's answers, unless a call failed (its error stands in its place): then that error."""
+    for a in answers:
+        if isinstance(a, BaseException):
+            raise a
+    return answers
 
 
 def summary_flow(plan: Plan) -> Flow:
@@ -537,9 +546,62 @@ class Summarizer:
         self.reporter.doc_start(index, total, doc.label, plan.strategy, plan.tokens, len(plan.chunks))
         start = time.perf_counter()
         calls: list[dict[str, Any]] = []
-        summary = run_flow(summary_flow(plan), lambda requests: [self._answer(r, calls) for r in requests])
+        summary = run_flow(summary_flow(plan), lambda requests: self.answer([(r, calls) for r in requests]))
         reused = sum(c["seconds"] for c in calls if c["cached"])
         return document_result(plan, calls, summary, time.perf_counter() - start + reused)
+
+    def answer(self, requests: list[tuple[Request, list[dict[str, Any]]]]) -> list[Any]:
+        """Answer a round of independent requests, each recording its calls in its own list: stored
+        calls from the store, the rest together as parallel sequences of the engine (one at a time
+        when it holds one), each stored as soon as its round is done."""
+        answers: list[Any] = [None] * len(requests)
+        todo: list[tuple[int, Call, str]] = []
+        for i, (request, calls) in enumerate(requests):
+            if isinstance(request, Group):
+                answers[i] = self.execute(request)
+                continue
+            key = call_key(self.fp, request.role, request.body)
+            hit = self.store.get_call(key)
+            if hit is None:
+                todo.append((i, request, key))
+                continue
+            calls.append({**hit, "cached": True})
+            self._advance(hit, request.doc_tokens, cached=True)
+            answers[i] = hit["summary"]
+        for (i, call, key), info in zip(todo, self._run_calls([c for _, c, _ in todo])):
+            if isinstance(info, BaseException):
+                answers[i] = info
+                continue
+            self.store.put_call(key, info)
+            requests[i][1].append({**info, "cached": False})
+            self.stats.add(info)
+            self._advance(info, call.doc_tokens, cached=False)
+            answers[i] = info["summary"]
+        return answers
+
+    def _run_calls(self, calls: list[Call]) -> list[dict[str, Any] | BaseException]:
+        """Model calls, as parallel sequences when the engine has more than one; a call that fails
+        gives its error in its place (the others' answers are kept)."""
+        if len(calls) <= 1 or getattr(self.engine, "n_seq", 1) == 1:
+            out: list[dict[str, Any] | BaseException] = []
+            for call in calls:
+                try:
+                    out.append(self.run_call(call))
+                except LocalctxError as exc:
+                    out.append(exc)
+            return out
+        prepared: list[tuple[Call, dict[str, Any]] | BaseException] = []
+        for call in calls:
+            try:
+                prepared.append((call, self._request(call)))
+            except LocalctxError as exc:
+                prepared.append(exc)
+        ready = [p for p in prepared if not isinstance(p, BaseException)]
+        start = time.perf_counter()
+        gens = iter(self.engine.generate_many([r for _, r in ready], keep_errors=True))
+        seconds = (time.perf_counter() - start) / max(1, len(ready))  # the round's time, shared
+        return [p if isinstance(p, BaseException) else self._info(p[0], p[1], next(gens), seconds)
+                for p in prepared]
 
     def execute(self, request: Request) -> Any:
         """Answer one request on this engine: a model call's record (not stored), or the groups."""
@@ -557,44 +619,34 @@ class Summarizer:
     def _group(self, parts: list[str]) -> list[list[str]]:
         return group_parts(parts, self.engine.count, self.reduce_room)
 
-    def _answer(self, request: Request, calls: list[dict[str, Any]]) -> Any:
-        return self._call(request, calls) if isinstance(request, Call) else self.execute(request)
-
-    def _call(self, call: Call, calls: list[dict[str, Any]]) -> str:
-        """One model call (or its stored result), stored as soon as it is done."""
-        key = call_key(self.fp, call.role, call.body)
-        hit = self.store.get_call(key)
-        if hit is not None:
-            calls.append({**hit, "cached": True})
-            self._advance(hit, call.doc_tokens, cached=True)
-            return hit["summary"]
-        info = self.run_call(call)
-        self.store.put_call(key, info)
-        calls.append({**info, "cached": False})
-        self.stats.add(info)
-        self._advance(info, call.doc_tokens, cached=False)
-        return info["summary"]
-
     def run_call(self, call: Call) -> dict[str, Any]:
         """Run one model call. The frame's head (the instruction) is evaluated alone from the first
         token and the rest after it, so the answer does not depend on which call this engine ran
         before (llama.cpp's logits depend on the batch split): one process and any worker of a
         cluster give the same summary. A `whole` call's body is the whole document, read in one
         pass, whose KV state is worth a snapshot (its instruction and text come before the tail)."""
+        request = self._request(call)
+        start = time.perf_counter()
+        gen = self.engine.complete(**request)
+        return self._info(call, request, gen, time.perf_counter() - start)
+
+    def _request(self, call: Call) -> dict[str, Any]:
+        """The engine's arguments for a call (see `run_call`)."""
         frame = self.map_frame if call.role == "map" else self.reduce_frame
         if call.whole:
             self._check_stuff(call.doc_tokens)
         tokens = frame.tokens(self.engine, call.body)
-        start = time.perf_counter()
-        gen = self.engine.complete(tokens, max_tokens=self.options.max_summary_tokens,
-                                   temperature=self.options.temperature, seed=self.options.seed,
-                                   stop=frame.stop, repeat_penalty=self.options.repeat_penalty,
-                                   document_end=len(tokens) - len(frame.tail) if call.whole else None,
-                                   head_end=len(frame.head))
-        return {"role": call.role, "prompt_tokens": len(tokens), "generated_tokens": gen.timings.generated_tokens,
-                "seconds": round(time.perf_counter() - start, 3), "window": self.engine.n_ctx,  # the one this call ran at
-                "restored_tokens": gen.timings.restored_tokens,
-                "summary": gen.text.strip()}
+        return dict(tokens=tokens, max_tokens=self.options.max_summary_tokens, temperature=self.options.temperature,
+                    seed=self.options.seed, stop=frame.stop, repeat_penalty=self.options.repeat_penalty,
+                    document_end=len(tokens) - len(frame.tail) if call.whole else None, head_end=len(frame.head))
+
+    def _info(self, call: Call, request: dict[str, Any], gen: Any, seconds: float) -> dict[str, Any] | BaseException:
+        if isinstance(gen, BaseException):
+            return gen
+        return {"role": call.role, "prompt_tokens": len(request["tokens"]),
+                "generated_tokens": gen.timings.generated_tokens, "seconds": round(seconds, 3),
+                "window": self.engine.n_ctx,  # the one this call ran at
+                "restored_tokens": gen.timings.restored_tokens, "summary": gen.text.strip()}
 
     def _advance(self, info: dict[str, Any], doc_tokens: int, cached: bool) -> None:
         self._doc_tokens_done += doc_tokens
@@ -643,6 +695,20 @@ def summarize_batch(inputs: Sequence[str], spec: RunSpec | Resolved, options: Su
     batch.stats.seconds = time.perf_counter() - started
     reporter.batch_done(batch.stats)
     return BatchResult(batch.ordered_records(), batch.stats, batch.out_files)
+
+
+@dataclass
+class _Active:
+    """A document whose flow is in progress beside others (`_Batch._run_together`)."""
+
+    doc: Document
+    plan: Plan
+    flow: Flow
+    requests: list[Request]
+    key: str
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    finished: bool = False
 
 
 class _Batch:
@@ -698,15 +764,76 @@ class _Batch:
         self.reporter.batch_start(len(self.order), len(self.records),
                                   sum(p.tokens for p in plans if p), sum(len(p.chunks) for p in plans if p))
         try:
+            if getattr(engine, "n_seq", 1) > 1:
+                self._run_together(summarizer, pending, plans)
+                return
             for i, (doc, plan) in enumerate(zip(pending, plans), 1):
-                record = self._finished(doc)  # a duplicate earlier in this batch may have done it
-                if record is not None:
-                    self._emit(doc, record, cached=True)
-                    self._write_jsonl()
-                    continue
-                self._run_one(summarizer, doc, plan, i, len(pending))
+                if not self._done_already(doc):
+                    self._run_one(summarizer, doc, plan, i, len(pending))
         finally:
             self.stats.merge(summarizer.stats)
+
+    def _done_already(self, doc: Document) -> bool:
+        record = self._finished(doc)  # a duplicate earlier in this batch may have done it
+        if record is not None:
+            self._emit(doc, record, cached=True)
+            self._write_jsonl()
+        return record is not None
+
+    def _run_together(self, summarizer: Summarizer, pending: list[Document], plans: list[Plan | None]) -> None:
+        """Several documents at once: every round of every active document's flow (its map
+        chunks, or its one pass) is answered together, as parallel sequences of the engine, and a
+        finished document makes room for the next. Each call's answer is what it would be alone."""
+        queue = list(enumerate(zip(pending, plans), 1))
+        active: list[_Active] = []
+        while queue or active:
+            while queue and len(active) < summarizer.engine.n_seq:
+                i, (doc, plan) = queue[0]
+                if any(a.key == self._key(doc) for a in active):
+                    break  # the same content in flight: its duplicate waits for its record
+                queue.pop(0)
+                if not self._done_already(doc):
+                    started = self._start_flow(summarizer, doc, plan, i, len(pending))
+                    if started is not None:
+                        active.append(started)
+            if not active:
+                continue
+            rounds = [(a, r) for a in active for r in a.requests]
+            answers = summarizer.answer([(r, a.calls) for a, r in rounds])
+            for a in active:
+                mine = [ans for (owner, _), ans in zip(rounds, answers) if owner is a]
+                self._advance_flow(a, mine)
+            active = [a for a in active if not a.finished]
+
+    def _start_flow(self, summarizer: Summarizer, doc: Document, plan: Plan | None, i: int, n: int) -> _Active | None:
+        try:
+            plan = plan or summarizer.plan(doc)
+            summarizer.reporter.doc_start(i, n, doc.label, plan.strategy, plan.tokens, len(plan.chunks))
+            flow = summary_flow(plan)
+            return _Active(doc, plan, flow, next(flow), self._key(doc))
+        except Exception as exc:  # one bad document must not stop the batch; the reason is recorded
+            self._fail(doc, plan, exc)
+            return None
+
+    def _advance_flow(self, a: _Active, answers: list[Any]) -> None:
+        try:
+            a.requests = a.flow.send(_raise_failed(answers))
+        except StopIteration as stop:
+            reused = sum(c["seconds"] for c in a.calls if c["cached"])
+            seconds = time.perf_counter() - a.started + reused
+            a.finished = True
+            try:
+                self.finish(a.doc, document_result(a.plan, a.calls, stop.value, seconds))
+            except Exception as exc:
+                self._fail(a.doc, a.plan, exc)
+        except Exception as exc:
+            a.finished = True
+            self._fail(a.doc, a.plan, exc)
+
+    def _fail(self, doc: Document, plan: Plan | None, exc: BaseException) -> None:
+        message = error_message(exc)
+        self.reporter.warn(f"{doc.label}: failed: {message}")
+        self.finish(doc, failed_result(plan, message))
 
     def _plan(self, summarizer: Summarizer, doc: Document) -> Plan | None:
         try:
@@ -719,9 +846,8 @@ class _Batch:
             plan = plan or summarizer.plan(doc)
             result = summarizer.summarize(doc, plan, i, n)
         except Exception as exc:  # one bad document must not stop the batch; the reason is recorded
-            message = error_message(exc)
-            self.reporter.warn(f"{doc.label}: failed: {message}")
-            result = failed_result(plan, message)
+            self._fail(doc, plan, exc)
+            return
         self.finish(doc, result)
 
     def finish(self, doc: Document, result: dict[str, Any]) -> None:

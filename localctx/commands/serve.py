@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import click
 
-from ..options import run_options, seed_option
+from ..options import parallel_option, run_options, seed_option
 from ..runtime import RunSpec
 
 API_KEY_ENV = "LOCALCTX_API_KEY"
@@ -24,9 +24,7 @@ DEFAULT_PARALLEL = 4  # benchmarks/RESULTS.md: parallel serving
               help="Require 'Authorization: Bearer KEY' on every request but GET /health.")
 @click.option("--max-body-mb", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Largest request body accepted, in MiB (larger: HTTP 413).")
-@click.option("--parallel", type=click.IntRange(1, 256), default=DEFAULT_PARALLEL, show_default=True,
-              help="Requests run at once as parallel sequences of one batch (each with the full window; "
-                   "memory is planned for all of them).")
+@parallel_option(DEFAULT_PARALLEL, "Requests")
 @seed_option
 def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None, max_body_mb: int,
           parallel: int, seed: int) -> None:

@@ -8,9 +8,11 @@ import click
 
 from ..errors import LocalctxError
 from ..executor import Executor
-from ..options import cluster_options, json_option, run_options
+from ..options import cluster_options, json_option, parallel_option, run_options
 from ..runtime import RunSpec
 from ..summary_store import dumps
+
+DEFAULT_PARALLEL = 4  # benchmarks/RESULTS.md: parallel summaries
 
 
 @click.command()
@@ -34,11 +36,12 @@ from ..summary_store import dumps
 @click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
 @run_options(kv_cache=True)
+@parallel_option(DEFAULT_PARALLEL, "Model calls (map chunks, or documents read in one pass)")
 @cluster_options
 @json_option
 def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], out: Path | None, strategy: str,
               chunk_tokens: int | None, overlap: int, max_summary_tokens: int, style: str, prompt: str | None,
-              prompt_file: Path | None, retry_failed: bool, quiet: bool, as_json: bool) -> None:
+              prompt_file: Path | None, retry_failed: bool, quiet: bool, parallel: int, as_json: bool) -> None:
     """Summarize files, directories (recursively), glob patterns or - (stdin).
 
     A document that fits the window (instruction + text + answer) is read in one pass; a longer one
@@ -58,6 +61,7 @@ def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], 
       localctx summarize docs/ "notes/**/*.md" --preset yarn-32k --out summaries/
       cat report.txt | localctx summarize - --max-summary-tokens 128
       localctx summarize reports/ --out summaries/ --workers 4
+      localctx summarize notes/ --out summaries/ --parallel 8
     """
     from ..summarize import PROMPTS, Interrupted, SummarizeOptions, summarize_batch
     from ..summarize_progress import make_reporter
@@ -69,7 +73,7 @@ def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], 
 
         prompt = read_text(prompt_file).strip()
     options = SummarizeOptions(strategy=strategy, chunk_tokens=chunk_tokens, overlap=overlap,
-                               max_summary_tokens=max_summary_tokens, retry_failed=retry_failed,
+                               max_summary_tokens=max_summary_tokens, retry_failed=retry_failed, parallel=parallel,
                                prompt=prompt if prompt is not None else PROMPTS[style])
     on_record = (lambda r: click.echo(dumps(r))) if as_json else None
     reporter = make_reporter(quiet)

@@ -4,7 +4,7 @@ per sequence), snapshots (KV state of a sequence), windows (auto's ladder of con
 (slots, runs and the continuous-batching scheduler) and core (the Engine)."""
 from .backend import (LLAMA_CPP_PYTHON, build_info, default_threads, llama_arguments, offload_layers,  # noqa: F401
                       set_llama_log, supports_gpu_offload, system_info)
-from .core import Engine, Request  # noqa: F401
+from .core import Engine  # noqa: F401
 from .sequences import Generation, Run, Timings, split_stop  # noqa: F401
 from .tokens import ChatPrompt  # noqa: F401
 from .windows import Switch  # noqa: F401

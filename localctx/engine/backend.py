@@ -201,16 +201,27 @@ class Model:
 
 class Context:
     """One llama.cpp context over a Model: a KV cache of `n_seq` sequences of `params.n_ctx`
-    tokens each (not unified: every sequence has its own cells, so attention over one never
-    spans the others, and a sequence's window is exactly the preset's)."""
+    tokens each, every one in a stream of its own (kv_unified off): attention over one never
+    spans the others' cells, a sequence's results do not depend on where the others sit, and its
+    window is exactly the preset's.
+
+    `exact`: one more stream, never a sequence's, so that no decode is a lone token. llama.cpp's
+    CPU flash attention takes a split-KV path for a batch of one query row against 512 or more
+    cells (ggml-cpu ops.cpp, ggml_compute_forward_flash_attn_ext_f16: use_split_kv_path), which
+    cuts the cells into one chunk per thread and adds the partial softmax sums: its logits change
+    with the thread count and differ from the one-row-at-a-time path that any batch of two or more
+    sequences takes. A lone token gets a companion token in the spare stream (its cell removed
+    after), so every decode takes the same path: results independent of threads and of what else
+    is in the batch (benchmarks/RESULTS.md, parallel sequences)."""
 
     def __init__(self, model: Model, params: RuntimeParams, *, n_seq: int = 1, threads: int | None = None,
-                 n_outputs: int = 0) -> None:
+                 n_outputs: int = 0, exact: bool = False) -> None:
         threads = threads or default_threads()
+        streams = n_seq + (1 if exact else 0)
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = params.n_ctx * n_seq
+        cp.n_ctx = params.n_ctx * streams
         cp.n_batch, cp.n_ubatch = params.n_batch, min(params.n_batch, params.n_ubatch)
-        cp.n_seq_max = n_seq
+        cp.n_seq_max = streams
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = threads
         cp.rope_scaling_type = _SCALING_TYPES[params.rope_scaling_type]
@@ -229,8 +240,9 @@ class Context:
             raise ValueError("failed to create llama_context")
         self.model, self.params, self.n_seq, self.threads = model, params, n_seq, threads
         self.mem = llama_cpp.llama_get_memory(self.ptr)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr)) // n_seq  # per sequence
-        self.batch = Batch(params.n_batch)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr)) // streams  # per sequence
+        self.spare = n_seq if exact else None  # the companion's stream
+        self.batch = Batch(params.n_batch + 1)
 
     def close(self) -> None:
         if self.ptr:
@@ -239,6 +251,17 @@ class Context:
             self.ptr = None
 
     def decode(self, batch: Batch) -> None:
+        if self.spare is not None and batch.n == 1:
+            batch.add(batch.raw.token[0], 0, self.spare, False)
+            try:
+                self._decode(batch)
+            finally:
+                batch.n = batch.raw.n_tokens = 1
+                llama_cpp.llama_memory_seq_rm(self.mem, self.spare, -1, -1)
+            return
+        self._decode(batch)
+
+    def _decode(self, batch: Batch) -> None:
         rc = llama_cpp.llama_decode(self.ptr, batch.raw)
         if rc == 1:
             raise ResourceError("llama.cpp found no free KV cells for this batch; a smaller --parallel or a larger "

@@ -6,8 +6,7 @@ runs at the smallest that holds it (`params` and `n_ctx` are those in use). Sequ
 step share a context; a request for another step waits until the context's runs are done."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,25 +23,13 @@ from .tokens import ChatPrompt, Tokenizer
 from .windows import Switch, Windows
 
 
-@dataclass(frozen=True)
-class Request:
-    """One completion for `generate_many`: the arguments of `Engine.generate`."""
-
-    tokens: Sequence[int]
-    max_tokens: int = 256
-    temperature: float = 0.0
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    head_end: int | None = None
-    document_end: int | None = None
-
-
 class Engine:
     """Tokenize, generate (one sequence or many at once), chat templates, logits."""
 
     def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, gpu_layers: int, threads: int | None,
                  n_seq: int = 1, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
-                 overflow_hint: Callable[[int], str] | None = None, n_outputs: int = 0) -> None:
+                 overflow_hint: Callable[[int], str] | None = None, n_outputs: int = 0,
+                 exact: bool = False) -> None:
         self.model, self.facts, self.ladder = model, facts, ladder
         self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, n_seq, verbose
         self.kv_store = kv_store
@@ -51,7 +38,8 @@ class Engine:
         self.tokenizer = Tokenizer(model, facts)
         self.snapshots = Snapshots(facts, kv_store)
         self._seed = seed or DEFAULT_SEED  # 0: a random seed per call, as llama-cpp-python
-        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, n_outputs=n_outputs)
+        self.exact = exact  # results independent of threads and batch composition (backend.Context)
+        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, n_outputs=n_outputs, exact=exact)
         self._slots = self._new_slots()
         self.scheduler = Scheduler(self.windows.current())
 
@@ -59,7 +47,7 @@ class Engine:
     def load(cls, facts: ModelFacts, params: RuntimeParams | Ladder, *, gpu_layers: int = 0,
              threads: int | None = None, verbose: bool = False, seed: int = 0, n_seq: int = 1,
              kv_store: KVStore | None = None, overflow_hint: Callable[[int], str] | None = None,
-             n_outputs: int = 0) -> Engine:
+             n_outputs: int = 0, exact: bool = False) -> Engine:
         """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
         ladder = params if isinstance(params, Ladder) else Ladder((params,))
         set_llama_log(verbose)
@@ -71,7 +59,7 @@ class Engine:
         try:
             engine = cls(model, facts, ladder, gpu_layers=gpu_layers, threads=threads, n_seq=n_seq,
                          kv_store=kv_store, seed=seed, verbose=verbose, overflow_hint=overflow_hint,
-                         n_outputs=n_outputs)
+                         n_outputs=n_outputs, exact=exact)
         except ValueError as exc:
             model.close()
             raise LocalctxError(f"llama.cpp could not load {facts.path} at {ladder.bottom.n_ctx} tokens ({exc}). "
@@ -265,31 +253,42 @@ class Engine:
         """Run `generate` to the end and return the finished Generation."""
         return self.generate(tokens, **kwargs).finish()
 
-    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
-        """Complete every request, up to `n_seq` at a time as parallel sequences, in order. Each
-        prefill is decoded alone (the chunks a lone run uses), so a request's prompt logits do not
-        depend on what ran beside it; generated tokens share one batch per step."""
-        out: list[Generation | None] = [None] * len(requests)
+    def generate_many(self, requests: Sequence[Mapping[str, Any]], *,
+                      keep_errors: bool = False) -> list[Generation | LocalctxError]:
+        """Complete every request (the keyword arguments of `start`, with `tokens`), up to `n_seq`
+        at a time as parallel sequences, and return them in order. Each prefill is decoded alone
+        (the chunks a lone run uses), so a request's prompt logits do not depend on what ran beside
+        it; generated tokens share one batch per step. A request that fails raises its error, or
+        with `keep_errors` takes its place in the result while the others go on."""
+        out: list[Generation | LocalctxError | None] = [None] * len(requests)
         queue = list(enumerate(requests))
         running: list[tuple[int, Run]] = []
         while queue or running:
             while queue and len(running) < self.n_seq and self._fits_now(queue[0][1]):
-                i, r = queue.pop(0)
-                running.append((i, self.start(r.tokens, max_tokens=r.max_tokens, temperature=r.temperature,
-                                              seed=r.seed, stop=r.stop, head_end=r.head_end,
-                                              document_end=r.document_end)))
-            self.step()
+                i, kwargs = queue.pop(0)
+                try:
+                    running.append((i, self.start(**{**kwargs, "mixed": False})))
+                except LocalctxError as exc:
+                    out[i] = self._failed(exc, keep_errors)
+            if running:
+                self.step()
             for i, run in [x for x in running if x[1].done]:
                 run.drain()
-                if run.error is not None:
-                    raise run.error
-                out[i] = run.gen
+                out[i] = run.gen if run.error is None else self._failed(run.error, keep_errors)
             running = [x for x in running if not x[1].done]
-        return [g for g in out if g is not None]
+        return out  # type: ignore[return-value]
 
-    def _fits_now(self, r: Request) -> bool:
+    def _failed(self, exc: BaseException, keep: bool) -> LocalctxError:
+        if keep and isinstance(exc, LocalctxError):
+            return exc
+        for run in self.scheduler.active:  # nothing keeps running behind a raised error
+            run.end(flush=False)
+        self.scheduler.runs = []
+        raise exc
+
+    def _fits_now(self, r: Mapping[str, Any]) -> bool:
         """Whether a request can start beside the running ones (the same window step)."""
-        return not self.scheduler.active or self.ladder.step_for(len(r.tokens) + r.max_tokens) == self.params
+        return not self.scheduler.active or self.ladder.step_for(len(r["tokens"]) + r.get("max_tokens", 256)) == self.params
 
     def _fixed_head(self, slot: Slot, tokens: list[int], end: int,
                     should_stop: Callable[[], bool] | None) -> int:

@@ -35,9 +35,10 @@ EngineFactory = Callable[[Resolved], EvalEngine]
 
 
 def open_eval_engine(resolved: Resolved) -> EvalEngine:
+    from ..memory import EXACT_SCORE
     from ..runtime import open_engine  # loads llama_cpp: only when a cell needs the model
 
-    return open_engine(resolved)
+    return open_engine(resolved, workload=EXACT_SCORE)
 
 
 @dataclass
