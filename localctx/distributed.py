@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from . import engine as _llama  # noqa: F401  llama.cpp before numpy, also in a worker (it imports this module first)
 from . import errors
 from .cluster import Cluster
-from .errors import InputError, LocalctxError, ResourceError
+from .errors import InputError, Interrupted, LocalctxError, ResourceError
+from .params import default_threads
 from .runtime import Resolved
 
 if TYPE_CHECKING:
@@ -130,10 +131,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def cpu_count() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def _check_reachable(address: str, timeout: float) -> None:
     """A cluster address that answers nothing is an error within `timeout`, not a long retry loop."""
     if address in ("local",):
@@ -174,7 +171,7 @@ def session(cluster: Cluster, threads: int | None) -> Iterator[Session]:
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if cluster.local:
             n = cluster.workers or 1
-            each = threads or max(1, cpu_count() // n)
+            each = threads or max(1, default_threads() // n)
             # address="local": never join $RAY_ADDRESS's cluster when a local runtime was asked for.
             ray.init(address="local", num_cpus=n * each, **quiet)
         else:
@@ -336,8 +333,6 @@ def _message(outcome: Outcome) -> str:
 def running_pool(cluster: Cluster, threads: int | None, job: tuple[Any, ...]) -> Iterator[Pool]:
     """A session and its pool; Ctrl-C stops the workers (and a runtime started here) and raises
     Interrupted: every finished result is already saved by the driver."""
-    from .summarize import Interrupted
-
     with session(cluster, threads) as s:
         pool = Pool(s, job)
         try:

@@ -59,7 +59,8 @@ def summarize(spec: RunSpec, cluster: Cluster | None, paths: tuple[str, ...], ou
       cat report.txt | localctx summarize - --max-summary-tokens 128
       localctx summarize reports/ --out summaries/ --workers 4
     """
-    from ..summarize import PROMPTS, Interrupted, SummarizeOptions, summarize_batch
+    from ..errors import Interrupted
+    from ..summarize import PROMPTS, SummarizeOptions, summarize_batch
     from ..summarize_progress import make_reporter
 
     if prompt and prompt_file:
