@@ -26,7 +26,6 @@ from typing import Any
 
 from gguf import GGUFValueType, Keys
 
-from . import __version__
 from .errors import ConversionError
 from .gguf_meta import (
     _SCALAR_FORMATS,
@@ -46,11 +45,12 @@ from .gguf_meta import (
     facts_from_header,
     read_header,
 )
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, name_max, probe_writable
 from .memory import human
 from .paths import resolve_model_path
 from .params import RuntimeParams
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, Ladder, file_params, load_preset, resolve
+from .version import __version__
 
 # The context the file said before any conversion, when it differs from the trained context (a model
 # shipped with its own scaling): `native` needs it to restore the file exactly.
@@ -361,25 +361,12 @@ def check_output(source: Path, out: Path, force: bool, *, probe: bool = True) ->
         _probe_writable(out)
 
 
-def name_max(directory: Path) -> int:
-    """The longest file name (in bytes) the filesystem holding `directory` allows."""
-    try:
-        return os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        return 255
-
-
 def _probe_writable(out: Path) -> None:
-    probe = out.parent / f"{temp_prefix(out)}{os.getpid()}-probe"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return  # a leftover of this very process: the directory is writable
+    try:  # named as OUT's temp files are, so a probe a killed run left is swept with them
+        probe_writable(out.parent, prefix=f"{temp_prefix(out)}{os.getpid()}-")
     except OSError as exc:
-        raise ConversionError(f"Cannot write the output in {out.parent}: {exc.strerror}. "
+        raise ConversionError(f"Cannot write the output in {out.parent}: {exc.strerror or exc}. "
                               "Choose a directory you can write to.") from None
-    os.close(fd)
-    probe.unlink(missing_ok=True)
 
 
 def temp_prefix(out: Path) -> str:

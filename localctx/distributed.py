@@ -33,12 +33,13 @@ from typing import Any, ClassVar
 from . import engine as _llama  # noqa: F401  llama.cpp before numpy, also in a worker (it imports this module first)
 from . import errors
 from .cluster import Cluster
-from .errors import InputError, LocalctxError, ResourceError
+from .errors import InputError, Interrupted, LocalctxError, ResourceError
 from .evaluate.grid import Cell, Evaluation, Key
 from .executor import CellFound, CellTodo, Progress
 from .memory import Workload
+from .params import default_threads
 from .runtime import Resolved, open_engine
-from .summarize import (Call, Document, Flow, Interrupted, Plan, Reporter, Request, SummarizeOptions, Summarizer,
+from .summarize import (Call, Document, Flow, Plan, Reporter, Request, SummarizeOptions, Summarizer,
                         _Batch, call_key, document_result, error_message, failed_result, summary_flow)
 
 EXACT = Workload("generate", exact=True)  # a one-thread worker answers as any process does
@@ -205,10 +206,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def cpu_count() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def _check_reachable(address: str, timeout: float) -> None:
     """A cluster address that answers nothing is an error within `timeout`, not a long retry loop."""
     if address in ("local",):
@@ -249,7 +246,7 @@ def session(cluster: Cluster, threads: int | None) -> Iterator[Session]:
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if cluster.local:
             n = cluster.workers or 1
-            each = threads or max(1, cpu_count() // n)
+            each = threads or max(1, default_threads() // n)
             # address="local": never join $RAY_ADDRESS's cluster when a local runtime was asked for.
             ray.init(address="local", num_cpus=n * each, **quiet)
         else:

@@ -8,10 +8,10 @@ from typing import Any
 
 import psutil
 
-from . import __version__
 from .engine import build_info
 from .memory import human
 from .paths import user_dir
+from .version import __version__
 
 
 def _version(dist: str) -> str:

@@ -34,3 +34,13 @@ class InputError(LocalctxError):
 
 class Cancelled(LocalctxError):
     """A request stopped before it finished: its client went away, or the server is stopping."""
+
+
+class Interrupted(LocalctxError):
+    """Ctrl-C during a batch: everything finished so far is saved."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "Interrupted. Finished documents and chunk summaries are saved; "
+                                      "run the same command again to resume.") -> None:
+        super().__init__(message)

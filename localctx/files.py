@@ -43,27 +43,26 @@ def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def open_regular(path: str | os.PathLike[str], error: type[LocalctxError] = InputError,
-                 what: str = "file") -> BinaryIO:
-    """Open `path` for binary reading, refusing anything but a regular file with `error`.
+class NotRegularFile(OSError):
+    """What `open_regular_file` raises for a path that is not a regular file; `kind` names it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file but {kind}")
+        self.kind = kind
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open `path` for binary reading if it is a regular file, else raise NotRegularFile; any other
+    failure is the OSError of the open. For callers that handle OSError themselves (a KV snapshot
+    that cannot be read is a miss); `open_regular` is the form whose errors a user reads.
 
     Opened with O_NONBLOCK so a FIFO cannot block the open; regular files ignore the flag, and it
     is cleared anyway before the file is returned."""
-    name = os.fspath(path)
-    try:
-        fd = os.open(name, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
-    except FileNotFoundError:
-        raise error(f"File not found: {name}") from None
-    except PermissionError:
-        raise error(f"Cannot read {name}: permission denied.") from None
-    except OSError as exc:
-        raise error(_open_failure(name, exc, what)) from None
+    fd = os.open(os.fspath(path), os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = kind_of(mode)
-            hint = " pass a file." if kind == "a directory" else f" the {what} must be a regular file."
-            raise error(f"{name} is {kind};{hint}")
+            raise NotRegularFile(kind_of(mode))
         if _O_NONBLOCK and fcntl is not None:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_NONBLOCK)
@@ -71,6 +70,23 @@ def open_regular(path: str | os.PathLike[str], error: type[LocalctxError] = Inpu
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_regular(path: str | os.PathLike[str], error: type[LocalctxError] = InputError,
+                 what: str = "file") -> BinaryIO:
+    """Open `path` for binary reading, refusing anything but a regular file with `error`."""
+    name = os.fspath(path)
+    try:
+        return open_regular_file(name)
+    except NotRegularFile as exc:
+        hint = " pass a file." if exc.kind == "a directory" else f" the {what} must be a regular file."
+        raise error(f"{name} is {exc.kind};{hint}") from None
+    except FileNotFoundError:
+        raise error(f"File not found: {name}") from None
+    except PermissionError:
+        raise error(f"Cannot read {name}: permission denied.") from None
+    except OSError as exc:
+        raise error(_open_failure(name, exc, what)) from None
 
 
 def _open_failure(name: str, exc: OSError, what: str) -> str:

@@ -21,10 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from array import array
@@ -34,8 +32,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import LocalctxError, ResourceError
+from .files import open_regular_file
+from .fsutil import atomic_write
 from .memory import human, parse_size
-from .params import RuntimeParams
+from .params import RuntimeParams, kv_params
 from .paths import cache_dir
 
 FORMAT = 1
@@ -47,12 +47,6 @@ DEFAULT_MAX_BYTES = 4 * 2**30
 DEFAULT_MIN_TOKENS = 2048  # shorter prompts evaluate in seconds: not worth a file
 MAX_HEADER_BYTES = 2**20
 STALE_TEMP_SECONDS = 3600  # a temp file this old was left by a killed process
-# The RuntimeParams fields that change the KV cache's contents. The window (n_ctx) and batch sizes
-# do not: the same tokens under the same RoPE give the same keys and values in any window.
-KV_FIELDS = ("rope_scaling_type", "rope_freq_base", "rope_freq_scale", "yarn_orig_ctx", "yarn_ext_factor",
-             "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "flash_attn", "type_k", "type_v")
-_SAMPLE = 2**20  # bytes read at each of the model file's sample points
-_SAMPLES = 64
 
 
 def _warn_stderr(message: str) -> None:
@@ -62,33 +56,17 @@ def _warn_stderr(message: str) -> None:
 # --- Keys ----------------------------------------------------------------------------------------
 
 
-def model_identity(path: Path) -> str:
-    """A content fingerprint of a model file, cheap for any size: its length, its first and last
-    MiB (the GGUF header: architecture, metadata, tensor layout) and 64 MiB-sized samples spread
-    over the weights. A converted, requantized or fine-tuned file differs in these; a rename or a
-    copy does not."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        for i in range(_SAMPLES + 1):
-            offset = max(0, size - _SAMPLE) * i // _SAMPLES
-            f.seek(offset)
-            h.update(f.read(_SAMPLE))
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class SnapshotKey:
     """Everything that decides what a KV cache holds, but the tokens."""
 
     model_id: str
-    params: tuple[tuple[str, Any], ...]  # (field, value) for each of KV_FIELDS
+    params: tuple[tuple[str, Any], ...]  # (field, value) for each of params.KV_FIELDS
     build: str  # the llama.cpp build (llama-cpp-python's version): its state format may change
 
     @classmethod
     def of(cls, model_id: str, params: RuntimeParams, build: str) -> SnapshotKey:
-        return cls(model_id, tuple((name, getattr(params, name)) for name in KV_FIELDS), build)
+        return cls(model_id, kv_params(params), build)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "model_id": self.model_id, "params": dict(self.params), "build": self.build}
@@ -245,7 +223,7 @@ class KVStore:
         return self.root / scope / f"{len(tokens)}-{prefix_hash(scope, tokens)}{SUFFIX}"
 
     def _read(self, path: Path, key: SnapshotKey, tokens: Sequence[int]) -> bytearray:
-        with _open_regular(path) as f:
+        with open_regular_file(path) as f:
             header = read_header(f)
             if header.get("key") != key.to_dict():
                 raise SnapshotFileError("its key does not match this model and parameters")
@@ -282,18 +260,11 @@ class KVStore:
         header = {"format": FORMAT, "key": key.to_dict(), "tokens": len(tokens), "payload_bytes": size,
                   "payload_crc32": zlib.crc32(payload), "created": time.time(), **about}
         head = json.dumps(header).encode()
-        tmp: str | None = None
+        # Not durable: a torn file fails its checksum and is recomputed, and an fsync of GBs would stall the answer.
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(head)) + head)
-                f.write(_token_bytes(tokens))
-                f.write(payload)
-            os.replace(tmp, path)
+            atomic_write(path, MAGIC + struct.pack("<I", len(head)) + head, _token_bytes(tokens), payload,
+                         durable=False)
         except OSError as exc:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             self.warn(f"no KV snapshot saved in {directory} ({exc.strerror or exc}); the answer is not affected. "
                       f"Set LOCALCTX_CACHE_DIR to a writable directory with room, or pass --no-kv-cache.")
             return None
@@ -351,7 +322,7 @@ class KVStore:
             if not path.name.endswith(SUFFIX):
                 continue
             try:
-                with _open_regular(path) as f:
+                with open_regular_file(path) as f:
                     header = read_header(f)
             except (OSError, SnapshotFileError) as exc:
                 header = {"error": str(exc)}
@@ -381,19 +352,6 @@ class KVStore:
             raise LocalctxError(f"Deleted {count} KV snapshot file(s) from {self.root}, but {len(failed)} could not "
                                 f"be deleted ({failed[0]}).")
         return count, freed
-
-
-def _open_regular(path: Path) -> BinaryIO:
-    """Open for reading only a regular file: a FIFO or device where a snapshot should be would
-    otherwise block the command, or never end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SnapshotFileError("not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _remove(path: Path, size: int) -> int:

@@ -7,6 +7,7 @@ The engine loads a model with RuntimeParams, the converter writes them into GGUF
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Union
 
@@ -26,6 +27,16 @@ MAX_SEED = 2**32 - 1  # llama.cpp's seed is a uint32: a larger one would wrap si
 DEVICES = ("auto", "cpu", "cuda", "metal")
 # The GPU devices, with the name of the ggml backend each needs in the llama.cpp build.
 GPU_BACKENDS = {"cuda": "CUDA", "metal": "Metal"}
+
+# The RuntimeParams fields that never change what a model computes: the preset's name (two presets,
+# or an `auto` step, that resolve to the same values compute the same thing) and the notes (prose).
+# Every key of stored results holds all the others (`result_params`), as `to_dict` writes them.
+NON_RESULT_FIELDS = ("preset", "notes")
+# Of those, the ones that change what the KV cache holds for given tokens: the window (n_ctx) and
+# batch sizes do not, since the same tokens under the same RoPE give the same keys and values in
+# any window. A KV snapshot's key holds these.
+KV_FIELDS = ("rope_scaling_type", "rope_freq_base", "rope_freq_scale", "yarn_orig_ctx", "yarn_ext_factor",
+             "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "flash_attn", "type_k", "type_v")
 
 # How many layers to put on the GPU: a count, every layer, or None (all when a GPU is usable).
 GpuLayers = Union[int, Literal["all"], None]
@@ -116,6 +127,23 @@ class RuntimeParams:
         if self.self_extend:  # llama-cli / llama-completion only: llama-server dropped them (#9860)
             flags += ["--grp-attn-n", str(self.group_size), "--grp-attn-w", str(self.neighbor_window)]
         return flags
+
+
+def result_params(params: RuntimeParams) -> dict[str, Any]:
+    """The parameters a stored result depends on (an eval cell, a summary): `to_dict` without
+    NON_RESULT_FIELDS, so a key written before a field was added stays the same."""
+    return {k: v for k, v in params.to_dict().items() if k not in NON_RESULT_FIELDS}
+
+
+def kv_params(params: RuntimeParams) -> tuple[tuple[str, Any], ...]:
+    """(field, value) for each of KV_FIELDS: what a KV snapshot's key holds of `params`."""
+    return tuple((name, getattr(params, name)) for name in KV_FIELDS)
+
+
+def default_threads() -> int:
+    """llama.cpp threads when none are given: every core this process may use (its affinity, which
+    a container or `taskset` narrows, not the machine's count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _num(value: float) -> str:

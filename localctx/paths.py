@@ -4,12 +4,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import os
-import tempfile
 from pathlib import Path
 
 from platformdirs import user_data_dir
 
 from .errors import LocalctxError, ModelFileError
+from .fsutil import probe_writable
 
 USER_DIR_ENV = "LOCALCTX_HOME"
 CACHE_DIR_ENV = "LOCALCTX_CACHE_DIR"
@@ -42,9 +42,7 @@ def writable_cache(directory: Path, what: str) -> Path:
     """`directory`, created if needed and checked writable before any work is done into it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(directory)
     except OSError as exc:
         raise cache_error(directory, what, exc) from None
     return directory

@@ -7,9 +7,9 @@ summaries are combined, recursively, until one call holds them all (reduce). Wit
 (`auto`) engine chunks and reduce calls fill the unscaled window, and one pass is chosen while the
 document needs at most ONE_PASS_MAX_SCALE; every call runs at the scaling its own length needs.
 
-Every completed model call and document is saved in a Store keyed by content hash + model + preset
-+ prompt + strategy settings, so a re-run skips finished work and a killed batch resumes where it
-stopped. The engine is loaded once per batch, and only when something is left to do."""
+Every completed model call and document is saved in a Store keyed by content hash + model +
+resolved parameters + prompt + strategy settings, so a re-run skips finished work and a killed
+batch resumes where it stopped. The engine is loaded once per batch, and only when something is left to do."""
 from __future__ import annotations
 
 import glob
@@ -25,6 +25,9 @@ from typing import IO, Any
 from .documents import MAX_DOCUMENT_BYTES, decode_bytes, read_text
 from .files import read_stream
 from .errors import ContextOverflowError, InputError, LocalctxError
+from .errors import Interrupted  # noqa: F401  re-exported: callers imported it from here
+from .identity import model_identity
+from .params import result_params
 from .paths import cache_dir, writable_cache
 from .runtime import Resolved, RunSpec, resolve_spec
 from .executor import Executor, LocalExecutor
@@ -47,16 +50,6 @@ STRATEGIES = ("auto", "stuff", "map-reduce")
 STORE_VERSION = 2  # bump when prompts or record layout change, so old results are not reused
 REPEAT_PENALTY = 1.1  # a 135M model at temperature 0 loops without it
 _GLOB_CHARS = set("*?[")
-
-
-class Interrupted(LocalctxError):
-    """Ctrl-C during a batch: everything finished so far is saved."""
-
-    exit_code = 130
-
-    def __init__(self, message: str = "Interrupted. Finished documents and chunk summaries are saved; "
-                                      "run the same command again to resume.") -> None:
-        super().__init__(message)
 
 
 # --- Options and records -----------------------------------------------------------------------
@@ -297,13 +290,15 @@ def _read(source: Source, stdin: IO[bytes] | None) -> str:
 
 
 def fingerprint(facts: Any, ladder: Any, options: SummarizeOptions) -> str:
-    """What a model call's output depends on, besides its text: model, resolved preset (every
-    window of an adaptive one: a call's length picks its window), prompt, answer budget and sampling."""
-    windows = [{k: v for k, v in step.to_dict().items() if k != "notes"} for step in ladder.steps]
+    """What a model call's output depends on, besides its text: the model file and its chat template
+    (which words the prompt; the model's identity samples the file, and may miss an edited template),
+    the resolved parameters (every window of an adaptive preset: a call's length picks its window),
+    prompt, answer budget and sampling."""
+    windows = [result_params(step) for step in ladder.steps]
     settings = windows[0] if len(windows) == 1 else windows
     return sha256_text(json.dumps({
         "version": STORE_VERSION,
-        "model": [facts.path.name, facts.file_size, facts.name, sha256_text(facts.chat_template or "")],
+        "model": [model_identity(facts.path), sha256_text(facts.chat_template or "")],
         "params": settings,
         "prompt": options.prompt,
         "max_summary_tokens": options.max_summary_tokens,

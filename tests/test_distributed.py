@@ -19,10 +19,10 @@ import ray
 from conftest import assert_clean_error, invoke
 from localctx.cluster import Cluster
 from localctx.distributed import RayExecutor
-from localctx.errors import InputError
+from localctx.errors import InputError, Interrupted
 from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, load_text, run_passkey, run_ppl
 from localctx.runtime import RunSpec
-from localctx.summarize import Interrupted, Reporter, SummarizeOptions, summarize_batch
+from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
 
 # A 512-token window: three short documents fit it (one pass), the fourth is map-reduced.
 SPEC = RunSpec(preset="native", ctx=512, threads=1)  # llama.cpp's results depend on the thread count

@@ -26,8 +26,8 @@ from localctx import generate_text, start_chat
 from localctx.engine import Engine
 from localctx.generate import GenerateRequest, build_prompt
 from localctx.errors import LocalctxError
-from localctx.kvcache import (MAGIC, MAX_ENV, MIN_ENV, KVStore, SnapshotKey, model_identity, read_header, size_limit,
-                              snapshot_threshold)
+from localctx.identity import model_identity
+from localctx.kvcache import MAGIC, MAX_ENV, MIN_ENV, KVStore, SnapshotKey, read_header, size_limit, snapshot_threshold
 from localctx.params import RuntimeParams
 from localctx.runtime import RunSpec, open_engine
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch

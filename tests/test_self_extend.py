@@ -182,11 +182,11 @@ def test_eval_ppl_runs_self_extend_cells(short_model: Path, preset_file: Path, c
 def test_eval_cache_keys_of_other_presets_are_unchanged(facts) -> None:
     """The Self-Extend fields appear only when it is on: every eval cell and summarizer result
     computed before them keeps its key (the benchmark caches and users' caches would otherwise miss)."""
-    from localctx.evaluate.cache import params_key
+    from localctx.params import result_params
 
-    assert "group_size" not in params_key(resolve(load_preset("yarn-32k"), facts))
-    assert "neighbor_window" not in resolve(load_preset("native"), facts).to_dict()  # records, summarizer store
-    assert params_key(resolve(load_preset("self-extend-32k"), facts))["group_size"] == 6
+    assert "group_size" not in result_params(resolve(load_preset("yarn-32k"), facts))
+    assert "neighbor_window" not in resolve(load_preset("native"), facts).to_dict()  # records
+    assert result_params(resolve(load_preset("self-extend-32k"), facts))["group_size"] == 6
 
 
 @pytest.mark.slow

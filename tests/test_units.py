@@ -1,17 +1,25 @@
 """Pure helpers, without the model: stop strings in a stream, sizes, the preset search behind
-every suggestion, and how map-reduce groups partial summaries."""
+every suggestion, how map-reduce groups partial summaries, and the one home of each concept several
+modules share (which parameters key a result, atomic writes, the writable probe, the file opener)."""
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from localctx.engine import _split_stop
 from localctx.errors import ResourceError
+from localctx.files import NotRegularFile, open_regular_file
+from localctx.fsutil import atomic_write, name_max, probe_writable
 from localctx.gguf_meta import read_facts
 from localctx.memory import human, parse_size
-from localctx.presets import best_preset, suggest_preset
-from localctx.summarize import _join_parts, group_parts
+from localctx.params import KV_FIELDS, kv_params, result_params
+from localctx.presets import best_preset, load_preset, resolve, suggest_preset
+from localctx.runtime import RunSpec, resolve_spec
+from localctx.summarize import SummarizeOptions, _join_parts, fingerprint, group_parts
 from gguf_factory import write_model
 
 
@@ -83,3 +91,59 @@ def test_group_parts_fills_each_reduce_call() -> None:
     assert groups == [parts[0:2], parts[2:4], [parts[4]]]  # order kept; an oversized part alone
     assert group_parts(parts[:1], len, 1) == [parts[:1]]
     assert [p for g in group_parts(parts, len, 10_000) for p in g] == parts
+
+
+# --- One home per shared concept ------------------------------------------------------------------
+
+
+def test_result_params_leave_out_only_the_preset_name_and_notes(facts) -> None:
+    yarn = resolve(load_preset("yarn-32k"), facts).with_ctx_settings(notes=("prose",))
+    assert result_params(yarn) == {k: v for k, v in yarn.to_dict().items() if k not in ("preset", "notes")}
+    renamed = yarn.with_ctx_settings(preset="my-yarn", notes=("other prose",))
+    assert result_params(renamed) == result_params(yarn)  # same values, same cached results
+    assert result_params(yarn.with_ctx_settings(type_k="q8_0")) != result_params(yarn)
+
+
+def test_kv_params_are_result_params_that_do_not_depend_on_the_window(facts) -> None:
+    yarn = resolve(load_preset("yarn-32k"), facts)
+    assert set(KV_FIELDS) <= set(result_params(yarn))
+    assert kv_params(yarn.with_ctx_settings(n_ctx=16384, n_batch=256)) == kv_params(yarn)
+    assert kv_params(yarn.with_ctx_settings(rope_freq_scale=0.5)) != kv_params(yarn)
+
+
+def test_summaries_survive_a_renamed_model_but_not_another_model(model_path: Path, short_model: Path,
+                                                                  tmp_path: Path) -> None:
+    copy = tmp_path / "renamed.gguf"
+    shutil.copyfile(model_path, copy)
+    options = SummarizeOptions()
+
+    def fp(path: Path) -> str:
+        resolved = resolve_spec(RunSpec(model=str(path)))
+        return fingerprint(resolved.facts, resolved.ladder, options)
+
+    assert fp(copy) == fp(model_path) != fp(short_model)
+
+
+def test_atomic_write_joins_its_parts_and_takes_the_longest_name(tmp_path: Path) -> None:
+    path = tmp_path / ("n" * name_max(tmp_path))  # no room left for a `.NAME.` temp prefix
+    atomic_write(path, "text ", b"bytes ", memoryview(b"view"))
+    atomic_write(path, b"replaced", durable=False)
+    assert path.read_bytes() == b"replaced" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_probe_writable_leaves_nothing_and_raises_what_a_write_would(tmp_path: Path) -> None:
+    probe_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        probe_writable(tmp_path / "file")
+
+
+def test_open_regular_file_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    start = time.monotonic()
+    with pytest.raises(NotRegularFile, match="not a regular file but a named pipe"):
+        open_regular_file(tmp_path / "fifo")
+    assert time.monotonic() - start < 5
+    with pytest.raises(FileNotFoundError):  # a miss stays an OSError its caller tells apart
+        open_regular_file(tmp_path / "missing")

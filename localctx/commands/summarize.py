@@ -63,7 +63,8 @@ def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], 
       localctx summarize reports/ --out summaries/ --workers 4
       localctx summarize notes/ --out summaries/ --parallel 8
     """
-    from ..summarize import PROMPTS, Interrupted, SummarizeOptions, summarize_batch
+    from ..errors import Interrupted
+    from ..summarize import PROMPTS, SummarizeOptions, summarize_batch
     from ..summarize_progress import make_reporter
 
     if prompt and prompt_file:

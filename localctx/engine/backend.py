@@ -6,7 +6,6 @@ checked at import, because these functions and structs change between releases."
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import llama_cpp
 
 from ..errors import LocalctxError, ResourceError
-from ..params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams
+from ..params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams, default_threads
 
 LLAMA_CPP_PYTHON = "0.3.36"  # also in pyproject.toml and scripts/install.sh
 if llama_cpp.__version__ != LLAMA_CPP_PYTHON:
@@ -115,10 +114,6 @@ def offload_layers(device: str = "auto", gpu_layers: GpuLayers = None) -> int:
     if not can:
         return 0
     return -1 if gpu_layers in (None, "all") else int(gpu_layers)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def llama_arguments(path: str, params: RuntimeParams, *, gpu_layers: int = 0, threads: int | None = None,

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..gguf_meta import ModelFacts
-from ..kvcache import KVStore, SnapshotKey, model_identity, snapshot_threshold
+from ..identity import model_identity
+from ..kvcache import KVStore, SnapshotKey, snapshot_threshold
 from ..params import RuntimeParams
 from .backend import VERSION
 from .sequences import Slot, Timings

@@ -8,34 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..fsutil import atomic_write
-from ..gguf_meta import ModelFacts
-from ..params import RuntimeParams
 from ..paths import cache_dir, cache_error
 
 # Bump when the meaning of a cached cell changes (scoring, prompt wording).
 CACHE_VERSION = 1
 
 
-def model_key(facts: ModelFacts) -> str:
-    """Identifies the model file by content (size and first 4 MiB: header and metadata), so a moved
-    file keeps its cache and a re-converted one does not."""
-    h = hashlib.sha256(str(facts.file_size).encode())
-    with open(facts.path, "rb") as f:
-        h.update(f.read(4 * 2**20))
-    return h.hexdigest()[:16]
-
-
-def params_key(params: RuntimeParams) -> dict[str, Any]:
-    """The parameters a cell's result depends on: not the preset's name (two presets, or an `auto`
-    step, that resolve to the same parameters compute the same cell) and not the notes (prose)."""
-    data = params.to_dict()
-    data.pop("notes", None)
-    data.pop("preset", None)
-    return data
-
-
 class CellCache:
-    """Cells under the user cache dir (or `directory`), keyed by everything the result depends on;
+    """Cells under the user cache dir (or `directory`), keyed by everything the result depends on
+    (the model by `identity.model_identity`, its parameters by `params.result_params`);
     a file whose stored key differs (a hash collision, an old layout) is a miss."""
 
     def __init__(self, directory: Path | None = None, enabled: bool = True) -> None:

@@ -9,10 +9,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..executor import Executor, LocalExecutor
+from ..identity import model_identity
 from ..params import RuntimeParams
 from ..paths import writable_cache
 from ..runtime import Resolved, RunSpec, resolve_spec
-from .cache import CellCache, model_key
+from .cache import CellCache
 
 Progress = Callable[[str], None]
 Cell = dict[str, Any]  # what a result row says about one cell: preset, length, ... and its result
@@ -89,7 +90,7 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
     if compute:  # cells are saved as they finish: a cache that cannot take them fails now, not after one
         writable_cache(cache.directory, "evaluation cache")
     base = spec if isinstance(spec, Resolved) else resolve_spec(replace(spec, preset=presets[0]))
-    mkey = model_key(base.facts)
+    mkey = model_identity(base.facts.path)
     result = EvalResult(evaluation.kind, str(base.facts.path), evaluation.settings)
     plans = [(resolved, evaluation.cells(resolved, mkey)) for resolved in map(base.with_preset, presets)]
     total, done = sum(len(cells) for _, cells in plans), 0

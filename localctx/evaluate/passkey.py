@@ -12,8 +12,9 @@ from typing import Any
 
 from ..executor import Executor
 from ..errors import InputError
+from ..params import result_params
 from ..runtime import Resolved, RunSpec
-from .cache import CACHE_VERSION, CellCache, params_key
+from .cache import CACHE_VERSION, CellCache
 from .grid import Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid
 from .ppl import bos_prefix
 
@@ -108,9 +109,9 @@ class Passkey:
     def cells(self, resolved: Resolved, model: str) -> list[tuple[Cell, Key]]:
         r = self.request
         return [({"length": n, "depth": d, "trial": t},
-                 {"v": CACHE_VERSION, "kind": "passkey", "model": model, "params": params_key(resolved.params_for(n)),
-                  "length": n, "depth": d, "trial": t, "seed": r.seed, "answer_tokens": ANSWER_TOKENS,
-                  "prompt": PROMPT_SHA})
+                 {"v": CACHE_VERSION, "kind": "passkey", "model": model,
+                  "params": result_params(resolved.params_for(n)), "length": n, "depth": d, "trial": t,
+                  "seed": r.seed, "answer_tokens": ANSWER_TOKENS, "prompt": PROMPT_SHA})
                 for n in r.lengths for d in r.depths for t in range(r.trials)]
 
     def compute(self, engine: EvalEngine, resolved: Resolved, todo: list[tuple[Cell, Key]],

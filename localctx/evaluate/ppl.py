@@ -14,9 +14,9 @@ import numpy as np
 from ..executor import Executor
 from ..errors import InputError
 from ..gguf_meta import ModelFacts
-from ..params import RuntimeParams
+from ..params import RuntimeParams, result_params
 from ..runtime import Resolved, RunSpec
-from .cache import CACHE_VERSION, CellCache, params_key
+from .cache import CACHE_VERSION, CellCache
 from .grid import Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid
 from .parse import Text
 
@@ -141,7 +141,7 @@ class Perplexity:
         by_mode = {"span": r.span, "end": self.end} if r.mode == "fixed" else {"max_chunks": r.max_chunks}
         return [({"length": length},
                  {"v": CACHE_VERSION, "kind": "ppl", "mode": r.mode, "model": model,
-                  "params": params_key(resolved.params_for(length)), "length": length, "text": r.text.sha,
+                  "params": result_params(resolved.params_for(length)), "length": length, "text": r.text.sha,
                   **by_mode})
                 for length in r.lengths]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LocalctxError
+from ..fsutil import atomic_write, name_max, probe_writable
 from .grid import EvalResult
 from .passkey import passkey_accuracy
 
@@ -113,23 +113,15 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
         raise LocalctxError(f"Cannot plot to {path}: the directory {directory} does not exist; create it first.")
     if path.is_dir():
         raise LocalctxError(f"Cannot plot to {path}: it is a directory.")
-    try:
-        limit = os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        limit = 255
+    limit = name_max(directory)
     if len(os.fsencode(path.name)) > limit:
         raise LocalctxError(f"Cannot plot to {path}: the name is longer than the {limit} bytes "
                             f"the filesystem of {directory} allows.")
     try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=".probe")
+        probe_writable(directory)
     except OSError as exc:
-        raise LocalctxError(f"Cannot plot to {path}: cannot write in {directory} ({exc.strerror}).") from None
-    os.close(fd)
-    os.unlink(probe)
+        raise LocalctxError(f"Cannot plot to {path}: cannot write in {directory} ({exc.strerror or exc}).") from None
     return path
-
-
-_TEMP_PREFIX = ".localctx-plot-"
 
 
 def plot(result: EvalResult, path: str | os.PathLike[str]) -> Path:
@@ -150,24 +142,10 @@ def plot(result: EvalResult, path: str | os.PathLike[str]) -> Path:
 
 
 def _write_file(path: Path, data: memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=".tmp")
     try:
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a plot should look like any file
-            view = data
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise LocalctxError(f"Cannot write the plot to {path}: {exc.strerror or exc}; nothing was written.") from None
-        raise
+        atomic_write(path, data)
+    except OSError as exc:
+        raise LocalctxError(f"Cannot write the plot to {path}: {exc.strerror or exc}; nothing was written.") from None
 
 
 def _plot_ppl(plt: Any, result: EvalResult) -> Any:
