@@ -1,8 +1,9 @@
 """Shared fixtures: the real default model (and engines loaded once per session), the shared
-corpus, an isolated user directory, and two ways to run the CLI: `cli` in-process (Click's runner:
-the real commands, parsing and error boundary, without a new interpreter and model load per call)
-and `run_cli` in a real subprocess, for what only a process shows (exit codes of signals, import
-order, llama.cpp's own writes to file descriptors, stdin bytes)."""
+corpus, an isolated user directory, the two ways every test runs the CLI: `invoke` (fixture `cli`)
+in-process (Click's runner: the real commands, parsing and error boundary, without a new
+interpreter and model load per call) and `run_localctx` (fixture `run_cli`) in a real subprocess,
+for what only a process shows (exit codes of signals, import order, llama.cpp's own writes to file
+descriptors, stdin bytes, resource limits), and `assert_clean_error`, the one check of a refusal."""
 from __future__ import annotations
 
 import localctx.engine  # noqa: F401  llama.cpp before numpy, as the CLI does (localctx/cli.py)
@@ -10,7 +11,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy, as the CLI does (l
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,21 +115,31 @@ def cli():
     return invoke
 
 
+def run_localctx(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 900, preexec_fn: Callable[[], None] | None = None) -> Result:
+    """Run `python -m localctx ARGS...` in a real process from the repository root, with this
+    environment and `env` over it; stdin may be bytes (undecodable ones too), and output is decoded
+    as UTF-8 with replacement so that a stray byte fails an assertion, not the runner."""
+    proc = subprocess.run([sys.executable, "-m", "localctx", *args], capture_output=True, timeout=timeout, cwd=REPO,
+                          input=input.encode() if isinstance(input, str) else input,
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+
+
 @pytest.fixture
 def run_cli():
-    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 900) -> Result:
-        full_env = {**os.environ, **(env or {})}
-        proc = subprocess.run([sys.executable, "-m", "localctx", *args], input=input, capture_output=True,
-                              text=True, env=full_env, timeout=timeout, cwd=REPO)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    return run
+    return run_localctx
 
 
-def assert_clean_error(result: Result, *fragments: str) -> None:
-    """A user mistake: non-zero exit, a message naming the problem, no traceback."""
-    assert result.returncode != 0, result.stdout
+def assert_clean_error(result: Result, *fragments: str, code: int | None = None) -> None:
+    """A user mistake, refused cleanly: a non-zero exit (exactly `code` when given), an `Error:`
+    line, every fragment in stderr, no traceback. (In-process, `invoke` has already failed the test
+    on any exception the error boundary let through.)"""
+    if code is None:
+        assert result.returncode != 0, (result.stdout, result.stderr)
+    else:
+        assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("Error:") or "Error" in result.stderr, result.stderr
+    assert any(line.startswith("Error:") for line in result.stderr.splitlines()), result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr

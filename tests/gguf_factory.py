@@ -1,10 +1,46 @@
-"""Small synthetic GGUF files written with the gguf package, for edge cases no real model covers."""
+"""Small synthetic GGUF files written with the gguf package, for edge cases no real model covers.
+
+`write_gguf` is the one place a test writes a GGUF: exactly the typed key-values and tensors it is
+given. `write_model` builds a header-complete llama-style file on it; test_hostile_gguf.py and
+gguf_runnable.py build their own key-values and tensors and write them with it too."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
+from gguf import GGUFValueType as T, Keys
+
+
+@dataclass(frozen=True)
+class V:
+    """One metadata value with its exact GGUF type (arrays also name their item type)."""
+
+    type: T
+    value: Any
+    item: T | None = None
+
+
+def write_gguf(path: Path, kvs: Mapping[str, V | None], tensors: Mapping[str, np.ndarray],
+               arch: str = "llama") -> Path:
+    """Write these key-values in this order (None: left out, e.g. the `general.architecture` the
+    writer adds itself) and these tensors."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, v in kvs.items():
+        if v is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            w.add_key_value(key, v.value, v.type, sub_type=v.item)
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def write_model(path: Path, arch: str = "llama", *, context: int = 4096, n_embd: int = 64, n_head: int = 4,
@@ -13,38 +49,30 @@ def write_model(path: Path, arch: str = "llama", *, context: int = 4096, n_embd:
                 alibi_bias: float | None = None, extra_kv: dict[str, object] | None = None,
                 tensor_bytes: int = 0) -> Path:
     """A header-complete GGUF with tiny f32 tensors (not runnable by llama.cpp, enough for metadata)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"synthetic-{arch}")
-    w.add_context_length(context)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv or n_head)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    k = lambda template: template.format(arch=arch)  # noqa: E731
+    kvs: dict[str, V | None] = {
+        Keys.General.NAME: V(T.STRING, f"synthetic-{arch}"), k(Keys.LLM.CONTEXT_LENGTH): V(T.UINT32, context),
+        k(Keys.LLM.EMBEDDING_LENGTH): V(T.UINT32, n_embd), k(Keys.LLM.BLOCK_COUNT): V(T.UINT32, n_layer),
+        k(Keys.Attention.HEAD_COUNT): V(T.UINT32, n_head),
+        k(Keys.Attention.HEAD_COUNT_KV): V(T.UINT32, n_head_kv or n_head),
+        Keys.General.FILE_TYPE: V(T.UINT32, gguf.LlamaFileType.ALL_F32),
+    }
     if rope_base is not None:
-        w.add_rope_freq_base(rope_base)
-        w.add_rope_dimension_count(n_embd // n_head)
+        kvs[k(Keys.Rope.FREQ_BASE)] = V(T.FLOAT32, rope_base)
+        kvs[k(Keys.Rope.DIMENSION_COUNT)] = V(T.UINT32, n_embd // n_head)
     if scaling is not None:
         kind, factor, orig = scaling
-        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
-        w.add_rope_scaling_factor(factor)
-        w.add_rope_scaling_orig_ctx_len(orig)
+        kvs[k(Keys.Rope.SCALING_TYPE)] = V(T.STRING, gguf.RopeScalingType(kind).value)
+        kvs[k(Keys.Rope.SCALING_FACTOR)] = V(T.FLOAT32, factor)
+        kvs[k(Keys.Rope.SCALING_ORIG_CTX_LEN)] = V(T.UINT32, orig)
     if alibi_bias is not None:
-        w.add_max_alibi_bias(alibi_bias)
+        kvs[k(Keys.Attention.MAX_ALIBI_BIAS)] = V(T.FLOAT32, alibi_bias)
     for key, value in (extra_kv or {}).items():
-        if isinstance(value, str):
-            w.add_string(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        else:
-            w.add_uint32(key, int(value))
-    w.add_tensor("token_embd.weight", np.ones((32, n_embd), dtype=np.float32))
+        kvs[key] = (V(T.STRING, value) if isinstance(value, str) else V(T.FLOAT32, value) if isinstance(value, float)
+                    else V(T.UINT32, int(value)))
+    tensors = {"token_embd.weight": np.ones((32, n_embd), dtype=np.float32)}
     if learned_positions:
-        w.add_tensor("position_embd.weight", np.ones((context, n_embd), dtype=np.float32))
+        tensors["position_embd.weight"] = np.ones((context, n_embd), dtype=np.float32)
     if tensor_bytes:
-        w.add_tensor("blob.weight", np.zeros(tensor_bytes // 4, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        tensors["blob.weight"] = np.zeros(tensor_bytes // 4, dtype=np.float32)
+    return write_gguf(path, kvs, tensors, arch)

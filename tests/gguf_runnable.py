@@ -12,14 +12,16 @@ default model's, so prompts tokenize exactly as they do for SmolLM2. The output 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+from gguf import GGUFValueType as T
 
+from gguf_factory import V, write_gguf
 from localctx.paths import default_model_path
 
 ARCHITECTURES: tuple[str, ...] = ("gemma3", "llama", "mamba", "qwen2vl")
@@ -97,17 +99,17 @@ def write_runnable_model(path: Path, arch: str = "gemma3", *, n_layer: int = 6, 
     tokenizer = _tokenizer_metadata()
     n_vocab = len(tokenizer[gguf.Keys.Tokenizer.LIST][0])
 
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"runnable-{arch}")
-    # Mostly by bytes: the f16 embedding dwarfs the f32 layers.
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_context_length(context)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
-    writer.add_vocab_size(n_vocab)
-    for key, (value, vtype, sub_type) in tokenizer.items():
-        writer.add_key_value(key, value, vtype, sub_type)
+    k = lambda template: template.format(arch=arch)  # noqa: E731
+    kvs: dict[str, V | None] = {
+        gguf.Keys.General.NAME: V(T.STRING, f"runnable-{arch}"),
+        # Mostly by bytes: the f16 embedding dwarfs the f32 layers.
+        gguf.Keys.General.FILE_TYPE: V(T.UINT32, gguf.LlamaFileType.MOSTLY_F16),
+        k(gguf.Keys.LLM.CONTEXT_LENGTH): V(T.UINT32, context), k(gguf.Keys.LLM.EMBEDDING_LENGTH): V(T.UINT32, n_embd),
+        k(gguf.Keys.LLM.BLOCK_COUNT): V(T.UINT32, n_layer),
+        k(gguf.Keys.Attention.LAYERNORM_RMS_EPS): V(T.FLOAT32, _RMS_EPS),
+        k(gguf.Keys.LLM.VOCAB_SIZE): V(T.UINT32, n_vocab),
+        **{key: V(vtype, value, sub_type) for key, (value, vtype, sub_type) in tokenizer.items()},
+    }
 
     tensors: dict[str, np.ndarray] = {}
 
@@ -117,28 +119,31 @@ def write_runnable_model(path: Path, arch: str = "gemma3", *, n_layer: int = 6, 
     tensors[_name(gguf.MODEL_TENSOR.OUTPUT_NORM)] = _ones(n_embd)
 
     if arch == "mamba":
-        _mamba_hparams_and_tensors(writer, tensors, rng, n_layer, n_embd)
+        _mamba_hparams_and_tensors(kvs, k, tensors, rng, n_layer, n_embd)
     else:
         head_dim = n_embd // n_head
-        writer.add_feed_forward_length(n_ff)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_head_kv)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
+        kvs.update({
+            k(gguf.Keys.LLM.FEED_FORWARD_LENGTH): V(T.UINT32, n_ff),
+            k(gguf.Keys.Attention.HEAD_COUNT): V(T.UINT32, n_head),
+            k(gguf.Keys.Attention.HEAD_COUNT_KV): V(T.UINT32, n_head_kv),
+            k(gguf.Keys.Attention.KEY_LENGTH): V(T.UINT32, head_dim),
+            k(gguf.Keys.Attention.VALUE_LENGTH): V(T.UINT32, head_dim),
+            k(gguf.Keys.Rope.DIMENSION_COUNT): V(T.UINT32, head_dim),
+        })
         if arch == "gemma3":
             # Gemma 3's real bases: 1e6 for global layers, 1e4 for sliding ones (the loader reads
             # the latter only when sliding_window is set).
-            writer.add_rope_freq_base(1_000_000.0)
-            writer.add_rope_freq_base_swa(10_000.0)
-            writer.add_sliding_window(sliding_window)
+            kvs[k(gguf.Keys.Rope.FREQ_BASE)] = V(T.FLOAT32, 1_000_000.0)
+            kvs[k(gguf.Keys.Rope.FREQ_BASE_SWA)] = V(T.FLOAT32, 10_000.0)
+            kvs[k(gguf.Keys.Attention.SLIDING_WINDOW)] = V(T.UINT32, sliding_window)
             if swa_pattern is not None:
-                writer.add_sliding_window_pattern(swa_pattern)
+                kvs[k(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)] = (
+                    V(T.UINT32, swa_pattern) if isinstance(swa_pattern, int) else V(T.ARRAY, list(swa_pattern)))
         elif arch == "qwen2vl":
-            writer.add_rope_freq_base(1_000_000.0)
-            writer.add_rope_dimension_sections(_mrope_sections(head_dim))
+            kvs[k(gguf.Keys.Rope.FREQ_BASE)] = V(T.FLOAT32, 1_000_000.0)
+            kvs[k(gguf.Keys.Rope.DIMENSION_SECTIONS)] = V(T.ARRAY, _mrope_sections(head_dim))
         else:
-            writer.add_rope_freq_base(10_000.0)
+            kvs[k(gguf.Keys.Rope.FREQ_BASE)] = V(T.FLOAT32, 10_000.0)
         for i in range(n_layer):
             tensors[_name(gguf.MODEL_TENSOR.ATTN_NORM, i)] = _ones(n_embd)
             tensors[_name(gguf.MODEL_TENSOR.ATTN_Q, i)] = _rand(rng, n_head * head_dim, n_embd)
@@ -156,28 +161,21 @@ def write_runnable_model(path: Path, arch: str = "gemma3", *, n_layer: int = 6, 
                 tensors[_name(gguf.MODEL_TENSOR.ATTN_POST_NORM, i)] = _ones(n_embd)
                 tensors[_name(gguf.MODEL_TENSOR.FFN_POST_NORM, i)] = _ones(n_embd)
 
-    for tensor_name, data in tensors.items():
-        writer.add_tensor(tensor_name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, kvs, tensors, arch)
 
 
-def _mamba_hparams_and_tensors(writer: gguf.GGUFWriter, tensors: dict[str, np.ndarray],
+def _mamba_hparams_and_tensors(kvs: dict[str, V | None], k: Callable[[str], str], tensors: dict[str, np.ndarray],
                                rng: np.random.Generator, n_layer: int, n_embd: int) -> None:
     d_inner = 2 * n_embd
     dt_rank = -(-n_embd // 16)  # ceil(n_embd / 16), as in the reference Mamba configs
-    writer.add_ssm_conv_kernel(_MAMBA_D_CONV)
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(_MAMBA_D_STATE)
-    writer.add_ssm_time_step_rank(dt_rank)
-    # Zero (unused) attention sizes, as convert_hf_to_gguf writes for Mamba, so header readers see
-    # "no attention" rather than a missing key.
-    writer.add_head_count(0)
-    writer.add_head_count_kv(0)
-    writer.add_feed_forward_length(0)
+    kvs.update({
+        k(gguf.Keys.SSM.CONV_KERNEL): V(T.UINT32, _MAMBA_D_CONV), k(gguf.Keys.SSM.INNER_SIZE): V(T.UINT32, d_inner),
+        k(gguf.Keys.SSM.STATE_SIZE): V(T.UINT32, _MAMBA_D_STATE), k(gguf.Keys.SSM.TIME_STEP_RANK): V(T.UINT32, dt_rank),
+        # Zero (unused) attention sizes, as convert_hf_to_gguf writes for Mamba, so header readers
+        # see "no attention" rather than a missing key.
+        k(gguf.Keys.Attention.HEAD_COUNT): V(T.UINT32, 0), k(gguf.Keys.Attention.HEAD_COUNT_KV): V(T.UINT32, 0),
+        k(gguf.Keys.LLM.FEED_FORWARD_LENGTH): V(T.UINT32, 0),
+    })
     # A must be negative, as in real checkpoints (the converter stores -exp(A_log)): the scan
     # multiplies the state by exp(dt * A) each token, which a positive A would make grow.
     a = -np.tile(np.arange(1, _MAMBA_D_STATE + 1, dtype=np.float32), (d_inner, 1))

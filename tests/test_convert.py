@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from gguf import GGUFValueType, Keys
 
@@ -29,8 +30,8 @@ from localctx.errors import ConversionError, ModelFileError
 from localctx.gguf_meta import PROV_PRESET, PROV_TOOL, PROVENANCE_PREFIX, read_header
 from localctx.presets import load_preset, resolve
 
-from conftest import REPO, assert_clean_error
-from gguf_factory import write_model
+from conftest import REPO, Result, assert_clean_error, run_localctx
+from gguf_factory import V, write_gguf, write_model
 
 CTX, BASE = Keys.LLM.CONTEXT_LENGTH.format(arch="llama"), Keys.Rope.FREQ_BASE.format(arch="llama")
 STYPE, SFACTOR = Keys.Rope.SCALING_TYPE.format(arch="llama"), Keys.Rope.SCALING_FACTOR.format(arch="llama")
@@ -174,17 +175,15 @@ def test_model_shipped_with_scaling_round_trips(tmp_path: Path) -> None:
 
 
 def test_existing_key_types_are_kept(tmp_path: Path) -> None:
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_uint64(CTX, 4096)
-    w.add_float64(BASE, 10000.0)
-    w.add_uint32(Keys.LLM.BLOCK_COUNT.format(arch="llama"), 1)
-    w.add_embedding_length(64)
-    w.add_head_count(4)
-    w.add_rope_dimension_count(16)
-    w.add_tensor("token_embd.weight", __import__("numpy").ones((8, 64), dtype="float32"))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    src = write_gguf(tmp_path / "t.gguf", {
+        CTX: V(GGUFValueType.UINT64, 4096), BASE: V(GGUFValueType.FLOAT64, 10000.0),
+        Keys.LLM.BLOCK_COUNT.format(arch="llama"): V(GGUFValueType.UINT32, 1),
+        Keys.LLM.EMBEDDING_LENGTH.format(arch="llama"): V(GGUFValueType.UINT32, 64),
+        Keys.Attention.HEAD_COUNT.format(arch="llama"): V(GGUFValueType.UINT32, 4),
+        Keys.Rope.DIMENSION_COUNT.format(arch="llama"): V(GGUFValueType.UINT32, 16),
+    }, {"token_embd.weight": np.ones((8, 64), dtype=np.float32)})
     out = tmp_path / "t-ntk.gguf"
-    convert(tmp_path / "t.gguf", out, "ntk-32k")
+    convert(src, out, "ntk-32k")
     m = metadata(out)
     assert m[CTX] == (GGUFValueType.UINT64, 32768) and m[BASE][0] == GGUFValueType.FLOAT64
     assert m[BASE][1] == pytest.approx(10000.0 * 8 ** (16 / 14), rel=1e-12)
@@ -213,7 +212,8 @@ def test_standalone_script(small: Path, tmp_path: Path) -> None:
     assert [t.data.tobytes() for t in reader.tensors] == [t.data.tobytes() for t in gguf.GGUFReader(small).tensors]
     bad = subprocess.run([sys.executable, str(script), str(small), str(small), "--preset", "yarn-32k"],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
+    assert_clean_error(Result(bad.returncode, bad.stdout, bad.stderr), code=1)
+    assert bad.stderr.startswith("Error:"), bad.stderr
     # The script is `localctx convert` itself: the same options, so the two cannot drift apart.
     usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
     assert usage.startswith("Usage: convert_gguf.py convert [OPTIONS] IN OUT") and "--verify" in usage
@@ -323,10 +323,8 @@ def test_write_failure_mid_copy_leaves_nothing(tmp_path: Path) -> None:
     src = write_model(tmp_path / "src.gguf", tensor_bytes=8 * 2**20)
     digest, out = sha256(src), tmp_path / "out" / "o.gguf"
     out.parent.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "localctx", "convert", str(src), str(out), "--preset", "yarn-32k"],
-                          cwd=REPO, capture_output=True, text=True, preexec_fn=_limit_file_size)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "nothing was written to the output" in proc.stderr, proc.stderr
+    proc = run_localctx("convert", str(src), str(out), "--preset", "yarn-32k", preexec_fn=_limit_file_size)
+    assert_clean_error(proc, "nothing was written to the output", code=1)
     assert list(out.parent.iterdir()) == []  # no OUT, no temp file
     assert sha256(src) == digest
 

@@ -24,32 +24,19 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGUFValueType as T, Keys
 
-from localctx.cli import cli
-from localctx.commands import register
+from conftest import REPO, Result, assert_clean_error, invoke
+from gguf_factory import V, write_gguf
 from localctx.gguf_meta import (
     PROV_METHOD, PROV_ORIG_BASE, PROV_ORIG_CTX, PROV_ORIG_SCALING, PROV_PRESET, PROV_SOURCE, PROV_TOOL, PROV_VERSION,
     arch_key, read_header,
 )
 from localctx.paths import USER_DIR_ENV, default_model_path
 
-REPO = Path(__file__).resolve().parent.parent
 HANG_SECONDS = 5  # per hostile file: a refusal takes milliseconds
 LOAD_SECONDS = 300  # per valid file, which llama.cpp loads: a hang guard only
 N_EMBD, N_LAYERS = 64, 2
-
-register(cli)
-
-
-@dataclass(frozen=True)
-class V:
-    """One metadata value with its exact GGUF type (arrays also name their item type)."""
-
-    type: T
-    value: Any
-    item: T | None = None
 
 
 def arr(item: T, values: list[Any]) -> V:
@@ -94,23 +81,12 @@ PROVENANCE = {
 }
 
 
-def write_gguf(path: Path, kvs: dict[str, V | None], layers: int = N_LAYERS) -> Path:
+def write_layers(path: Path, kvs: dict[str, V | None], layers: int = N_LAYERS) -> Path:
     """Write exactly these key-values (None: left out) and tiny f32 tensors for `layers` blocks."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, v in kvs.items():
-        if v is None:
-            w.kv_data[0].pop(key, None)  # the writer adds general.architecture itself
-        else:
-            w.add_key_value(key, v.value, v.type, sub_type=v.item)
-    w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", np.ones((4, N_EMBD), np.float32))
+    tensors = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight": np.ones((4, N_EMBD), np.float32)}
     for i in range(layers):
-        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_NORM].format(bid=i) + ".weight"
-        w.add_tensor(name, np.ones(N_EMBD, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_NORM].format(bid=i) + ".weight"] = np.ones(N_EMBD, np.float32)
+    return write_gguf(path, kvs, tensors)
 
 
 def patched_default_model(path: Path, key: str, value: int | float) -> Path:
@@ -140,7 +116,7 @@ class Variant:
     def write(self, path: Path) -> Path:
         if self.real:
             return patched_default_model(path, *self.real)
-        return write_gguf(path, {**base_kvs(), **self.kvs}, self.layers)
+        return write_layers(path, {**base_kvs(), **self.kvs}, self.layers)
 
     @property
     def fragment(self) -> str:
@@ -272,15 +248,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {v.id: v.write(root / f"{v.id}.gguf") for v in VARIANTS}
     for c in CONTROLS:
         kvs = {**base_kvs(c.arch), **c.kvs}
-        out[c.id] = write_gguf(root / f"{c.id}.gguf", kvs)
+        out[c.id] = write_layers(root / f"{c.id}.gguf", kvs)
     out["default-model"] = default_model_path()
     return out
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    stderr: str
 
 
 DRIVER = """
@@ -306,13 +276,13 @@ for path, seconds in json.loads(sys.argv[1]):
 
 
 @pytest.fixture(scope="module")
-def generated(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+def generated(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     """`localctx generate` on every file, in driver processes (see the module docstring)."""
     env = {**os.environ, USER_DIR_ENV: str(tmp_path_factory.mktemp("home"))}
     # A refusal must come within HANG_SECONDS; a valid file reaches llama.cpp, which loads the
     # default model in seconds, or many more on a busy machine.
     pending = [(str(path), LOAD_SECONDS if name in CONTROL_IDS else HANG_SECONDS) for name, path in files.items()]
-    results: dict[str, Outcome] = {}
+    results: dict[str, Result] = {}
     while pending:
         proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(pending)], capture_output=True, text=True,
                               cwd=REPO, env=env, stdin=subprocess.DEVNULL,
@@ -323,30 +293,23 @@ def generated(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
             if "start" in msg:
                 started = msg["start"]
             else:
-                results[msg["path"]] = Outcome(msg["code"], msg["stderr"])
+                results[msg["path"]] = Result(msg["code"], "", msg["stderr"])
                 started = None
         if started is None:
             assert proc.returncode == 0 and len(results) == len(files), proc.stderr[-3000:]
             break
-        results[started] = Outcome(proc.returncode, f"the process died (exit {proc.returncode}) on this file:\n"
-                                                    f"{proc.stderr[-3000:]}")
+        results[started] = Result(proc.returncode, "", f"the process died (exit {proc.returncode}) on this file:\n"
+                                                       f"{proc.stderr[-3000:]}")
         pending = pending[[path for path, _ in pending].index(started) + 1:]
     by_id = {str(path): name for name, path in files.items()}
     return {by_id[path]: outcome for path, outcome in results.items()}
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli, list(args))
-
-
-def assert_refused(code: int, stderr: str, exception: BaseException | None, fragment: str) -> None:
-    assert code in (1, 2), f"exit {code}\n{stderr}"
-    assert exception is None or isinstance(exception, SystemExit), repr(exception)
-    assert "Traceback" not in stderr, stderr
-    assert any(line.startswith("Error:") for line in stderr.splitlines()), stderr
-    assert fragment in stderr, f"the refusal does not name {fragment!r}:\n{stderr}"
+def assert_refused(result: Result, fragment: str) -> None:
+    assert result.returncode in (1, 2), f"exit {result.returncode}\n{result.stderr}"
+    assert_clean_error(result, fragment)
     # Refused by localctx's header check, not left to llama.cpp:
-    assert "llama.cpp could not load" not in stderr, stderr
+    assert "llama.cpp could not load" not in result.stderr, result.stderr
 
 
 IDS = [v.id for v in VARIANTS]
@@ -354,20 +317,17 @@ IDS = [v.id for v in VARIANTS]
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_inspect_refuses(variant: Variant, files: dict[str, Path]) -> None:
-    result = invoke("inspect", str(files[variant.id]))
-    assert_refused(result.exit_code, result.stderr, result.exception, variant.fragment)
+    assert_refused(invoke("inspect", str(files[variant.id])), variant.fragment)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_presets_show_refuses(variant: Variant, files: dict[str, Path]) -> None:
-    result = invoke("presets", "show", "ntk-16k", "--model", str(files[variant.id]))
-    assert_refused(result.exit_code, result.stderr, result.exception, variant.fragment)
+    assert_refused(invoke("presets", "show", "ntk-16k", "--model", str(files[variant.id])), variant.fragment)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-def test_generate_refuses(variant: Variant, generated: dict[str, Outcome]) -> None:
-    outcome = generated[variant.id]
-    assert_refused(outcome.code, outcome.stderr, None, variant.fragment)
+def test_generate_refuses(variant: Variant, generated: dict[str, Result]) -> None:
+    assert_refused(generated[variant.id], variant.fragment)
 
 
 # --- Controls: valid files are still accepted ----------------------------------------------------
@@ -376,18 +336,18 @@ def test_generate_refuses(variant: Variant, generated: dict[str, Outcome]) -> No
 @pytest.mark.parametrize("name", CONTROL_IDS)
 def test_valid_file_is_inspected_and_resolved(name: str, files: dict[str, Path]) -> None:
     inspected = invoke("inspect", str(files[name]), "--json")
-    assert inspected.exit_code == 0, inspected.stderr
+    assert inspected.returncode == 0, inspected.stderr
     report = json.loads(inspected.stdout)
     assert report["layers"] > 0 and report["kv_cache_bytes_per_token"]["f16"] > 0
     shown = invoke("presets", "show", "ntk-16k", "--model", str(files[name]), "--json")
-    assert shown.exit_code == 0, shown.stderr
+    assert shown.returncode == 0, shown.stderr
     assert math.isfinite(json.loads(shown.stdout)["params"]["rope_freq_base"])
 
 
 @pytest.mark.parametrize("name", CONTROL_IDS)
-def test_valid_file_reaches_llama_cpp(name: str, generated: dict[str, Outcome]) -> None:
+def test_valid_file_reaches_llama_cpp(name: str, generated: dict[str, Result]) -> None:
     outcome = generated[name]
     if name == "default-model":
-        assert outcome.code == 0, outcome.stderr
+        assert outcome.returncode == 0, outcome.stderr
     else:  # synthetic headers have no weights: llama.cpp itself refuses them, cleanly
-        assert outcome.code == 1 and "llama.cpp could not load" in outcome.stderr, outcome.stderr
+        assert outcome.returncode == 1 and "llama.cpp could not load" in outcome.stderr, outcome.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SHORT_TRAINED, assert_clean_error
+from conftest import REPO, SHORT_TRAINED, assert_clean_error, run_localctx
 from test_hardening_inputs import HANG_GUARD
 from localctx import generate_text, start_chat
 from localctx.engine import Engine
@@ -217,11 +217,10 @@ def test_a_fifo_where_a_snapshot_should_be_is_skipped_not_waited_on(doc: Path, i
     [path] = snapshots(isolated_home)
     path.unlink()
     os.mkfifo(path)
-    run = [sys.executable, "-m", "localctx"]  # in subprocesses: a hang fails at HANG_GUARD, not in CI's timeout
-    listing = subprocess.run(run + ["cache", "list"], capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD)
+    # In subprocesses: a hang fails at HANG_GUARD, not in CI's timeout.
+    listing = run_localctx("cache", "list", timeout=HANG_GUARD)
     assert listing.returncode == 0 and "unreadable: not a regular file" in listing.stdout, listing.stdout
-    proc = subprocess.run(run + ["generate", "--file", str(doc), Q1, "--max-tokens", "8"], capture_output=True,
-                          text=True, cwd=REPO, timeout=HANG_GUARD)
+    proc = run_localctx("generate", "--file", str(doc), Q1, "--max-tokens", "8", timeout=HANG_GUARD)
     assert proc.returncode == 0 and proc.stdout == first.stdout
     assert "ignoring KV snapshot" in proc.stderr and "not a regular file" in proc.stderr, proc.stderr
     assert path.is_file()  # replaced by a good snapshot
@@ -296,24 +295,24 @@ def _full_disk() -> None:
 
 
 def test_a_full_disk_means_no_snapshot_no_temp_file_and_the_answer(doc: Path, isolated_home: Path) -> None:
-    args = [sys.executable, "-m", "localctx", "generate", "--file", str(doc), Q1, "--max-tokens", "8"]
-    full = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=_full_disk)
+    args = ["generate", "--file", str(doc), Q1, "--max-tokens", "8"]
+    full = run_localctx(*args, timeout=300, preexec_fn=_full_disk)
     assert full.returncode == 0 and "warning: no KV snapshot saved" in full.stderr, full.stderr
     assert snapshots(isolated_home) == [] and leftovers(isolated_home) == []
-    roomy = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    roomy = run_localctx(*args, timeout=300)
     assert roomy.returncode == 0 and roomy.stdout == full.stdout and "[kv] saved" in roomy.stderr
 
 
 def test_two_processes_on_the_same_document_both_finish_and_leave_one_whole_file(doc: Path,
                                                                                  isolated_home: Path) -> None:
-    args = [sys.executable, "-m", "localctx", "generate", "--file", str(doc), Q1, "--max-tokens", "8", "--threads", "1"]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for _ in range(2)]
+    args = ["generate", "--file", str(doc), Q1, "--max-tokens", "8", "--threads", "1"]
+    procs = [subprocess.Popen([sys.executable, "-m", "localctx", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert outs[0][0] == outs[1][0]
     assert len(snapshots(isolated_home)) == 1 and leftovers(isolated_home) == []
-    third = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    third = run_localctx(*args, timeout=300)
     assert "[kv] restored" in third.stderr and third.stdout == outs[0][0], third.stderr
 
 

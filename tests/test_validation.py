@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from gguf import Keys
 
 from localctx import resolve_preset
-from localctx.cli import cli
-from localctx.commands import register
 from localctx.errors import PresetError, ResourceError
 from localctx.gguf_meta import arch_key, read_facts
 from localctx.memory import MEMORY_LIMIT_ENV, parse_size
@@ -20,21 +17,8 @@ from localctx.presets import load_preset, preset_files, resolve, suggest_preset
 from localctx.params import C_INT_MAX
 from localctx.runtime import RunSpec
 
+from conftest import assert_clean_error, invoke
 from gguf_factory import write_model
-
-register(cli)
-
-
-def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(cli, list(args), env=env)
-
-
-def assert_clean(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Error" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 # --- Context sizes: one bound for the CLI, RunSpec and resolution ------------------------------
@@ -44,7 +28,7 @@ def assert_clean(result, code: int, *fragments: str) -> None:
 @pytest.mark.parametrize("ctx", [str(2**32 + 512), str(MAX_CTX + 1), str(MIN_CTX - 1)])
 def test_cli_ctx_out_of_range_is_a_usage_error(command, ctx):
     # 4294967808 used to reach llama.cpp's uint32 n_ctx as 512 while --json reported 4,294,967,808.
-    assert_clean(invoke(*command, "--ctx", ctx), 2, "--ctx", f"{MIN_CTX}<=x<={MAX_CTX}")
+    assert_clean_error(invoke(*command, "--ctx", ctx), "--ctx", f"{MIN_CTX}<=x<={MAX_CTX}", code=2)
 
 
 @pytest.mark.parametrize("ctx", [2**32 + 512, MAX_CTX + 1, MIN_CTX - 1, 0, -4096, True, "4096", 4096.0])
@@ -63,8 +47,8 @@ def test_ctx_bounds_themselves_are_accepted():
 def test_window_read_from_a_file_is_bounded_too(tmp_path):
     # A native preset takes its window from the file: one past the bound is refused, not loaded.
     path = str(write_model(tmp_path / "wide.gguf", context=MAX_CTX * 2))
-    assert invoke("inspect", path).exit_code == 0
-    assert_clean(invoke("presets", "show", "native", "--model", path), 1, f"{MAX_CTX:,}")
+    assert invoke("inspect", path).returncode == 0
+    assert_clean_error(invoke("presets", "show", "native", "--model", path), f"{MAX_CTX:,}", code=1)
     with pytest.raises(PresetError, match="--ctx"):
         resolve(load_preset("native"), read_facts(path))
     assert resolve(load_preset("native"), read_facts(path), ctx=32768).n_ctx == 32768
@@ -83,7 +67,7 @@ def test_runspec_refuses_c_int_overflow(field, value):
     ("--threads", str(C_INT_MAX + 1), 1, ("threads", f"{C_INT_MAX:,}")),  # refused by RunSpec
 ])
 def test_cli_refuses_c_int_overflow(option, value, code, fragments):
-    assert_clean(invoke("generate", option, value, "hi"), code, *fragments)
+    assert_clean_error(invoke("generate", option, value, "hi"), *fragments, code=code)
 
 
 # --- LOCALCTX_MEMORY_LIMIT --------------------------------------------------------------------
@@ -95,7 +79,7 @@ def test_bad_memory_limit_is_a_clean_error(limit):
     with pytest.raises(ResourceError, match=MEMORY_LIMIT_ENV):
         parse_size(limit)
     result = invoke("generate", "--device", "cpu", "hi", env={MEMORY_LIMIT_ENV: limit})
-    assert_clean(result, 1, f"{MEMORY_LIMIT_ENV}=", "8G")
+    assert_clean_error(result, f"{MEMORY_LIMIT_ENV}=", "8G", code=1)
 
 
 @pytest.mark.parametrize("text,size", [("850M", 850 * 2**20), ("1.5GiB", 3 * 2**29), ("8g", 8 * 2**30),
@@ -110,18 +94,18 @@ def test_memory_limit_sizes_still_parse(text, size):
 def test_no_trained_context_suggests_what_works(tmp_path):
     path = str(write_model(tmp_path / "ctx0.gguf", context=0))
     refused = invoke("presets", "show", "native", "--model", path)
-    assert_clean(refused, 1, "--ctx")
+    assert_clean_error(refused, "--ctx", code=1)
     # Every preset the message names exists (it used to name 'extrapolate', which does not)...
     words = refused.stderr.split()
     named = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--preset"]
     assert named and set(named) <= set(preset_files()), named
     # ...and doing what it says works: the named window, unscaled.
     shown = invoke("presets", "show", named[0], "--ctx", "4096", "--model", path, "--json")
-    assert shown.exit_code == 0, shown.stderr
+    assert shown.returncode == 0, shown.stderr
     params = json.loads(shown.stdout)["params"]
     assert (params["n_ctx"], params["rope_scaling_type"], params["rope_freq_scale"]) == (4096, "none", 1.0)
     # A scaling preset has nothing to scale from, even with --ctx.
-    assert_clean(invoke("presets", "show", "yarn-32k", "--ctx", "32768", "--model", path), 1, "--ctx")
+    assert_clean_error(invoke("presets", "show", "yarn-32k", "--ctx", "32768", "--model", path), "--ctx", code=1)
 
 
 def test_overflow_hint_on_a_file_without_trained_context_resolves(tmp_path):
@@ -144,8 +128,8 @@ def test_ntk_on_two_rotary_dimensions_is_refused(tmp_path):
     # d/(d-2) divided by zero.
     path = str(write_model(tmp_path / "d2.gguf", n_embd=8, n_head=4))
     assert read_facts(path).rope_dims == 2
-    assert_clean(invoke("presets", "show", "ntk-16k", "--model", path), 1, "NTK", "2 rotary dimensions")
-    assert invoke("presets", "show", "yarn-16k", "--model", path).exit_code == 0
+    assert_clean_error(invoke("presets", "show", "ntk-16k", "--model", path), "NTK", "2 rotary dimensions", code=1)
+    assert invoke("presets", "show", "yarn-16k", "--model", path).returncode == 0
     report = json.loads(invoke("inspect", path, "--json").stdout)
     assert not report["presets"]["ntk-16k"]["applies"] and report["presets"]["yarn-16k"]["applies"]
 
@@ -168,7 +152,7 @@ def test_models_lists_a_bad_file_with_its_error_and_goes_on(isolated_home):
     write_model(models / "bad-base.gguf", rope_base=None, extra_kv={base_key: "fast"})  # a string: a traceback once
     write_model(models / "bad-layers.gguf", n_layer=1000)
     result = invoke("models")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any("good.gguf" in line and "synthetic-llama" in line for line in lines), result.stdout
     assert any("bad-base.gguf" in line and base_key in line for line in lines), result.stdout
@@ -180,7 +164,7 @@ def test_models_lists_a_bad_file_with_its_error_and_goes_on(isolated_home):
 
 def test_seed_is_bounded_to_llama_cpps_uint32(cli) -> None:
     result = cli("generate", "--seed", str(2**32), "hi")
-    assert result.returncode == 2 and "4294967295" in result.stderr
+    assert_clean_error(result, "4294967295", code=2)
     import localctx
 
     with pytest.raises(localctx.InputError, match="seed"):
