@@ -160,14 +160,15 @@ def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *,
 
 def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
                      depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), *, trials: int = 1, seed: int = 0,
-                     model: ModelRef = None, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+                     parallel: int = 1, model: ModelRef = None, use_cache: bool = True, progress: Callable[[str], None] | None = None,
                      workers: int | None = None, ray_address: str | None = None, **run: Any) -> EvalResult:
     """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
     for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`, and like it run on Ray
-    workers with `workers` / `ray_address`."""
+    workers with `workers` / `ray_address`. `parallel`: cells of one window at once, as sequences of
+    one batch (the same answers)."""
     executor = executor_for(workers, ray_address)
     depths = parse_depths(",".join(str(d) for d in depths))  # the CLI's rule, in one place
-    request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed)
+    request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed, parallel)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                        progress=progress or _quiet, executor=executor)
 

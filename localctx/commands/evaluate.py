@@ -9,7 +9,7 @@ import click
 
 from .output import echo_json
 from ..executor import Executor
-from ..options import cluster_options, json_option, run_options
+from ..options import cluster_options, json_option, parallel_option, run_options
 from ..runtime import RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -120,8 +120,9 @@ def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no
               help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
 @click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
+@parallel_option(1, "Cells of one window")
 def passkey(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
-            as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int) -> None:
+            as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int, parallel: int) -> None:
     """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?
 
     Each cell is exactly LENGTH tokens: the prompt (task line, filler with the key sentence at
@@ -133,12 +134,14 @@ def passkey(spec: RunSpec, executor: Executor | None, presets: str, lengths: str
       localctx eval passkey --presets yarn-32k,linear-32k --lengths 8k,16k,32k --depths 0,0.5,1
       localctx eval passkey --presets native --lengths 2k,4k --trials 5 --seed 1 --plot passkey.png
       localctx eval passkey --presets yarn-32k --lengths 8k,16k --depths 0,0.5,1 --ray auto
+      localctx eval passkey --presets native --lengths 2k --trials 6 --parallel 6
     """
     from ..evaluate import (CellCache, PasskeyRequest, parse_depths, parse_lengths, parse_presets, passkey_table,
                             run_passkey)
 
     _check_plot(plot_file)
-    request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed)
+    request = PasskeyRequest(parse_presets(presets), parse_lengths(lengths), parse_depths(depths), trials, seed,
+                             parallel)
     result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
                          compute=not cached_only, executor=executor)
     _render(result, passkey_table, as_json, as_csv, plot_file)

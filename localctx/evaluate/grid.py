@@ -35,11 +35,12 @@ class EvalEngine(Protocol):
 EngineFactory = Callable[[Resolved], EvalEngine]
 
 
-def open_eval_engine(resolved: Resolved) -> EvalEngine:
-    from ..memory import EXACT_SCORE
+def open_eval_engine(resolved: Resolved, parallel: int = 1) -> EvalEngine:
+    """An exact engine (a cell's result does not depend on threads or on the cells beside it)."""
+    from ..memory import Workload
     from ..runtime import open_engine  # loads llama_cpp: only when a cell needs the model
 
-    return open_engine(resolved, workload=EXACT_SCORE)
+    return open_engine(resolved, workload=Workload("score", parallel, exact=True))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 a number hidden at a depth of a filler text of an exact length, asked for at the end."""
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import random
 import re
@@ -81,6 +83,7 @@ class PasskeyRequest:
     depths: Sequence[float]
     trials: int = 1
     seed: int = 0
+    parallel: int = 1  # cells at once, as sequences of one batch (a cell's answer does not depend on it)
 
 
 def passkey_cell(engine: EvalEngine, prompt: PasskeyPrompt) -> dict[str, Any]:
@@ -89,10 +92,36 @@ def passkey_cell(engine: EvalEngine, prompt: PasskeyPrompt) -> dict[str, Any]:
     # cell's answer is the same in any order, on any worker, and after a resume (llama.cpp's logits
     # depend on the batch split; see Engine.generate's head_end).
     gen = engine.complete(prompt.tokens, max_tokens=ANSWER_TOKENS, temperature=0.0, head_end=prompt.filler_start)
-    found = first_integer(gen.text)
-    return {"status": "ok", "key": prompt.key, "answer": gen.text, "found": found,
-            "correct": found == prompt.key, "prompt_tokens": len(prompt.tokens),
-            "key_token": prompt.key_start, "seconds": round(time.perf_counter() - start, 2)}
+    return _result(prompt, gen.text, round(time.perf_counter() - start, 2))
+
+
+def passkey_cells(engine: EvalEngine, prompts: Sequence[PasskeyPrompt]) -> list[dict[str, Any]]:
+    """Several cells at once, as parallel sequences: each answer is the one `passkey_cell` gives
+    (an exact engine: the same split, the same kernels; see localctx.engine.backend.Context)."""
+    start = time.perf_counter()
+    gens = engine.generate_many([dict(tokens=p.tokens, max_tokens=ANSWER_TOKENS, temperature=0.0,
+                                      head_end=p.filler_start) for p in prompts])
+    seconds = round((time.perf_counter() - start) / len(prompts), 2)  # the group's time, shared
+    return [_result(p, g.text, seconds) for p, g in zip(prompts, gens)]
+
+
+def _result(prompt: PasskeyPrompt, answer: str, seconds: float) -> dict[str, Any]:
+    found = first_integer(answer)
+    return {"status": "ok", "key": prompt.key, "answer": answer, "found": found, "correct": found == prompt.key,
+            "prompt_tokens": len(prompt.tokens), "key_token": prompt.key_start, "seconds": seconds}
+
+
+def _same_step_groups(engine: EvalEngine, jobs: list[Any], n: int) -> Iterator[list[Any]]:
+    """Jobs in groups of up to n whose cells run at the same window (an adaptive engine's step)."""
+    group: list[Any] = []
+    for job in jobs:
+        step = engine.ladder.step_for(job[0]["length"])
+        if group and (len(group) == n or engine.ladder.step_for(group[0][0]["length"]) != step):
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
 
 
 class Passkey:
@@ -127,8 +156,13 @@ class Passkey:
         # An adaptive engine's window follows the length, so lengths come in order: one switch each.
         # (Each cell evaluates its prompt after the task line: no prefix is shared between cells.)
         jobs.sort(key=lambda job: (job[0]["length"], job[0]["depth"], job[0]["trial"]))
-        for cell, key, prompt in jobs:
-            yield cell, key, passkey_cell(engine, prompt)
+        n = getattr(engine, "n_seq", 1)
+        if n == 1:
+            for cell, key, prompt in jobs:
+                yield cell, key, passkey_cell(engine, prompt)
+            return
+        for group in _same_step_groups(engine, jobs, n):
+            yield from zip([c for c, _, _ in group], [k for _, k, _ in group], passkey_cells(engine, [p for *_, p in group]))
 
     def describe(self, cell: Cell, found: dict[str, Any]) -> str:
         verdict = "ok" if found["correct"] else "wrong"
@@ -142,6 +176,8 @@ def run_passkey(request: PasskeyRequest, spec: RunSpec | Resolved = RunSpec(), *
                 engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
                 compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Passkey retrieval for every (preset, length, depth, trial) cell, cached like `run_ppl`."""
+    if engine_factory is open_eval_engine and request.parallel > 1:
+        engine_factory = functools.partial(open_eval_engine, parallel=request.parallel)
     return run_grid(Passkey(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
                     progress=progress, compute=compute, executor=executor)
 
