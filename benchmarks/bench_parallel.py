@@ -5,6 +5,7 @@ Each server in turn (alternating when --rounds > 1) gets the same N distinct cha
   one_client: one request at a time; completion tok/s = sum of completion tokens / sum of latencies.
   load:       all N at once (one thread each, released together); aggregate tok/s = sum of
               completion tokens / wall time from the release to the last response.
+Each phase records the CPU time other processes took meanwhile (others_share; warned above 5%).
 Completion tokens come from each response's `usage`; they are checked against the answer's text
 re-tokenized with the model's own vocabulary, so a server that miscounts is caught. The ratios are
 localctx / llama-server (issue 23's targets: >= 0.95 for one client, >= 0.9 under load).
@@ -18,7 +19,7 @@ install's CMAKE_ARGS (scripts/build_llama_server.sh, built once and cached):
 """
 from __future__ import annotations
 
-import llama_cpp  # noqa: F401  llama.cpp before numpy (see localctx/cli.py)
+import llama_cpp  # first: llama.cpp before numpy (see localctx/cli.py)
 
 import argparse
 import json
@@ -177,12 +178,44 @@ def usage_check(vocab: llama_cpp.Llama, runs: list[dict[str, Any]]) -> dict[str,
     return {"max_abs_diff": max(abs(d) for d in diffs), "diffs": diffs}
 
 
+def cpu_sample(pid: int) -> tuple[float, float, float, float, float]:
+    """Seconds of CPU: the whole machine busy, stolen by the hypervisor, the server, this process; and now."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]  # user nice system irq softirq
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    me = os.times()
+    return busy / tick, cpu[7] / tick, (int(fields[11]) + int(fields[12])) / tick, me.user + me.system, time.monotonic()
+
+
+def cpu_used(before: tuple[float, ...], after: tuple[float, ...]) -> dict[str, Any]:
+    """What else ran during a phase: the machine is shared, and two llama.cpp threads that lose a
+    core to another process slow down far more than their share (each step waits for both)."""
+    busy, steal, server, me, wall = (b - a for a, b in zip(before, after))
+    others = max(0.0, busy - server - me)
+    return {"server_cpu_s": round(server, 2), "client_cpu_s": round(me, 2), "others_cpu_s": round(others, 2),
+            "others_share": round((others + steal) / (wall * (os.cpu_count() or 1)), 3)}
+
+
+def phase(server: Server, how: Any, todo: list[str], max_tokens: int, vocab: llama_cpp.Llama) -> dict[str, Any]:
+    before = cpu_sample(server.proc.pid)
+    result = how(server, todo, max_tokens)
+    result["cpu"] = cpu_used(before, cpu_sample(server.proc.pid))
+    result["usage_check"] = usage_check(vocab, result["runs"])
+    if result["cpu"]["others_share"] > 0.05:
+        print(f"   warning: other processes had {result['cpu']['others_share']:.0%} of the CPU during "
+              f"{server.name} {how.__name__}; the figures are not clean", file=sys.stderr, flush=True)
+    return result
+
+
 def measure(server: Server, todo: list[str], args: argparse.Namespace, vocab: llama_cpp.Llama) -> dict[str, Any]:
-    chat(server, "Say hello.", 8)  # warm-up: first-request costs (graph reserve, page faults) are not the load
-    result = {"one_client": one_at_a_time(server, todo, args.max_tokens),
-              "load": all_at_once(server, todo, args.max_tokens)}
+    # Warm-up, one alone and N at once (other prompts, few tokens): first-use costs (compute graphs
+    # for each batch size, the KV cache's pages) belong to neither measurement.
+    chat(server, "Say hello.", 8)
+    all_at_once(server, [f"Count to {i + 3}." for i in range(len(todo))], 8)
+    result = {"one_client": phase(server, one_at_a_time, todo, args.max_tokens, vocab),
+              "load": phase(server, all_at_once, todo, args.max_tokens, vocab)}
     for case in result.values():
-        case["usage_check"] = usage_check(vocab, case["runs"])
         for r in case["runs"]:
             r["seconds"] = round(r["seconds"], 3)
             r["text"] = r["text"][:120]
@@ -220,6 +253,7 @@ def report(args: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]]) ->
             "one_client_tok_per_s": statistics.median(r["one_client"]["tok_per_s"] for r in rows),
             "load_tok_per_s": statistics.median(r["load"]["tok_per_s"] for r in rows),
             "load_latency_median_s": statistics.median(r["load"]["latency_s"]["median"] for r in rows),
+            "others_cpu_share_max": max(r[c]["cpu"]["others_share"] for r in rows for c in ("one_client", "load")),
             "rounds": rows}
     ours, theirs = out["servers"].get("localctx"), out["servers"].get("llama-server")
     if ours and theirs:
