@@ -35,6 +35,7 @@ ATTR_RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
 # Tokens llama.cpp matches in text when it parses special tokens (its cache_special_tokens).
 ATTR_SPECIAL = ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # the dist sampler draws a random seed from it
+_STATE_HEADER = 8  # bytes before the KV cache's own part of a sequence state (llama-context.cpp)
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat penalties
 REBUILD = {
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh',
@@ -289,17 +290,49 @@ class Context:
     def pos_max(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq))
 
-    def state(self, seq: int) -> memoryview:
+    @property
+    def streams(self) -> int:
+        return self.n_seq + (1 if self.spare is not None else 0)
+
+    @property
+    def layout(self) -> str:
+        """What a saved state depends on besides the model and parameters: llama.cpp writes the
+        stream count into it. A single cache's state is kept in a one-stream form that loads into
+        any context; a sliding-window model's two caches are not rewritten, so its states load
+        only where the stream count is the same."""
+        return "" if not self.model.n_swa else f"streams={self.streams}"
+
+    def state(self, seq: int) -> bytes | memoryview:
         """The sequence's state (its KV cells and their positions), as bytes."""
         size = llama_cpp.llama_state_seq_get_size(self.ptr, seq)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq)
-        return memoryview(buf)[:written]
+        view = memoryview(buf).cast("B")[:written]
+        return self._one_stream(view, seq) if not self.model.n_swa and self.streams > 1 else view
+
+    def _one_stream(self, view: memoryview, seq: int) -> bytes | memoryview:
+        # After an 8-byte header, llama-kv-cache.cpp state_write: the stream count, then per stream
+        # its cell count and, when not empty, its cells. Only this sequence's stream has cells.
+        n, at = self.streams, _STATE_HEADER
+        head, tail = at + 4 + 4 * seq, 4 * (n - 1 - seq)
+        if (int.from_bytes(view[at : at + 4], "little") != n or any(bytes(view[at + 4 : head]))
+                or (tail and any(bytes(view[len(view) - tail :])))):
+            return view
+        return bytes(view[:at]) + (1).to_bytes(4, "little") + bytes(view[head : len(view) - tail])
 
     def set_state(self, seq: int, payload: bytearray) -> bool:
-        """Load a state saved from any sequence into `seq`; False when llama.cpp refuses it."""
+        """Load a state saved from any sequence (of a context with any stream count, see
+        `layout`) into `seq`; False when llama.cpp refuses it."""
+        at = _STATE_HEADER
+        if not self.model.n_swa and self.streams > 1 and payload[at : at + 4] == (1).to_bytes(4, "little"):
+            # state_read puts a stream's cells into the target sequence's stream, whichever it was.
+            payload = (payload[:at] + bytearray(self.streams.to_bytes(4, "little")) + payload[at + 4 :]
+                       + bytes(4 * (self.streams - 1)))
         buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
-        return llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(payload), seq) == len(payload)
+        try:
+            return llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(payload), seq) == len(payload)
+        except Exception:  # llama.cpp throws inside for a state of another layout; the binding returns 0
+            return False
 
 
 class Batch:

@@ -348,7 +348,7 @@ class Engine:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def snapshot_key(self) -> SnapshotKey:
-        return self.snapshots.key(self.params)
+        return self.snapshots.key(self.params, self.windows.current().layout)
 
     def max_position(self, seq: int = 0) -> int:
         """The largest position in the sequence's cells (-1 when empty): under Self-Extend it stays

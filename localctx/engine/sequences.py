@@ -18,6 +18,8 @@ from ..gguf_meta import ModelFacts
 from .backend import Context, Sampler
 from .positions import Positions
 
+KV_PAD = 256  # llama.cpp attends over a multiple of 256 cells (llama-kv-cache.cpp get_n_kv)
+
 
 @dataclass
 class Timings:
@@ -260,44 +262,59 @@ class Scheduler:
             if run.pending and not run.mixed:
                 self._guard(run, self._prefill_alone, run)
         live = [r for r in live if not r.done]
+        generating = [r for r in live if r.last is not None and not r.pending]
+        # Runs whose answers must not depend on their neighbours share a batch only with runs of
+        # the same padded length: llama.cpp attends over as many cells as the longest sequence of
+        # the batch holds (rounded up to 256), and a longer neighbour changes a row's logits.
+        buckets: dict[int, list[Run]] = {}
+        for run in generating:
+            if not run.mixed:
+                buckets.setdefault(len(run.slot.tokens) // KV_PAD, []).append(run)
+        for group in buckets.values():
+            self._decode(group, [])
+        self._decode([r for r in generating if r.mixed], [r for r in live if r.pending and r.mixed])
+        self.runs = [r for r in self.runs if not r.done]
+
+    def _decode(self, generating: list[Run], prefilling: list[Run]) -> None:
+        """One llama_decode: each generating run's next token, then prefill chunks in the room left."""
         batch = self.ctx.batch
         batch.clear()
         rows: list[Run] = []
-        for run in live:
-            run.row = -1
-            if run.last is not None and not run.pending:
-                slot = run.slot
-                i = len(slot.tokens)
-                slot.positions.before(self.ctx, slot.seq, i, 1)
-                run.row = batch.add(run.last, slot.positions.at(i), slot.seq, True)
-                slot.tokens.append(run.last)
-                run.last = None
+        for run in generating:
+            slot = run.slot
+            i = len(slot.tokens)
+            slot.positions.before(self.ctx, slot.seq, i, 1)
+            run.row = batch.add(run.last, slot.positions.at(i), slot.seq, True)
+            slot.tokens.append(run.last)
+            run.last = None
+            rows.append(run)
+        room = self.ctx.params.n_batch - batch.n
+        for run in prefilling:
+            if room <= 0:
+                break
+            slot = run.slot
+            take = min(room, slot.positions.chunk_limit(self.ctx.params.n_batch), len(run.pending))
+            chunk, run.pending = run.pending[:take], run.pending[take:]
+            first = len(slot.tokens)
+            slot.positions.before(self.ctx, slot.seq, first, take)
+            for j, tok in enumerate(chunk):
+                row = batch.add(tok, slot.positions.at(first + j), slot.seq, not run.pending and j == take - 1)
+            if not run.pending:
+                run.row = row
                 rows.append(run)
-        room = batch.capacity - batch.n
-        for run in live:
-            if run.pending and run.mixed and room > 0:
-                slot = run.slot
-                take = min(room, slot.positions.chunk_limit(self.ctx.params.n_batch), len(run.pending))
-                chunk, run.pending = run.pending[:take], run.pending[take:]
-                first = len(slot.tokens)
-                slot.positions.before(self.ctx, slot.seq, first, take)
-                for j, tok in enumerate(chunk):
-                    row = batch.add(tok, slot.positions.at(first + j), slot.seq, not run.pending and j == take - 1)
-                if not run.pending:
-                    run.row = row
-                    rows.append(run)
-                slot.tokens += chunk
-                room -= take
-        if batch.n:
-            try:
-                self.ctx.decode(batch)
-            except LocalctxError as exc:
-                for run in live:
-                    run.end(error=exc)
+            slot.tokens += chunk
+            room -= take
+        if not batch.n:
+            return
+        try:
+            self.ctx.decode(batch)
+        except LocalctxError as exc:
+            for run in generating + prefilling:
+                run.end(error=exc)
+            return
         for run in rows:
             if not run.done:
                 self._guard(run, lambda r: r.accept(r.sampler.sample(self.ctx, r.row)), run)
-        self.runs = [r for r in self.runs if not r.done]
 
     def _prefill_alone(self, run: Run) -> None:
         """The run's next prefill chunk, alone in a batch; the last one samples the first token."""

@@ -26,16 +26,16 @@ class Snapshots:
     def threshold(self) -> int:
         return self.store.threshold if self.store is not None else snapshot_threshold()
 
-    def key(self, params: RuntimeParams) -> SnapshotKey:
+    def key(self, params: RuntimeParams, layout: str = "") -> SnapshotKey:
         """What a snapshot taken now is valid for: this model file, the parameters of the window in
         use (with `auto`, the step), this llama.cpp build."""
         if self._model_id is None:
             self._model_id = model_identity(self.facts.path)
-        return SnapshotKey.of(self._model_id, params, VERSION)
+        return SnapshotKey.of(self._model_id, params, f"{VERSION} {layout}".strip())
 
-    def _key_or_none(self, params: RuntimeParams) -> SnapshotKey | None:
+    def _key_or_none(self, params: RuntimeParams, layout: str) -> SnapshotKey | None:
         try:
-            return self.key(params)
+            return self.key(params, layout)
         except OSError as exc:  # the model file went away or became unreadable after loading
             if self.store is not None:
                 self.store.warn(f"cannot fingerprint {self.facts.path} ({exc.strerror or exc}): no KV snapshot "
@@ -60,7 +60,7 @@ class Snapshots:
         if slot.held(tokens) >= end:
             return end
         params = slot.ctx.params
-        key = self._key_or_none(params) if self.store is not None else None
+        key = self._key_or_none(params, slot.ctx.layout) if self.store is not None else None
         if self.store is not None and key is not None:
             start = time.perf_counter()
             found = self.store.find(key, tokens[:end])

@@ -159,7 +159,8 @@ class _Api:
     async def health(self, request: Request) -> Response:
         e = self.worker.engine
         return JSONResponse({"status": "ok", "model": self.worker.model_id, "preset": e.params.preset,
-                             "max_context": e.max_ctx, "window": e.n_ctx, "pending": self.worker.pending})
+                             "max_context": e.max_ctx, "window": e.n_ctx, "pending": self.worker.pending,
+                             "parallel": e.n_seq, "running": self.worker.running})
 
     def _card(self) -> dict[str, Any]:
         path = self.worker.engine.facts.path

@@ -1,0 +1,161 @@
+"""Many sequences at once (localctx.engine.sequences): each request gets its own answer, the same
+one it gets alone where results are promised (exact engines: summarize, eval, Ray), whatever ran
+beside it and whatever the thread count; and the server batches concurrent clients."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from conftest import SHORT_TRAINED, assert_clean_error
+from localctx.errors import Cancelled
+from localctx.memory import Workload
+from localctx.runtime import RunSpec, open_engine
+from localctx.summarize import SummarizeOptions, summarize_batch
+from test_serve import Server, start_server
+
+EXACT4 = Workload("generate", 4, exact=True)
+SE_PRESET = 'method = "self-extend"\ntarget_ctx = 2500\n[self_extend]\ngroup = 4\nwindow = 512\n'
+
+
+@pytest.fixture(scope="module")
+def text(corpus: Path) -> str:
+    return (corpus / "alice.txt").read_text(encoding="utf-8")
+
+
+def alone(spec: RunSpec, requests: list[dict], threads: int | None = None) -> list[str]:
+    with open_engine(spec, workload=Workload("generate", 1, exact=True)) as e:
+        return [e.complete(**r).text for r in requests]
+
+
+def test_parallel_sequences_answer_as_each_does_alone(text: str, tmp_path: Path, monkeypatch) -> None:
+    """Prompts of different lengths (past 512 cells: where llama.cpp's flash attention changes
+    kernels), one restoring a snapshot another sequence saved, one cancelled mid-way."""
+    monkeypatch.setenv("LOCALCTX_KV_CACHE_MIN_TOKENS", "64")
+    spec = RunSpec(preset="native", ctx=2048, threads=2)
+    with open_engine(spec, workload=EXACT4) as e:
+        doc = e.tokenize(text[:2400])
+        question = e.tokenize("\n\nWho is in the story?", add_bos=False)
+        requests = [dict(tokens=e.tokenize(text[i * 3000 : i * 3000 + n]), max_tokens=24)
+                    for i, n in enumerate((300, 2600))]
+        requests.append(dict(tokens=doc + question, max_tokens=24, document_end=len(doc)))
+        saved = e.generate_many([requests[2]])[0]  # the document's snapshot, saved from sequence 0
+        assert saved.timings.saved_tokens == len(doc)
+        e.reset_cache()
+        steps = {"n": 0}
+        doomed = e.start(tokens=e.tokenize(text[6000:7200]), max_tokens=24, should_stop=lambda: steps["n"] >= 5)
+        runs = [e.start(**r) for r in requests]  # the snapshot is restored into sequence 3
+        while e.scheduler.active:
+            e.step()
+            steps["n"] += 1
+        assert runs[2].gen.timings.restored_tokens == len(doc) and runs[2].slot.seq == 3
+        assert isinstance(doomed.error, Cancelled) and 0 < doomed.gen.timings.generated_tokens < 24
+        batched = [r.gen.text for r in runs]
+        assert not e.scheduler.runs and len(e.free_slots()) == 4  # every sequence is free again
+    assert batched == alone(spec, requests)
+    assert len(set(batched)) == 3 and all(batched)
+
+
+def test_five_requests_on_four_sequences_queue_in_order(text: str) -> None:
+    spec = RunSpec(preset="native", ctx=1024, threads=2, kv_cache=False)
+    with open_engine(spec, workload=EXACT4) as e:
+        requests = [dict(tokens=e.tokenize(text[i * 500 : i * 500 + 400]), max_tokens=8) for i in range(5)]
+        texts = [g.text for g in e.generate_many(requests)]
+        with pytest.raises(Exception, match="All 4 sequences"):
+            for r in requests:
+                e.start(**r)
+        for run in e.scheduler.runs:
+            run.end(flush=False)
+        e.scheduler.runs = []
+    assert texts == alone(spec, requests)
+
+
+def test_self_extend_groups_each_sequence_on_its_own(short_model: Path, text: str, tmp_path: Path) -> None:
+    preset = tmp_path / "se.toml"
+    preset.write_text(SE_PRESET)
+    spec = RunSpec(model=str(short_model), preset=str(preset), threads=2, kv_cache=False)
+    with open_engine(spec, workload=Workload("generate", 2, exact=True)) as e:
+        long, short = e.tokenize(text[:9000])[:2000], e.tokenize(text[20000:21000])[:200]
+        requests = [dict(tokens=long, max_tokens=16), dict(tokens=short, max_tokens=16)]
+        runs = [e.start(**r) for r in requests]
+        while e.scheduler.active:
+            e.step()
+        grouped = [r.slot.positions.grouped for r in runs]
+        assert grouped[0] > 0 and grouped[1] == 0  # only the long one left the trained window
+        assert e.max_position(runs[0].slot.seq) < SHORT_TRAINED <= len(long)
+        batched = [r.gen.text for r in runs]
+    assert batched == alone(spec, requests)
+
+
+def test_exact_results_do_not_depend_on_threads(text: str) -> None:
+    """llama.cpp's flash attention splits a lone query row's cells across threads (past 512
+    cells); an exact engine never decodes a lone row. Without it the thread count shows."""
+    found = {}
+    for exact in (True, False):
+        for threads in (1, 2):
+            spec = RunSpec(preset="native", ctx=2048, threads=threads, kv_cache=False)
+            with open_engine(spec, workload=Workload("generate", 1, exact=exact)) as e:
+                g = e.complete(e.tokenize(text[:3000]), max_tokens=24)
+                found[exact, threads] = (g.text, e.last_logits())
+    assert found[True, 1][0] == found[True, 2][0]
+    assert np.array_equal(found[True, 1][1], found[True, 2][1])
+    assert not np.array_equal(found[False, 1][1], found[False, 2][1])  # the effect is real
+
+
+def test_parallel_summaries_are_stored_and_reused(tmp_path: Path, text: str) -> None:
+    """parallel=3 summarizes every document as sequences of one batch; a re-run does no model
+    work. (With more than one sequence a summary may differ slightly from the one-at-a-time one:
+    llama.cpp's flash attention depends on which streams share a batch; RESULTS.md measures it.)"""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(text[i * 4000 : i * 4000 + 1500])
+    spec = RunSpec(preset="native", ctx=2048)
+    options = SummarizeOptions(max_summary_tokens=48, parallel=3)
+    first = summarize_batch([str(docs)], spec, options, out=tmp_path / "out")
+    assert first.stats.model_loaded and first.stats.model_calls == 3
+    assert len({r["summary"] for r in first.records}) == 3 and all(r["status"] == "ok" for r in first.records)
+    again = summarize_batch([str(docs)], spec, options, out=tmp_path / "out")
+    assert not again.stats.model_loaded and [r["summary"] for r in again.records] == [r["summary"] for r in first.records]
+
+
+def test_parallel_option_is_validated(cli) -> None:
+    assert_clean_error(cli("serve", "--parallel", "0"), "--parallel")
+    assert_clean_error(cli("summarize", "x.txt", "--parallel", "257"), "--parallel")
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("pserve"), "--parallel", "2")
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+def test_server_runs_clients_together_and_frees_a_disconnected_one(pserver: Server) -> None:
+    client = openai.OpenAI(base_url=pserver.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    health = lambda: json.loads(urllib.request.urlopen(pserver.url + "/health", timeout=30).read())  # noqa: E731
+    assert health()["parallel"] == 2
+    first = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell a long story."}],
+                                           max_tokens=200, stream=True, temperature=0)
+    second = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Count to fifty."}],
+                                            max_tokens=200, stream=True, temperature=0)
+    next(iter(first)), next(iter(second))
+    assert health()["running"] == 2  # both stream at once
+    second.response.close()  # the client goes away: its sequence is freed at the next step
+    third = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi."}],
+                                           max_tokens=4, temperature=0)
+    assert third.choices[0].message.content and third.usage.completion_tokens <= 4
+    rest = "".join(c.choices[0].delta.content or "" for c in first if c.choices)
+    assert rest  # the first went on beside them
+    assert health()["running"] == 0
