@@ -9,7 +9,7 @@ from ..options import parallel_option, run_options, seed_option
 from ..runtime import RunSpec
 
 API_KEY_ENV = "LOCALCTX_API_KEY"
-DEFAULT_PARALLEL = 4  # benchmarks/RESULTS.md: parallel serving
+DEFAULT_PARALLEL = 4  # as llama-server's default slots; RESULTS.md (parallel sequences) measures 1, 4 and 8
 
 
 @click.command()
