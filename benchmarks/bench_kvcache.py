@@ -171,13 +171,13 @@ def bench_split(tmp: Path) -> dict[str, Any]:
     """One-pass evaluation against document-then-question, for documents of several lengths."""
     rows = {}
     with localctx.open_model(preset="native", kv_cache=False) as engine:
-        llm = engine._llm  # the raw evaluation, without localctx's fixed split
+        slot = engine.slot(0)  # the raw evaluation (n_batch chunks after each cut), without localctx's fixed split
 
         def logits(toks: list[int], *cuts: int) -> np.ndarray:
             engine.reset_cache()
-            prev = 0
+            prev, last = 0, len(toks) - 1
             for c in list(cuts) + [len(toks)]:
-                llm.eval(toks[prev:c])
+                slot.decode(toks[prev:c], lambda i: i == last)  # logits for the last prompt token only
                 prev = c
             return engine.last_logits()
 

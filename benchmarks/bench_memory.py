@@ -23,7 +23,7 @@ Each configuration runs in a fresh process (`--one '<json>'`, one JSON line on s
  4. localctx's estimate for the same facts and parameters, and estimate / peak.
 
 `--validate` checks the trick on the default model at n_ctx 8192 (native, flash attention, f16):
-the same process measured after a REAL fill (7,680 tokens evaluated with engine._eval, then the
+the same process measured after a REAL fill (7,680 tokens evaluated with Slot.extend, then the
 same last batch) against the synthetic fill; the peaks should agree within a few MiB.
 
 Configurations: the default model (SmolLM2-135M) at native/8K and yarn-32k/32K, f16 and q8_0 with
@@ -250,8 +250,9 @@ def write_synthetic(w: _Writer, cache: CacheState | None, first: int, cells: int
 
 
 def read_state(engine: Any) -> mmap.mmap:
-    """Sequence 0's state, in an anonymous mapping (see synthetic_fill)."""
-    ctx = engine._llm._ctx.ctx
+    """Sequence 0's state, in an anonymous mapping (see synthetic_fill): llama.cpp's own calls on
+    the context's pointer, not Context.state, whose ctypes buffer is malloc'ed."""
+    ctx = engine.windows.current().ptr
     size = llama_cpp.llama_state_seq_get_size(ctx, SEQ)
     mm = mmap.mmap(-1, size)
     buf = (ctypes.c_uint8 * size).from_buffer(mm)
@@ -270,8 +271,8 @@ def synthetic_fill(engine: Any, tokens: list[int], cells: int, swa_full: bool) -
     malloc would raise glibc's dynamic mmap threshold, after which the decode's own temporaries would
     stay resident on the heap (measured: 12 MiB more peak than a real fill at 2K when the source state
     was read into malloc'ed buffers)."""
-    engine._eval(tokens)
-    n_swa = int(llama_cpp.llama_model_n_swa(engine._llm._model.model))
+    engine.slot(SEQ).extend(0, list(tokens))
+    n_swa = engine.model.n_swa
     source = read_state(engine)
     target = None
     try:
@@ -302,8 +303,8 @@ def _restore_tiled(engine: Any, source: mmap.mmap, cells: int, swa_full: bool,
         write_synthetic(w, cache, cells - k, k)  # the last k positions: 0..C-1 when k == C
     if w.off != total:
         raise AssertionError(f"synthetic state is {w.off} bytes, expected {total}")
-    read = llama_cpp.llama_state_seq_set_data(engine._llm._ctx.ctx, (ctypes.c_uint8 * total).from_buffer(mm),
-                                              total, SEQ)
+    read = llama_cpp.llama_state_seq_set_data(engine.windows.current().ptr,
+                                              (ctypes.c_uint8 * total).from_buffer(mm), total, SEQ)
     rss_with_buffer = proc_status()["VmRSS"]
     info = {"state_bytes": total, "source_state_bytes": len(source), "rss_with_state_buffers": rss_with_buffer,
             "caches": [{"swa": swa, "source_cells": c.cells if c else 0, "cells": k,
@@ -319,15 +320,14 @@ def _restore_tiled(engine: Any, source: mmap.mmap, cells: int, swa_full: bool,
 def decode_last_batch(engine: Any, tokens: list[int], start: int) -> np.ndarray:
     """`tokens` at positions start, start + 1, ... in one batch, logits for every one, copied out
     as Engine.logits_at returns them (eval ppl holds that copy while it scores)."""
-    llm = engine._llm
-    b = llm._batch.batch
-    b.n_tokens = len(tokens)
-    for j, tok in enumerate(tokens):
-        b.token[j], b.pos[j], b.n_seq_id[j], b.seq_id[j][0], b.logits[j] = tok, start + j, 1, SEQ, True
-    llm._ctx.decode(llm._batch)
+    ctx = engine.windows.current()
+    b = ctx.batch
+    b.clear()
+    rows = [b.add(tok, start + j, SEQ, True) for j, tok in enumerate(tokens)]
+    ctx.decode(b)
     out = np.empty((len(tokens), engine.n_vocab), dtype=np.float32)
-    for j in range(len(tokens)):
-        out[j] = np.ctypeslib.as_array(llm._ctx.get_logits_ith(j), shape=(engine.n_vocab,))
+    for j, row in enumerate(rows):
+        out[j] = np.ctypeslib.as_array(ctx.logits(row), shape=(engine.n_vocab,))
     return out
 
 
@@ -380,15 +380,14 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"the corpus has {len(tokens)} tokens, fewer than the window's {n}")
         t = time.perf_counter()
         if cfg.get("fill", "synthetic") == "real":
-            engine._eval(tokens[:cells])
+            engine.slot(SEQ).extend(0, tokens[:cells])
             out["fill"] = {"kind": "real", "evaluated_tokens": cells}
         else:
             out["fill"] = {"kind": "synthetic",
                            **synthetic_fill(engine, tokens[:PROMPT_TOKENS], cells, bool(engine.params.swa_full))}
         out["fill"]["seconds"] = round(time.perf_counter() - t, 1)
-        mem = engine._llm._ctx.memory
-        pos_max = int(llama_cpp.llama_memory_seq_pos_max(mem, SEQ))
-        pos_min = int(llama_cpp.llama_memory_seq_pos_min(mem, SEQ))
+        ctx = engine.windows.current()
+        pos_max, pos_min = ctx.pos_max(SEQ), ctx.pos_min(SEQ)
         out["fill"].update(pos_min=pos_min, pos_max=pos_max)
         if pos_max != cells - 1:
             raise RuntimeError(f"after the fill the cache's last position is {pos_max}, expected {cells - 1}")
@@ -400,7 +399,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         logits = decode_last_batch(engine, tokens[cells:n], cells)
         out["decode"] = {"tokens": n - cells, "positions": [cells, n - 1], "logits": n - cells,
                          "seconds": round(time.perf_counter() - t, 1),
-                         "pos_max_after": int(llama_cpp.llama_memory_seq_pos_max(mem, SEQ))}
+                         "pos_max_after": ctx.pos_max(SEQ)}
         end = proc_status()
         del logits
         out.update(rss_before_decode=before, hwm_decode=end["VmHWM"], rss_end=end["VmRSS"])

@@ -18,7 +18,7 @@ speed:   a 16K-token prompt of Pride and Prejudice, then 64 generated tokens, un
 """
 from __future__ import annotations
 
-import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.py)
+from localctx.engine.positions import Positions  # llama.cpp before numpy (see localctx/cli.py)
 
 import argparse
 import json
@@ -42,7 +42,8 @@ from localctx.runtime import RunSpec, open_engine
 
 def bench_edits() -> dict[str, Any]:
     with open_engine(RunSpec(preset="native", kv_cache=False)) as e:
-        mem = e._llm._ctx.memory
+        ctx = e.windows.current()
+        mem = ctx.mem
         toks = e.tokenize("The quick brown fox")
 
         def run(first: int, edit: Any = None, at: int = 51) -> np.ndarray:
@@ -52,10 +53,9 @@ def bench_edits() -> dict[str, Any]:
                     if edit:
                         edit()
                     pos = at
-                b = e._llm._batch.batch
-                b.n_tokens = 1
-                b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = tok, pos, 1, 0, want
-                e._llm._ctx.decode(e._llm._batch)
+                ctx.batch.clear()
+                ctx.batch.add(tok, pos, 0, want)
+                ctx.decode(ctx.batch)
             return e.last_logits()
 
         ref = run(50)
@@ -94,21 +94,24 @@ def bench_speed(length: int = 16384, gen: int = 64, order: tuple[str, ...] = ("y
         with open_engine(RunSpec(preset=preset, ctx=length + 2 * gen, kv_cache=False)) as e:
             toks = e.tokenize((CORPUS / "pride_and_prejudice.txt").read_text())[:length]
             edits = {"calls": 0, "seconds": 0.0}
-            group = e._group_before
+            group = Positions.before  # every sequence's position edits go through it (a class attribute)
 
-            def timed(n: int, b: int) -> None:
+            def timed(self: Positions, ctx: Any, seq: int, n: int, b: int) -> None:
                 t = time.perf_counter()
-                group(n, b)
+                group(self, ctx, seq, n, b)
                 edits["calls"] += 1
                 edits["seconds"] += time.perf_counter() - t
 
-            e._group_before = timed  # type: ignore[method-assign]
-            out = e.complete(toks, max_tokens=gen)
+            Positions.before = timed  # type: ignore[method-assign]
+            try:
+                out = e.complete(toks, max_tokens=gen)
+            finally:
+                Positions.before = group  # type: ignore[method-assign]
             t = out.timings
             rows[preset] = {"prompt_tokens": t.prompt_tokens, "prompt_seconds": round(t.prompt_seconds, 2),
                             "prompt_tps": round(t.prompt_tps, 2), "generated_tokens": t.generated_tokens,
                             "generation_tps": round(t.generation_tps, 2),
-                            "edit_seconds": round(edits["seconds"], 3), "grouped_tokens": e._grouped,
+                            "edit_seconds": round(edits["seconds"], 3), "grouped_tokens": e.slot(0).positions.grouped,
                             "max_position": e.max_position()}
     y, s = rows["yarn-32k"], rows["self-extend-32k"]
     rows["ratio_self_extend_over_yarn"] = {"prompt_tps": round(s["prompt_tps"] / y["prompt_tps"], 3),

@@ -18,13 +18,14 @@ For each: the tokens the second request evaluated, its prompt time, and the KV c
 """
 from __future__ import annotations
 
-import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.py)
+from localctx.engine.backend import Batch, Context  # llama.cpp before numpy (see localctx/cli.py)
 
 import argparse
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,18 @@ from localctx.runtime import RunSpec, open_engine  # noqa: E402
 DOC, ANSWER, CTX = 6000, 800, 16384
 
 
-def counted(engine: Any) -> dict[str, int]:
+def counted() -> tuple[dict[str, int], Callable[[], None]]:
+    """Count the tokens every llama_decode evaluates, whichever path sends them (a document's
+    `Slot.decode`, the scheduler's prefill chunks); returns the counter and what undoes the wrap."""
     seen = {"tokens": 0}
-    decode = engine._decode
+    decode = Context.decode
 
-    def wrapper(tokens: list[int], *args: Any) -> None:
-        seen["tokens"] += len(tokens)
-        decode(tokens, *args)
+    def wrapper(self: Context, batch: Batch) -> None:
+        seen["tokens"] += batch.n
+        decode(self, batch)
 
-    engine._decode = wrapper
-    return seen
+    Context.decode = wrapper  # type: ignore[method-assign]
+    return seen, lambda: setattr(Context, "decode", decode)
 
 
 def scenario(model: Path, swa_full: bool, kind: str, cache_dir: Path) -> dict[str, Any]:
@@ -59,16 +62,19 @@ def scenario(model: Path, swa_full: bool, kind: str, cache_dir: Path) -> dict[st
         doc = e.tokenize((CORPUS / "pride_and_prejudice.txt").read_text())[:DOC]
         q1, q2 = (e.tokenize(f" Question {i}: who is Mr Darcy?", add_bos=False) for i in (1, 2))
         filler = (e.tokenize(" and so on", add_bos=False) * ANSWER)[:ANSWER]
-        seen = counted(e)
-        if kind == "chat":
-            first = doc + q1
-            e.complete(first, max_tokens=1)
-            second = first + filler[:40] + q2  # a short answer, then the next question
-        else:
-            e.complete(doc + q1 + filler, max_tokens=1, document_end=DOC)
-            second = doc + q2
-        seen["tokens"] = 0
-        out = e.complete(second, max_tokens=1, document_end=DOC if kind != "chat" else None)
+        seen, undo = counted()
+        try:
+            if kind == "chat":
+                first = doc + q1
+                e.complete(first, max_tokens=1)
+                second = first + filler[:40] + q2  # a short answer, then the next question
+            else:
+                e.complete(doc + q1 + filler, max_tokens=1, document_end=DOC)
+                second = doc + q2
+            seen["tokens"] = 0
+            out = e.complete(second, max_tokens=1, document_end=DOC if kind != "chat" else None)
+        finally:
+            undo()
         return {"swa_full": swa_full, "scenario": kind, "second_request_tokens": len(second),
                 "evaluated": seen["tokens"], "restored": out.timings.restored_tokens,
                 "prompt_seconds": round(out.timings.prompt_seconds, 3),

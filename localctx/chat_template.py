@@ -51,21 +51,6 @@ class ChatTemplateError(ModelFileError):
     """A model's chat template that cannot render a conversation."""
 
 
-# What compiling a template can raise (a syntax error; nesting too deep for jinja2's recursive
-# parser): llama-cpp-python compiles every chat template in a model file while loading it.
-TEMPLATE_COMPILE_ERRORS = (jinja2.TemplateError, RecursionError)
-
-
-def uncompilable_template(origin: str, exc: BaseException) -> ChatTemplateError:
-    from gguf import Keys  # imports numpy: only here, never before llama_cpp (see cli.MODEL_COMMANDS)
-
-    return ChatTemplateError(
-        f"The chat template in {origin} does not compile ({_reason(exc, BASE_OPERATIONS)}), and "
-        "llama-cpp-python refuses to load a model whose template does not compile, with or without --chat. "
-        f"Write a copy without it: gguf-new-metadata --remove-metadata {Keys.Tokenizer.CHAT_TEMPLATE} IN OUT"
-    )
-
-
 class _BudgetSpent(Exception):
     pass
 

@@ -166,7 +166,7 @@ def template_model(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -
 
 RUNAWAY = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}"
 BAD_TEMPLATES = {
-    "syntax error": ("{% for m in messages %}{{ m.content }", "does not compile"),
+    "syntax error": ("{% for m in messages %}{{ m.content }", "syntax error"),
     "undefined variable": ("{{ messages[0].content.missing.deeper }}", "undefined"),
     "sandbox violation": ("{{ ''.__class__.__mro__ }}", "sandbox forbids"),
     "empty output": ("{% if false %}never{% endif %}", "rendered nothing"),
@@ -180,6 +180,8 @@ def test_generate_chat_refuses_a_broken_template(template_model: Callable[[str],
     model = template_model(source)
     assert_clean_error(run("generate", "--chat", "Hi", "--max-tokens", "1", "--model", str(model)),
                        "chat template", str(model), fragment, code=1)
+    plain = run("generate", "Hi", "--max-tokens", "1", "--model", str(model))  # plain text needs no template
+    assert plain.returncode == 0, plain.stderr
 
 
 def test_chat_and_summarize_refuse_a_runaway_or_forbidden_template(template_model: Callable[[str], Path],

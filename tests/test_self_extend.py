@@ -197,7 +197,7 @@ def test_a_prompt_that_diverges_inside_the_grouped_region_is_evaluated_afresh(sh
     other = tokens[:400] + tokens[1000:2000]
     with open_engine(RunSpec(model=str(short_model), preset=str(preset_file), kv_cache=False)) as se:
         se.complete(tokens, max_tokens=1)
-        assert se._grouped > 400  # the shared 400 tokens are grouped now
+        assert se.slot(0).positions.grouped > 400  # the shared 400 tokens are grouped now
         se.complete(other, max_tokens=1)
         reused = se.last_logits()
         se.reset_cache()

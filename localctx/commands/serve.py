@@ -41,18 +41,20 @@ def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None,
       localctx serve --preset auto --port 8080 --parallel 4
       curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
-    from ..memory import Workload
+    from ..memory import Workload, estimate, human
     from ..runtime import open_engine
     from ..serve import serve as run_server
 
     spec = replace(spec, preset=preset)
-    with open_engine(spec, seed=seed, workload=Workload("generate", parallel)) as engine:
+    workload = Workload("generate", parallel)
+    with open_engine(spec, seed=seed, workload=workload) as engine:
         windows = ", ".join(f"{step.n_ctx:,}" for step in engine.ladder.steps)
+        planned = human(estimate(engine.facts, engine.ladder.top, workload).total)
 
         def ready(url: str) -> None:
             key = ", API key required" if api_key else ""
-            click.echo(f"Serving {engine.facts.path.name} (preset {preset}: windows {windows}; "
-                       f"{parallel} parallel) on {url}{key}. "
+            click.echo(f"Serving {engine.facts.path.name} (preset {preset}: windows {windows}; {parallel} parallel "
+                       f"sequences of up to {engine.max_ctx:,} tokens, memory planned {planned}) on {url}{key}. "
                        "Ctrl-C to stop.", err=True)
 
         run_server(engine, host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_mb * 2**20,

@@ -17,7 +17,7 @@ from ..kvcache import KVStore, SnapshotKey
 from ..params import RuntimeParams
 from ..presets import Ladder
 from .backend import DEFAULT_SEED, Model, Sampler, llama_arguments, set_llama_log
-from .sequences import Generation, Run, Scheduler, Slot, Timings
+from .sequences import Generation, Run, Scheduler, Slot
 from .snapshots import Snapshots
 from .tokens import ChatPrompt, Tokenizer
 from .windows import Switch, Windows
@@ -32,7 +32,6 @@ class Engine:
                  exact: bool = False) -> None:
         self.model, self.facts, self.ladder = model, facts, ladder
         self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, n_seq, verbose
-        self.kv_store = kv_store
         self.overflow_hint = overflow_hint  # what to suggest when a prompt does not fit
         self.n_vocab = model.n_vocab
         self.tokenizer = Tokenizer(model, facts)
@@ -82,6 +81,15 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def kv_store(self) -> KVStore | None:
+        """Where KV snapshots of long documents go (None: none are used or saved)."""
+        return self.snapshots.store
+
+    @kv_store.setter
+    def kv_store(self, store: KVStore | None) -> None:  # a run without snapshots (tests, benchmarks)
+        self.snapshots.store = store
 
     # --- the window ----------------------------------------------------------------------------
 
