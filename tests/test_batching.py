@@ -159,3 +159,40 @@ def test_server_runs_clients_together_and_frees_a_disconnected_one(pserver: Serv
     rest = "".join(c.choices[0].delta.content or "" for c in first if c.choices)
     assert rest  # the first went on beside them
     assert health()["running"] == 0
+
+
+def test_the_stated_tolerance_of_a_shared_batch(text: str) -> None:
+    """What docs/architecture.md states: beside a sequence in the next stream, a row's logits move by
+    up to about 1 (the tolerance of --parallel > 1 for summarize and eval); beside one in a farther
+    stream, or beside a shorter one alone in its padded length, not at all."""
+    from localctx.engine.backend import Context
+
+    with open_engine(RunSpec(preset="native", ctx=2048, threads=2, kv_cache=False)) as e:
+        model, params = e.model, e.params
+        prompts = [e.tokenize(text[i * 3000 : i * 3000 + 1900])[: 470 + 5 * i] for i in range(2)]
+        extra = e.tokenize(" the cat sat on the mat and then", add_bos=False)
+
+        def row_logits(streams: dict[int, int]) -> list[np.ndarray]:
+            ctx = Context(model, params, n_seq=4, exact=True)
+            try:
+                for seq, i in streams.items():
+                    ctx.batch.clear()
+                    for j, t in enumerate(prompts[i]):
+                        ctx.batch.add(t, j, seq, False)
+                    ctx.decode(ctx.batch)
+                at, out = {s: len(prompts[i]) for s, i in streams.items()}, []
+                for t in extra:
+                    ctx.batch.clear()
+                    rows = {s: ctx.batch.add(t, at[s], s, True) for s in streams}
+                    at = {s: n + 1 for s, n in at.items()}
+                    ctx.decode(ctx.batch)
+                    out.append(np.ctypeslib.as_array(ctx.logits(rows[0]), shape=(model.n_vocab,)).copy())
+                return out
+            finally:
+                ctx.close()
+
+        alone = row_logits({0: 0})
+        moved = {name: max(float(np.abs(a - b).max()) for a, b in zip(alone, row_logits(streams)))
+                 for name, streams in (("next", {0: 0, 1: 1}), ("farther", {0: 0, 2: 1}))}
+    assert moved["farther"] == 0.0
+    assert 0.0 < moved["next"] < 2.0, moved
