@@ -207,11 +207,11 @@ class Context:
     cuts the cells into one chunk per thread and adds the partial softmax sums: its logits change
     with the thread count and differ from the one-row-at-a-time path that any batch of two or more
     sequences takes. A lone token gets a companion token in the spare stream (its cell removed
-    after), so every decode takes the same path: results independent of threads and of what else
-    is in the batch (benchmarks/RESULTS.md, parallel sequences)."""
+    after), so every decode takes the one-row path: results independent of threads
+    (benchmarks/RESULTS.md §13; what neighbours in a batch still do: sequences.Scheduler)."""
 
     def __init__(self, model: Model, params: RuntimeParams, *, n_seq: int = 1, threads: int | None = None,
-                 n_outputs: int = 0, exact: bool = False) -> None:
+                 exact: bool = False) -> None:
         threads = threads or default_threads()
         streams = n_seq + (1 if exact else 0)
         cp = llama_cpp.llama_context_default_params()
@@ -229,7 +229,6 @@ class Context:
                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cp.type_k, cp.type_v = _CACHE_TYPES[params.type_k], _CACHE_TYPES[params.type_v]
         cp.swa_full = params.swa_full
-        cp.n_outputs_max = n_outputs  # 0: a whole batch (evaluation); generation needs one per sequence
         cp.no_perf = True
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, cp)
         if not self.ptr:
@@ -237,6 +236,7 @@ class Context:
         self.model, self.params, self.n_seq, self.threads = model, params, n_seq, threads
         self.mem = llama_cpp.llama_get_memory(self.ptr)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr)) // streams  # per sequence
+        self.streams = streams
         self.spare = n_seq if exact else None  # the companion's stream
         self.batch = Batch(params.n_batch + 1)
 
@@ -289,10 +289,6 @@ class Context:
 
     def pos_max(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq))
-
-    @property
-    def streams(self) -> int:
-        return self.n_seq + (1 if self.spare is not None else 0)
 
     @property
     def layout(self) -> str:

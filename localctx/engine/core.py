@@ -28,8 +28,7 @@ class Engine:
 
     def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, gpu_layers: int, threads: int | None,
                  n_seq: int = 1, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
-                 overflow_hint: Callable[[int], str] | None = None, n_outputs: int = 0,
-                 exact: bool = False) -> None:
+                 overflow_hint: Callable[[int], str] | None = None, exact: bool = False) -> None:
         self.model, self.facts, self.ladder = model, facts, ladder
         self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, n_seq, verbose
         self.overflow_hint = overflow_hint  # what to suggest when a prompt does not fit
@@ -37,8 +36,8 @@ class Engine:
         self.tokenizer = Tokenizer(model, facts)
         self.snapshots = Snapshots(facts, kv_store)
         self._seed = seed or DEFAULT_SEED  # 0: a random seed per call, as llama-cpp-python
-        self.exact = exact  # results independent of threads and batch composition (backend.Context)
-        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, n_outputs=n_outputs, exact=exact)
+        # exact: results independent of threads and batch composition (backend.Context)
+        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, exact=exact)
         self._slots = self._new_slots()
         self.scheduler = Scheduler(self.windows.current())
 
@@ -46,7 +45,7 @@ class Engine:
     def load(cls, facts: ModelFacts, params: RuntimeParams | Ladder, *, gpu_layers: int = 0,
              threads: int | None = None, verbose: bool = False, seed: int = 0, n_seq: int = 1,
              kv_store: KVStore | None = None, overflow_hint: Callable[[int], str] | None = None,
-             n_outputs: int = 0, exact: bool = False) -> Engine:
+             exact: bool = False) -> Engine:
         """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
         ladder = params if isinstance(params, Ladder) else Ladder((params,))
         set_llama_log(verbose)
@@ -58,7 +57,7 @@ class Engine:
         try:
             engine = cls(model, facts, ladder, gpu_layers=gpu_layers, threads=threads, n_seq=n_seq,
                          kv_store=kv_store, seed=seed, verbose=verbose, overflow_hint=overflow_hint,
-                         n_outputs=n_outputs, exact=exact)
+                         exact=exact)
         except ValueError as exc:
             model.close()
             raise LocalctxError(f"llama.cpp could not load {facts.path} at {ladder.bottom.n_ctx} tokens ({exc}). "
@@ -119,7 +118,7 @@ class Engine:
 
     def use_window(self, needed: int) -> Switch | None:
         """Run at the smallest step of the ladder that holds `needed` tokens. Returns the switch made."""
-        if self.scheduler.active and self.ladder.step_for(needed) != self.params:
+        if not self.can_start(needed, 0):
             raise ResourceError("Another window is in use by running sequences; wait for them to finish.")
         try:
             return self.windows.use(needed)
@@ -272,7 +271,8 @@ class Engine:
         queue = list(enumerate(requests))
         running: list[tuple[int, Run]] = []
         while queue or running:
-            while queue and len(running) < self.n_seq and self._fits_now(queue[0][1]):
+            while queue and len(running) < self.n_seq and self.can_start(len(queue[0][1]["tokens"]),
+                                                                           queue[0][1].get("max_tokens", 256)):
                 i, kwargs = queue.pop(0)
                 try:
                     running.append((i, self.start(**{**kwargs, "mixed": False})))
@@ -294,9 +294,9 @@ class Engine:
         self.scheduler.runs = []
         raise exc
 
-    def _fits_now(self, r: Mapping[str, Any]) -> bool:
-        """Whether a request can start beside the running ones (the same window step)."""
-        return not self.scheduler.active or self.ladder.step_for(len(r["tokens"]) + r.get("max_tokens", 256)) == self.params
+    def can_start(self, n_prompt: int, max_tokens: int) -> bool:
+        """Whether a request can start beside the running ones: they use the window step it needs."""
+        return not self.scheduler.active or self.ladder.step_for(n_prompt + max_tokens) == self.params
 
     def _fixed_head(self, slot: Slot, tokens: list[int], end: int,
                     should_stop: Callable[[], bool] | None) -> int:
@@ -343,9 +343,8 @@ class Engine:
     def reset_cache(self) -> None:
         """Forget every evaluated token: the next request starts from an empty KV cache, as in a
         new process (and so restores a snapshot where one matches)."""
-        self.windows.current().clear()
         for slot in self._slots:
-            slot.tokens, _ = [], slot.positions.reset()
+            slot.clear()
 
     def last_logits(self) -> np.ndarray:
         """The next-token logits after the last evaluated token (after `generate(..., max_tokens=1)`:

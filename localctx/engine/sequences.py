@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Cancelled, LocalctxError
 from ..gguf_meta import ModelFacts
-from .backend import Context, Sampler
+from .backend import Batch, Context, Sampler
 from .positions import Positions
 
 KV_PAD = 256  # llama.cpp attends over a multiple of 256 cells (llama-kv-cache.cpp get_n_kv)
@@ -125,6 +125,16 @@ class Slot:
             del self.tokens[n:]
         return tokens, n
 
+    def stage(self, batch: Batch, chunk: Sequence[int], wanted: Callable[[int], bool]) -> int:
+        """Put `chunk`, the tokens after the slot's, into `batch` at their positions (logits for the
+        wanted indices); returns the row of its first token. They join `tokens` once decoded."""
+        first = len(self.tokens)
+        self.positions.before(self.ctx, self.seq, first, len(chunk))
+        row = batch.n
+        for j, tok in enumerate(chunk):
+            batch.add(tok, self.positions.at(first + j), self.seq, wanted(first + j))
+        return row
+
     def decode(self, tokens: Sequence[int], wanted: Callable[[int], bool] = lambda i: False,
                take: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> None:
@@ -138,10 +148,8 @@ class Slot:
                 raise Cancelled("The request was cancelled.")
             chunk = tokens[offset : offset + step]
             first = len(self.tokens)
-            self.positions.before(ctx, self.seq, first, len(chunk))
             batch.clear()
-            for j, tok in enumerate(chunk):
-                batch.add(tok, self.positions.at(first + j), self.seq, wanted(first + j))
+            self.stage(batch, chunk, wanted)
             ctx.decode(batch)
             self.tokens += chunk
             if take is not None:
@@ -182,7 +190,6 @@ class Run:
         self.out: list[str] = []
         self.done = False
         self.error: BaseException | None = None
-        self.row = -1  # the batch row whose logits this run samples from, this step
         self.last: int | None = None  # the token sampled last, to evaluate next
         self.started = time.perf_counter()
         self.first: float | None = None
@@ -260,7 +267,7 @@ class Scheduler:
         live = [r for r in self.runs if not r.done]
         for run in live:  # runs that must not share a batch while they prefill: their chunks alone
             if run.pending and not run.mixed:
-                self._guard(run, self._prefill_alone, run)
+                self._decode([], [run])
         live = [r for r in live if not r.done]
         generating = [r for r in live if r.last is not None and not r.pending]
         # Runs whose answers must not depend on their neighbours share a batch only with runs of
@@ -276,67 +283,43 @@ class Scheduler:
         self.runs = [r for r in self.runs if not r.done]
 
     def _decode(self, generating: list[Run], prefilling: list[Run]) -> None:
-        """One llama_decode: each generating run's next token, then prefill chunks in the room left."""
+        """One llama_decode: each generating run's next token, then prefill chunks in the room left;
+        a run whose prompt ends in this batch samples its first token."""
         batch = self.ctx.batch
         batch.clear()
-        rows: list[Run] = []
+        staged: list[tuple[Run, list[int]]] = []
+        sample: list[tuple[Run, int]] = []  # a run and the row its next token comes from
         for run in generating:
-            slot = run.slot
-            i = len(slot.tokens)
-            slot.positions.before(self.ctx, slot.seq, i, 1)
-            run.row = batch.add(run.last, slot.positions.at(i), slot.seq, True)
-            slot.tokens.append(run.last)
-            run.last = None
-            rows.append(run)
+            token, run.last = run.last, None
+            sample.append((run, run.slot.stage(batch, [token], lambda i: True)))
+            staged.append((run, [token]))
         room = self.ctx.params.n_batch - batch.n
         for run in prefilling:
             if room <= 0:
                 break
-            slot = run.slot
-            take = min(room, slot.positions.chunk_limit(self.ctx.params.n_batch), len(run.pending))
+            take = min(room, run.slot.positions.chunk_limit(self.ctx.params.n_batch), len(run.pending))
             chunk, run.pending = run.pending[:take], run.pending[take:]
-            first = len(slot.tokens)
-            slot.positions.before(self.ctx, slot.seq, first, take)
-            for j, tok in enumerate(chunk):
-                row = batch.add(tok, slot.positions.at(first + j), slot.seq, not run.pending and j == take - 1)
+            end = len(run.slot.tokens) + take - 1  # the index of the chunk's last token
+            row = run.slot.stage(batch, chunk, lambda i, last=not run.pending, end=end: last and i == end)
+            staged.append((run, chunk))
             if not run.pending:
-                run.row = row
-                rows.append(run)
-            slot.tokens += chunk
+                sample.append((run, row + take - 1))
             room -= take
         if not batch.n:
             return
         try:
             self.ctx.decode(batch)
         except LocalctxError as exc:
-            for run in generating + prefilling:
+            for run, _ in staged:
                 run.end(error=exc)
             return
-        for run in rows:
-            if not run.done:
-                self._guard(run, lambda r: r.accept(r.sampler.sample(self.ctx, r.row)), run)
-
-    def _prefill_alone(self, run: Run) -> None:
-        """The run's next prefill chunk, alone in a batch; the last one samples the first token."""
-        slot, batch = run.slot, self.ctx.batch
-        take = min(slot.positions.chunk_limit(self.ctx.params.n_batch), len(run.pending))
-        chunk, run.pending = run.pending[:take], run.pending[take:]
-        first = len(slot.tokens)
-        slot.positions.before(self.ctx, slot.seq, first, take)
-        batch.clear()
-        for j, tok in enumerate(chunk):
-            row = batch.add(tok, slot.positions.at(first + j), slot.seq, not run.pending and j == take - 1)
-        self.ctx.decode(batch)
-        slot.tokens += chunk
-        if not run.pending:
-            run.accept(run.sampler.sample(self.ctx, row))
-
-    @staticmethod
-    def _guard(run: Run, fn: Callable[[Run], None], arg: Run) -> None:
-        try:
-            fn(arg)
-        except LocalctxError as exc:
-            run.end(error=exc)
+        for run, chunk in staged:
+            run.slot.tokens += chunk
+        for run, row in sample:
+            try:
+                run.accept(run.sampler.sample(self.ctx, row))
+            except LocalctxError as exc:
+                run.end(error=exc)
 
 
 def split_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -25,16 +25,13 @@ class Switch:
 class Windows:
     """The context in use and the ladder it moves on; every context holds `n_seq` sequences."""
 
-    def __init__(self, model: Model, ladder: Ladder, *, n_seq: int, threads: int | None, n_outputs: int,
-                 exact: bool = False) -> None:
-        self.model, self.ladder, self.n_seq, self.threads, self.n_outputs = model, ladder, n_seq, threads, n_outputs
-        self.exact = exact
+    def __init__(self, model: Model, ladder: Ladder, *, n_seq: int, threads: int | None, exact: bool = False) -> None:
+        self.model, self.ladder, self.n_seq, self.threads, self.exact = model, ladder, n_seq, threads, exact
         self.switches: list[Switch] = []  # every change of window, oldest first
         self.ctx: Context | None = self._context(ladder.bottom)
 
     def _context(self, params: RuntimeParams) -> Context:
-        return Context(self.model, params, n_seq=self.n_seq, threads=self.threads, n_outputs=self.n_outputs,
-                       exact=self.exact)
+        return Context(self.model, params, n_seq=self.n_seq, threads=self.threads, exact=self.exact)
 
     @property
     def params(self) -> RuntimeParams:

@@ -149,7 +149,7 @@ class ModelWorker:
         try:
             prompt = job.prompt or self.prompt(job.request)
             job.prompt = prompt
-            if self._running and engine.ladder.step_for(len(prompt.tokens) + prompt.max_tokens) != engine.params:
+            if not engine.can_start(len(prompt.tokens), prompt.max_tokens):
                 return False
             s = job.request.sampling
             job.run = engine.start(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
