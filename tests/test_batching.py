@@ -196,3 +196,28 @@ def test_the_stated_tolerance_of_a_shared_batch(text: str) -> None:
                  for name, streams in (("next", {0: 0, 1: 1}), ("farther", {0: 0, 2: 1}))}
     assert moved["farther"] == 0.0
     assert 0.0 < moved["next"] < 2.0, moved
+
+
+def test_a_failed_decode_ends_its_runs_and_keeps_what_the_cells_hold(text: str, monkeypatch) -> None:
+    """llama.cpp refusing a batch (no free cells, say): the runs in it end with the error, the
+    others go on, and a sequence's tokens are still those its cells hold, so a later request
+    reuses only a real prefix."""
+    from localctx.engine import backend
+    from localctx.errors import ResourceError
+
+    spec = RunSpec(preset="native", ctx=1024, threads=2, kv_cache=False)
+    with open_engine(spec, workload=Workload("generate", 2, exact=True)) as e:
+        prompt = e.tokenize(text[:600])
+        expected = e.complete(prompt, max_tokens=8).text
+        real = backend.Context.decode
+
+        def refuse(ctx, batch):
+            raise ResourceError("llama.cpp found no free KV cells for this batch")
+
+        monkeypatch.setattr(backend.Context, "decode", refuse)
+        run = e.start(prompt + e.tokenize(" More text.", add_bos=False), max_tokens=8, seq=0, mixed=True)
+        e.step()
+        assert isinstance(run.error, ResourceError) and e.slot(0).tokens == prompt  # the cut kept the prompt
+        monkeypatch.setattr(backend.Context, "decode", real)
+        e.reset_cache()
+        assert e.complete(prompt, max_tokens=8).text == expected
