@@ -233,7 +233,7 @@ def _suggestions(facts: ModelFacts, params: RuntimeParams, free: int, workload: 
                 break
     fewer = next((n for n in range(workload.n_seq - 1, 0, -1) if fits(params, replace(workload, n_seq=n))), 0)
     if fewer:
-        lines.append(f"  - fewer sequences fit: up to {fewer} of {params.n_ctx:,} tokens")
+        lines.append(f"  - fewer sequences fit: up to {fewer} of {params.n_ctx:,} tokens (--parallel {fewer})")
     smaller = _largest_preset_that_fits(facts, params, fits)
     if smaller:
         lines.append(f"  - a smaller preset fits: --preset {smaller}")

@@ -64,7 +64,7 @@ def test_the_refusal_says_what_was_planned_for_n_sequences(facts: ModelFacts, na
         check_memory(facts, native, workload=four, available=lambda: (two + three) // 2)
     message = str(refused.value)
     assert f"planned for 4 sequences of 8,192 tokens: {human(need)} (model" in message
-    assert "fewer sequences fit: up to 2 of 8,192 tokens" in message
+    assert "fewer sequences fit: up to 2 of 8,192 tokens (--parallel 2)" in message
     assert "tokens per sequence fits: --preset auto --ctx" in message
     # One sequence: the message as before.
     one = estimate(facts, native, GENERATE).total
