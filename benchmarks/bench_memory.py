@@ -252,7 +252,7 @@ def write_synthetic(w: _Writer, cache: CacheState | None, first: int, cells: int
 def read_state(engine: Any) -> mmap.mmap:
     """Sequence 0's state, in an anonymous mapping (see synthetic_fill): llama.cpp's own calls on
     the context's pointer, not Context.state, whose ctypes buffer is malloc'ed."""
-    ctx = engine.windows.current().ptr
+    ctx = engine.lane.ctx.ptr
     size = llama_cpp.llama_state_seq_get_size(ctx, SEQ)
     mm = mmap.mmap(-1, size)
     buf = (ctypes.c_uint8 * size).from_buffer(mm)
@@ -303,7 +303,7 @@ def _restore_tiled(engine: Any, source: mmap.mmap, cells: int, swa_full: bool,
         write_synthetic(w, cache, cells - k, k)  # the last k positions: 0..C-1 when k == C
     if w.off != total:
         raise AssertionError(f"synthetic state is {w.off} bytes, expected {total}")
-    read = llama_cpp.llama_state_seq_set_data(engine.windows.current().ptr,
+    read = llama_cpp.llama_state_seq_set_data(engine.lane.ctx.ptr,
                                               (ctypes.c_uint8 * total).from_buffer(mm), total, SEQ)
     rss_with_buffer = proc_status()["VmRSS"]
     info = {"state_bytes": total, "source_state_bytes": len(source), "rss_with_state_buffers": rss_with_buffer,
@@ -320,7 +320,7 @@ def _restore_tiled(engine: Any, source: mmap.mmap, cells: int, swa_full: bool,
 def decode_last_batch(engine: Any, tokens: list[int], start: int) -> np.ndarray:
     """`tokens` at positions start, start + 1, ... in one batch, logits for every one, copied out
     as Engine.logits_at returns them (eval ppl holds that copy while it scores)."""
-    ctx = engine.windows.current()
+    ctx = engine.lane.ctx
     b = ctx.batch
     b.clear()
     rows = [b.add(tok, start + j, SEQ, True) for j, tok in enumerate(tokens)]
@@ -386,7 +386,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
             out["fill"] = {"kind": "synthetic",
                            **synthetic_fill(engine, tokens[:PROMPT_TOKENS], cells, bool(engine.params.swa_full))}
         out["fill"]["seconds"] = round(time.perf_counter() - t, 1)
-        ctx = engine.windows.current()
+        ctx = engine.lane.ctx
         pos_max, pos_min = ctx.pos_max(SEQ), ctx.pos_min(SEQ)
         out["fill"].update(pos_min=pos_min, pos_max=pos_max)
         if pos_max != cells - 1:

@@ -42,7 +42,7 @@ from localctx.runtime import RunSpec, open_engine
 
 def bench_edits() -> dict[str, Any]:
     with open_engine(RunSpec(preset="native", kv_cache=False)) as e:
-        ctx = e.windows.current()
+        ctx = e.lane.ctx
         mem = ctx.mem
         toks = e.tokenize("The quick brown fox")
 

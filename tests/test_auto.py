@@ -118,8 +118,8 @@ def test_short_prompt_runs_unscaled_and_long_one_at_the_smallest_step(auto: Engi
     gen = auto.complete(past, max_tokens=ANSWER)
     assert gen.timings.prompt_tokens == len(past)
     assert (auto.params.method, auto.params.scale, auto.n_ctx) == ("yarn", 2.0, 2 * SHORT_TRAINED)
-    assert auto.windows.current().n_ctx == 2 * SHORT_TRAINED  # the KV cache is the window in use, not the maximum
-    assert auto.windows.current().model is weights and auto.model is weights  # a new context, the same weights
+    assert auto.lane.ctx.n_ctx == 2 * SHORT_TRAINED  # the KV cache is the window in use, not the maximum
+    assert auto.lane.ctx.model is weights and auto.model is weights  # a new context, the same weights
     assert [s.after.n_ctx for s in auto.switches[-1:]] == [2 * SHORT_TRAINED]
     localctx.generate_text(auto, "The capital of France is", max_tokens=ANSWER)
     assert auto.params.method == "none"  # the next short request is unscaled again

@@ -66,7 +66,7 @@ def test_five_requests_on_four_sequences_queue_in_order(text: str) -> None:
     with open_engine(spec, workload=EXACT4) as e:
         requests = [dict(tokens=e.tokenize(text[i * 500 : i * 500 + 400]), max_tokens=8) for i in range(5)]
         texts = [g.text for g in e.generate_many(requests)]
-        with pytest.raises(Exception, match="All 4 sequences"):
+        with pytest.raises(Exception, match=r"Every sequence of the 1,024-token window is busy \(4 of 4\)"):
             for r in requests:
                 e.start(**r)
         for run in e.scheduler.runs:
@@ -90,6 +90,60 @@ def test_self_extend_groups_each_sequence_on_its_own(short_model: Path, text: st
         assert e.max_position(runs[0].slot.seq) < SHORT_TRAINED <= len(long)
         batched = [r.gen.text for r in runs]
     assert batched == alone(spec, requests)
+
+
+def test_auto_runs_two_steps_at_once_each_in_a_lane_of_its_own(short_model: Path, text: str) -> None:
+    """auto with 2 sequences on the 1K-trained model: a short request (the 1,024-token step) and a
+    long one (2,048) run in the same steps, each in a context of its own step over the same weights,
+    each answering as it does alone. The lanes hold no more cells than memory was planned for
+    (2 sequences and the spare stream at 4,096): beside a busy 1,024 lane a 4,096 request gets the one
+    sequence left, and a second one waits."""
+    spec = RunSpec(model=str(short_model), preset="auto", threads=2, kv_cache=False)
+    with open_engine(spec, workload=Workload("generate", 2, exact=True)) as e:
+        tokens = e.tokenize(text[:12000], add_bos=False)
+        requests = [dict(tokens=tokens[:300], max_tokens=12), dict(tokens=tokens[300:1400], max_tokens=12)]
+        runs = [e.start(**r) for r in requests]
+        assert [r.gen.window for r in runs] == [1024, 2048]
+        assert runs[0].slot.ctx is not runs[1].slot.ctx and runs[0].slot.ctx.model is runs[1].slot.ctx.model
+        e.step()  # one step of the engine is one of each lane: both runs moved
+        assert runs[0].first is not None and 0 < len(runs[1].slot.tokens) < 1100
+        while e.running:
+            e.step()
+        batched = [r.gen.text for r in runs]
+        assert e.windows.in_use() == [{"window": 1024, "sequences": 2, "running": 0},
+                                      {"window": 2048, "sequences": 2, "running": 0}]
+        stop = {"now": False}
+        short = e.start(tokens=tokens[:300], max_tokens=200, should_stop=lambda: stop["now"])  # the 1,024 lane busy
+        top = dict(tokens=tokens[:2100], max_tokens=16, should_stop=lambda: stop["now"])
+        assert e.can_start(2100, 16)
+        first = e.start(**top)  # the idle 2,048 lane is freed; 4,096 gets the cells left: one sequence
+        assert (first.gen.window, first.slot.ctx.n_seq) == (4096, 1) and short.slot.ctx.n_seq == 2
+        assert [w["window"] for w in e.windows.in_use()] == [1024, 4096] and not e.can_start(2100, 16)
+        with pytest.raises(Exception, match=r"4,096-token window is busy \(1 of 1\)"):
+            e.start(**top)
+        stop["now"] = True
+        e.step()
+        assert not e.running and e.can_start(2100, 16)
+    assert batched == alone(spec, requests) and all(batched)
+
+
+def test_auto_lanes_serve_clients_of_two_windows_at_once(short_model: Path, tmp_path: Path, text: str) -> None:
+    srv = start_server(tmp_path, "--model", str(short_model), "--preset", "auto", "--ctx", "4096", "--parallel", "2")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        short = client.completions.create(model="m", prompt="1, 2, 3, 4, 5, 6,", max_tokens=900, stream=True,
+                                          temperature=0)  # the 1,024-token window
+        next(iter(short))
+        long = client.completions.create(model="m", prompt=text[:4800], max_tokens=8, stream=True,
+                                         temperature=0)  # past 1,024 tokens: the 2,048 window
+        next(iter(long))
+        health = json.loads(urllib.request.urlopen(srv.url + "/health", timeout=30).read())
+        assert health["running"] == 2 and health["windows"] == [{"window": 1024, "sequences": 2, "running": 1},
+                                                                {"window": 2048, "sequences": 2, "running": 1}]
+        short.response.close()
+        assert "".join(c.choices[0].text for c in long if c.choices)
+    finally:
+        srv.stop()
 
 
 def test_exact_results_do_not_depend_on_threads(text: str) -> None:

@@ -4,6 +4,7 @@ dimensions, and one bad file among the user's models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from gguf import Keys

@@ -2,8 +2,9 @@
 Open one with `localctx.open_model` (or `runtime.open_engine`); close it, or use `with`.
 
 An engine opened with `auto` is adaptive: its `ladder` holds several windows, and each request
-runs at the smallest that holds it (`params` and `n_ctx` are those in use). Sequences at the same
-step share a context; a request for another step waits until the context's runs are done."""
+runs at the smallest that holds it (`params` and `n_ctx` are those used last). Sequences at the
+same step share a context (a lane); a request for another step gets a lane of its own beside the
+running ones while memory allows, else waits (engine.windows)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ContextOverflowError, LocalctxError, ResourceError
+from ..errors import ContextOverflowError, LocalctxError
 from ..gguf_meta import ModelFacts
 from ..kvcache import KVStore, SnapshotKey
 from ..params import RuntimeParams
@@ -19,12 +20,12 @@ from ..presets import Ladder
 from .backend import DEFAULT_SEED, Model, Sampler, llama_arguments, set_llama_log
 from .sequences import Generation, Run, Scheduler, Slot
 from .snapshots import Snapshots
-from .tokens import ChatPrompt, Tokenizer
-from .windows import Switch, Windows
+from .tokens import TextMethods, Tokenizer
+from .windows import Lane, Switch, Windows
 
 
-class Engine:
-    """Tokenize, generate (one sequence or many at once), chat templates, logits."""
+class Engine(TextMethods):
+    """Generate (one sequence or many at once), logits; tokens and chat templates (TextMethods)."""
 
     def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, gpu_layers: int, threads: int | None,
                  n_seq: int = 1, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
@@ -37,9 +38,7 @@ class Engine:
         self.snapshots = Snapshots(facts, kv_store)
         self._seed = seed or DEFAULT_SEED  # 0: a random seed per call, as llama-cpp-python
         # exact: results independent of threads and batch composition (backend.Context)
-        self.windows = Windows(model, ladder, n_seq=n_seq, threads=threads, exact=exact)
-        self._slots = self._new_slots()
-        self.scheduler = Scheduler(self.windows.current())
+        self.windows = Windows(model, facts, ladder, n_seq=n_seq, threads=threads, exact=exact)
 
     @classmethod
     def load(cls, facts: ModelFacts, params: RuntimeParams | Ladder, *, gpu_layers: int = 0,
@@ -62,7 +61,7 @@ class Engine:
             model.close()
             raise LocalctxError(f"llama.cpp could not load {facts.path} at {ladder.bottom.n_ctx} tokens ({exc}). "
                                 "Run again with --verbose to see llama.cpp's own log.") from None
-        if ladder.bottom.self_extend and not engine.windows.current().can_shift():
+        if ladder.bottom.self_extend and not engine.windows.current().ctx.can_shift():
             engine.close()
             raise LocalctxError(
                 f"Self-Extend moves positions inside the KV cache, and llama.cpp cannot shift this one "
@@ -98,8 +97,8 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        """The window of each sequence in use."""
-        return self.windows.current().n_ctx
+        """The window of each sequence of the lane used last."""
+        return self.windows.current().ctx.n_ctx
 
     @property
     def max_ctx(self) -> int:
@@ -117,58 +116,29 @@ class Engine:
                                verbose=self.verbose)
 
     def use_window(self, needed: int) -> Switch | None:
-        """Run at the smallest step of the ladder that holds `needed` tokens. Returns the switch made."""
-        if not self.can_start(needed, 0):
-            raise ResourceError("Another window is in use by running sequences; wait for them to finish.")
-        try:
-            return self.windows.use(needed)
-        finally:
-            if self.windows.ctx is not None and self.windows.ctx is not self.scheduler.ctx:
-                # A new context (or the old window restored after a failed switch): its cells are empty.
-                self._slots = self._new_slots()
-                self.scheduler = Scheduler(self.windows.ctx)
-
-    def _new_slots(self) -> list[Slot]:
-        ctx = self.windows.current()
-        return [Slot(ctx, seq, self.facts) for seq in range(self.n_seq)]
-
-    def slot(self, seq: int = 0) -> Slot:
-        return self._slots[seq]
-
-    def free_slots(self) -> list[Slot]:
-        busy = {r.slot.seq for r in self.scheduler.active}
-        return [s for s in self._slots if s.seq not in busy]
-
-    # --- tokens and chat ---------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.detokenize(tokens)
-
-    def count(self, text: str) -> int:
-        return self.tokenizer.count(text)
-
-    def is_eog(self, token: int) -> bool:
-        return self.tokenizer.is_eog(token)
-
-    def token_attr(self, token: int) -> int:
-        return self.tokenizer.token_attr(token)
+        """Run at the smallest step of the ladder that holds `needed` tokens, in its lane (made
+        beside the running ones when memory allows). Returns the switch made, if a new context was."""
+        return self.windows.use(needed)
 
     @property
-    def chat_stop(self) -> list[str]:
-        """The strings that end a chat reply."""
-        return self.tokenizer.template().stop
+    def lane(self) -> Lane:
+        """The lane used last: its context, sequences and scheduler."""
+        return self.windows.current()
 
-    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
-        return self.tokenizer.format_chat(messages, add_generation_prompt)
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.lane.scheduler
 
-    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.chat_tokens(messages, add_generation_prompt)
+    @property
+    def running(self) -> list[Run]:
+        """The runs in progress, in every lane."""
+        return self.windows.runs()
 
-    def control_tokens_in(self, text: str) -> list[str]:
-        return self.tokenizer.control_tokens_in(text)
+    def slot(self, seq: int = 0) -> Slot:
+        return self.lane.slots[seq]
+
+    def free_slots(self) -> list[Slot]:
+        return self.lane.free_slots()
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -201,10 +171,11 @@ class Engine:
         tokens = list(tokens)
         self.check_fits(len(tokens), max_tokens)
         self.use_window(len(tokens) + max_tokens)
-        slot = self._slots[seq] if seq is not None else self._free_slot()  # after the switch: its slots
+        lane = self.lane
+        slot = lane.slots[seq] if seq is not None else lane.free_slots()[0]  # can_start: one is free
         if seed is not None:
             self._seed = seed
-        gen = Generation(iter(()))
+        gen = Generation(iter(()), window=lane.ctx.n_ctx, params=lane.params)
         t = gen.timings
         t.prompt_tokens = len(tokens)
         split = (self.snapshots.document(slot, tokens, document_end, t, should_stop)
@@ -213,7 +184,7 @@ class Engine:
         # head's), never from a longer prefix a previous call left; a chat (no head) reuses its turns.
         limit = len(tokens)
         if head_end is not None:
-            limit = split if split is not None else self._fixed_head(slot, tokens, head_end, should_stop)
+            limit = split if split is not None else slot.fixed_head(tokens, head_end, should_stop)
         cached = min(slot.held(tokens), len(tokens) - 1, limit)
         pending, start = slot.cut(cached, tokens[cached:])
         t.cached_tokens = start
@@ -222,18 +193,15 @@ class Engine:
                           presence_penalty=presence_penalty, seed=self._seed)
         run = Run(slot, pending, sampler, max_tokens=max_tokens, stop=list(stop), is_eog=self.is_eog,
                   piece=self.model.piece, gen=gen, mixed=mixed, should_stop=should_stop)
-        self.scheduler.add(run)
+        lane.scheduler.add(run)
         return run
 
     def step(self) -> None:
-        """One round of every run in progress (one shared llama_decode, plus any lone prefill)."""
-        self.scheduler.step()
-
-    def _free_slot(self) -> Slot:
-        free = self.free_slots()
-        if not free:
-            raise ResourceError(f"All {self.n_seq} sequences of this engine are busy.")
-        return free[0]
+        """One round of every run in progress: in each lane, one shared llama_decode (plus any
+        lone prefill)."""
+        for lane in self.windows:
+            if lane.scheduler.runs:
+                lane.scheduler.step()
 
     def generate(self, tokens: Sequence[int], *, should_stop: Callable[[], bool] | None = None,
                  **kwargs: Any) -> Generation:
@@ -254,7 +222,7 @@ class Engine:
         finally:
             if not run.done:  # the reader stopped early: the run ends and its sequence is free
                 run.end(flush=False)
-                self.scheduler.runs = [r for r in self.scheduler.runs if not r.done]
+                self._prune()
 
     def complete(self, tokens: Sequence[int], **kwargs: Any) -> Generation:
         """Run `generate` to the end and return the finished Generation."""
@@ -289,28 +257,19 @@ class Engine:
     def _failed(self, exc: BaseException, keep: bool) -> LocalctxError:
         if keep and isinstance(exc, LocalctxError):
             return exc
-        for run in self.scheduler.active:  # nothing keeps running behind a raised error
+        for run in self.running:  # nothing keeps running behind a raised error
             run.end(flush=False)
-        self.scheduler.runs = []
+        self._prune()
         raise exc
 
-    def can_start(self, n_prompt: int, max_tokens: int) -> bool:
-        """Whether a request can start beside the running ones: they use the window step it needs."""
-        return not self.scheduler.active or self.ladder.step_for(n_prompt + max_tokens) == self.params
+    def _prune(self) -> None:
+        for lane in self.windows:
+            lane.scheduler.runs = [r for r in lane.scheduler.runs if not r.done]
 
-    def _fixed_head(self, slot: Slot, tokens: list[int], end: int,
-                    should_stop: Callable[[], bool] | None) -> int:
-        """Bring `tokens[:end]` into the slot as one piece evaluated alone from the first token
-        (kept when the slot holds it so, and can go on after it); returns where the rest starts.
-        A fixed split makes the answer independent of the engine's history: llama.cpp's CPU
-        flash-attention kernels give different logits for different batch splits."""
-        end = min(end, len(tokens) - 1)
-        if end <= 0:
-            return 0
-        if slot.held(tokens) >= end and slot.positions.grouped <= end and slot.resumable(end):
-            return end
-        slot.extend(0, tokens[:end], should_stop)
-        return end
+    def can_start(self, n_prompt: int, max_tokens: int) -> bool:
+        """Whether a request can start beside the running ones: its step's lane has a free
+        sequence, or a lane of that step fits beside the busy ones (engine.windows)."""
+        return self.windows.can_start(n_prompt + max_tokens)
 
     # --- scoring -------------------------------------------------------------------------------
 
@@ -323,7 +282,7 @@ class Engine:
         if n > self.max_ctx:
             raise ContextOverflowError(f"{n:,} tokens do not fit the {self.max_ctx:,}-token window.")
         self.use_window(n)
-        slot = self._slots[seq]
+        slot = self.lane.slots[seq]
         wanted = sorted(set(positions))
         if wanted and (wanted[0] < 0 or wanted[-1] >= n):
             raise ValueError("positions must index into tokens")
@@ -343,21 +302,22 @@ class Engine:
     def reset_cache(self) -> None:
         """Forget every evaluated token: the next request starts from an empty KV cache, as in a
         new process (and so restores a snapshot where one matches)."""
-        for slot in self._slots:
-            slot.clear()
+        for lane in self.windows:
+            for slot in lane.slots:
+                slot.clear()
 
     def last_logits(self) -> np.ndarray:
         """The next-token logits after the last evaluated token (after `generate(..., max_tokens=1)`:
         the first answer token's distribution)."""
-        ptr = self.windows.current().logits(-1)
+        ptr = self.lane.ctx.logits(-1)
         if not ptr:
             raise LocalctxError("No logits yet: nothing has been evaluated since the cache was reset.")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def snapshot_key(self) -> SnapshotKey:
-        return self.snapshots.key(self.params, self.windows.current().layout)
+        return self.snapshots.key(self.params, self.lane.ctx.layout)
 
     def max_position(self, seq: int = 0) -> int:
         """The largest position in the sequence's cells (-1 when empty): under Self-Extend it stays
         below the trained context however long the prompt."""
-        return self.windows.current().pos_max(seq)
+        return self.lane.ctx.pos_max(seq)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Cancelled, LocalctxError
 from ..gguf_meta import ModelFacts
+from ..params import RuntimeParams
 from .backend import Batch, Context, Sampler
 from .positions import Positions
 
@@ -66,6 +67,8 @@ class Generation:
     timings: Timings = field(default_factory=Timings)
     text: str = ""
     finish_reason: str = ""
+    window: int = 0  # the tokens of the window it ran at (auto: its step's)
+    params: RuntimeParams | None = None  # the parameters of that window
 
     def __iter__(self) -> Iterator[str]:
         return self.chunks
@@ -162,6 +165,19 @@ class Slot:
         tokens, n = self.cut(n, tokens)
         self.decode(tokens, should_stop=should_stop)
 
+    def fixed_head(self, tokens: list[int], end: int, should_stop: Callable[[], bool] | None = None) -> int:
+        """Bring `tokens[:end]` into the slot as one piece evaluated alone from the first token
+        (kept when the slot holds it so, and can go on after it); returns where the rest starts.
+        A fixed split makes the answer independent of the slot's history: llama.cpp's CPU
+        flash-attention kernels give different logits for different batch splits."""
+        end = min(end, len(tokens) - 1)
+        if end <= 0:
+            return 0
+        if self.held(tokens) >= end and self.positions.grouped <= end and self.resumable(end):
+            return end
+        self.extend(0, tokens[:end], should_stop)
+        return end
+
 
 @dataclass
 class Stops:
@@ -250,7 +266,7 @@ class Scheduler:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.runs: list[Run] = []
+        self.runs: list[Run] = []  # in progress, and finished ones until the next step
 
     def add(self, run: Run) -> None:
         self.runs.append(run)

@@ -139,3 +139,39 @@ class Tokenizer:
                     "localctx cannot keep it as plain text. Remove that marker from the text, or run "
                     "`localctx generate` without --chat."
                 )
+
+
+class TextMethods:
+    """The Engine's text methods, each its tokenizer's (kept on the engine: the public API's
+    model object is the engine)."""
+
+    tokenizer: Tokenizer
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def count(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
+    def is_eog(self, token: int) -> bool:
+        return self.tokenizer.is_eog(token)
+
+    def token_attr(self, token: int) -> int:
+        return self.tokenizer.token_attr(token)
+
+    @property
+    def chat_stop(self) -> list[str]:
+        """The strings that end a chat reply."""
+        return self.tokenizer.template().stop
+
+    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
+        return self.tokenizer.format_chat(messages, add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, add_generation_prompt)
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        return self.tokenizer.control_tokens_in(text)

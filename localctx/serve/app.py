@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..engine import Engine
 from ..errors import ResourceError
-from .protocol import ApiError, ApiRequest, Outcome, Shapes, error_body, parse_chat, parse_completion
+from .protocol import ApiError, ApiRequest, Outcome, Shapes, parse_chat, parse_completion
 from .worker import ModelWorker, status_of
 
 DEFAULT_HOST = "127.0.0.1"
@@ -49,7 +49,7 @@ def model_id(engine: Engine) -> str:
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                log: Callable[[str], None] | None = None) -> _Guard:
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
-    uvicorn). Requests run one at a time on a worker thread; the app's lifespan shutdown stops
+    uvicorn). Requests run on a worker thread, up to `engine.n_seq` at once; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
     worker = ModelWorker(engine, model_id(engine))
     api = _Api(worker, max_body_bytes)
@@ -160,7 +160,7 @@ class _Api:
         e = self.worker.engine
         return JSONResponse({"status": "ok", "model": self.worker.model_id, "preset": e.params.preset,
                              "max_context": e.max_ctx, "window": e.n_ctx, "pending": self.worker.pending,
-                             "parallel": e.n_seq, "running": self.worker.running})
+                             "parallel": e.n_seq, "running": self.worker.running, "windows": e.windows.in_use()})
 
     def _card(self) -> dict[str, Any]:
         path = self.worker.engine.facts.path

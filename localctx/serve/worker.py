@@ -3,7 +3,8 @@ requests at once as parallel sequences (continuous batching: each step is one ll
 every running request's next token and the prefill chunks that fit beside them). Everything that
 touches the engine happens on that thread, tokenizing included: llama.cpp's context is not
 thread-safe, and the chat template compiles lazily. Requests start in arrival order; one that
-needs another window of `auto` waits until the running ones are done (one context at a time).
+needs another window of `auto` runs in a context of that window beside the others (a lane), and
+waits only when memory has no room for it (engine.windows).
 
 A request becomes a Job; its events (start, text, done, error) go to the event loop through
 `call_soon_threadsafe`, so the HTTP side never blocks on the model. A job is cancelled by its
@@ -199,9 +200,9 @@ class ModelWorker:
         if run.error is not None:
             job.post(("error", run.error))
             return
-        gen, engine = run.gen, self.engine
+        gen = run.gen
         t = gen.timings
-        details = {"window": engine.n_ctx, "scaling": engine.params.scaling, "max_tokens": prompt.max_tokens,
+        details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
         job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
 
