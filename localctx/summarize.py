@@ -563,7 +563,7 @@ class Summarizer:
             calls.append({**hit, "cached": True})
             self._advance(hit, request.doc_tokens, cached=True)
             answers[i] = hit["summary"]
-        for (i, call, key), info in zip(todo, self._run_calls([c for _, c, _ in todo])):
+        for (i, call, key), info in zip(todo, self.run_calls([c for _, c, _ in todo])):
             if isinstance(info, BaseException):
                 answers[i] = info
                 continue
@@ -574,7 +574,7 @@ class Summarizer:
             answers[i] = info["summary"]
         return answers
 
-    def _run_calls(self, calls: list[Call]) -> list[dict[str, Any] | BaseException]:
+    def run_calls(self, calls: list[Call]) -> list[dict[str, Any] | BaseException]:
         """Model calls, as parallel sequences when the engine has more than one; a call that fails
         gives its error in its place (the others' answers are kept)."""
         if len(calls) <= 1 or getattr(self.engine, "n_seq", 1) == 1:
