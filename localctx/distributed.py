@@ -251,10 +251,10 @@ class Worker:
         groupings one by one."""
         def together() -> list[Outcome]:
             summarizer, n = self._summarizer(), len(requests)
-            calls = [i for i, r in enumerate(requests) if isinstance(r, Call)]
-            answers = summarizer.run_calls([requests[i] for i in calls])  # type: ignore[misc]
+            calls = [(i, r) for i, r in enumerate(requests) if isinstance(r, Call)]
+            answers = summarizer.run_calls([call for _, call in calls])
             out: dict[int, Outcome] = {i: _failed(a) if isinstance(a, BaseException) else self._done(a, n)
-                                       for i, a in zip(calls, answers)}
+                                       for (i, _), a in zip(calls, answers)}
             return [out[i] if i in out else self._outcome(lambda r=r: summarizer.execute(r), n)
                     for i, r in enumerate(requests)]
 
