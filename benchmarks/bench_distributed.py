@@ -11,7 +11,12 @@
   4. a model of documents/hour against workers 1..16 from these figures (printed with its
      assumptions).
 
+With --parallel N, only this instead: the same batch on one worker (all cores' threads) at
+--parallel 1 against --parallel N (the worker runs up to N calls of one actor call as parallel
+sequences), each from an empty store, and how many summaries are identical.
+
     .venv/bin/python benchmarks/bench_distributed.py [--docs 8] [--chars 1200] [--json FILE]
+    .venv/bin/python benchmarks/bench_distributed.py --docs 8 --parallel 8 [--json FILE]
 """
 from __future__ import annotations
 
@@ -24,13 +29,15 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common import CORPUS
 
 from localctx.cluster import Cluster
-from localctx.distributed import RayExecutor, cpu_count
+from localctx.distributed import RayExecutor
+from localctx.params import default_threads
 from localctx.paths import default_model_path
 from localctx.runtime import RunSpec
 from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
@@ -65,12 +72,13 @@ def documents(root: Path, n: int, chars: int) -> list[str]:
     return paths
 
 
-def batch(paths: list[str], spec: RunSpec, executor: RayExecutor | None) -> dict[str, Any]:
+def batch(paths: list[str], spec: RunSpec, executor: RayExecutor | None,
+          options: SummarizeOptions = OPTIONS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         os.environ["LOCALCTX_HOME"] = home  # an empty store: every call is made
         calls = Calls()
         start = time.perf_counter()
-        result = summarize_batch(paths, spec, OPTIONS, reporter=calls, executor=executor)
+        result = summarize_batch(paths, spec, options, reporter=calls, executor=executor)
         end = time.perf_counter()
     failed = [r for r in result.records if r["status"] != "ok"]
     if failed:
@@ -186,14 +194,40 @@ def split_cost(paths: list[str], threads: int) -> dict[str, Any]:
     return out
 
 
+def worker_batching(args: argparse.Namespace) -> None:
+    """One worker with every core's threads, at --parallel 1 and then --parallel N, in one run."""
+    cores = default_threads()
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = documents(Path(tmp), args.docs, args.chars)
+        for n in (1, args.parallel):
+            one_worker = RayExecutor(Cluster(workers=1))
+            runs[n] = batch(paths, RunSpec(threads=cores), one_worker, replace(OPTIONS, parallel=n))
+            print(f"--workers 1 --parallel {n}: {runs[n]['seconds']:.1f} s ({runs[n]['after_start']:.1f} s after the "
+                  f"runtime and the worker started), {runs[n]['calls']} calls", file=sys.stderr)
+    one, many = runs[1], runs[args.parallel]
+    report = {"cores": cores, "docs": args.docs, "chars": args.chars, "parallel": args.parallel,
+              "one": {k: v for k, v in one.items() if k != "summaries"},
+              "many": {k: v for k, v in many.items() if k != "summaries"},
+              "ratio_total": one["seconds"] / many["seconds"],
+              "ratio_after_start": one["after_start"] / many["after_start"],
+              "identical": sum(a == b for a, b in zip(one["summaries"], many["summaries"]))}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=6)
     parser.add_argument("--chars", type=int, default=800)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--parallel", type=int, help="only: one worker at --parallel 1 against this")
     args = parser.parse_args()
-    cores = cpu_count()
+    if args.parallel:
+        return worker_batching(args)
+    cores = default_threads()
     with tempfile.TemporaryDirectory() as tmp:
         paths = documents(Path(tmp), args.docs, args.chars)
         cost = split_cost(paths, cores)

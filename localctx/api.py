@@ -165,7 +165,7 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
     """Passkey retrieval: a number hidden at each depth of exactly `length` tokens of filler, asked
     for at the end, `trials` keys per cell. Cached like `evaluate_perplexity`, and like it run on Ray
     workers with `workers` / `ray_address`. `parallel`: cells of one window at once, as sequences of
-    one batch (the same answers)."""
+    one batch (the same answers), on each worker with `workers` / `ray_address`."""
     executor = executor_for(workers, ray_address)
     depths = parse_depths(",".join(str(d) for d in depths))  # the CLI's rule, in one place
     request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed, parallel)

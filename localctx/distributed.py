@@ -11,7 +11,14 @@ document is a task, then reduce groups, level by level; each evaluation cell is 
 independent of which worker computed it and what that worker ran before (the engine's fixed
 splits: Engine.generate's head_end), so the output equals one process's.
 
-Faults: a worker that dies (SIGKILL, out of memory, ray.kill) loses only its task: the task goes to
+Batches: with --parallel N each worker opens its engine with N sequences, and the pool hands an
+idle worker up to N queued tasks of one kind (model calls of any documents; cells of one preset)
+in one actor call (Worker.execute_many, Worker.evaluate_many), which runs them as parallel
+sequences, as one process does with --parallel N; each task still has its own outcome. At
+--parallel 1 (the default) every actor call is one task, and results are exact (see
+docs/architecture.md, "What batching does to results", for the tolerance of a shared batch).
+
+Faults: a worker that dies (SIGKILL, out of memory, ray.kill) loses only its tasks: they go to
 another worker and the dead one is replaced; a task whose worker dies twice fails (its document is
 recorded failed, the batch goes on). Ctrl-C stops the workers and raises Interrupted; everything
 finished is already stored, so the same command resumes.
@@ -21,11 +28,12 @@ and have localctx installed. Ray is imported here only, and only when --workers 
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -34,15 +42,13 @@ from . import engine as _llama  # noqa: F401  llama.cpp before numpy, also in a 
 from . import errors
 from .cluster import Cluster
 from .errors import InputError, Interrupted, LocalctxError, ResourceError
-from .evaluate.grid import Cell, Evaluation, Key
+from .evaluate.grid import Cell, Evaluation, Key, eval_workload
 from .executor import CellFound, CellTodo, Progress
 from .memory import Workload
 from .params import default_threads
 from .runtime import Resolved, open_engine
 from .summarize import (Call, Document, Flow, Plan, Reporter, Request, SummarizeOptions, Summarizer,
                         _Batch, call_key, document_result, error_message, failed_result, summary_flow)
-
-EXACT = Workload("generate", exact=True)  # a one-thread worker answers as any process does
 
 MAX_ATTEMPTS = 2  # a task whose worker dies this many times fails
 ENV_PREFIX = "LOCALCTX_"  # the driver's settings (user directory, KV cache limits) reach its workers
@@ -59,10 +65,24 @@ class SummarizeJob:
     options: SummarizeOptions
     fp: str  # the batch's fingerprint (summarize.fingerprint)
 
+    @property
+    def parallel(self) -> int:
+        return self.options.parallel
+
+    @property
+    def workload(self) -> Workload:
+        # exact: a one-thread worker gives what a process with any thread count gives (memory.Workload)
+        return Workload("generate", self.parallel, exact=True)
+
 
 @dataclass(frozen=True)
 class EvaluateJob:
     evaluation: Evaluation
+    parallel: int = 1  # cells of one preset a worker evaluates at once (evaluation.parallel)
+
+    @property
+    def workload(self) -> Workload:
+        return eval_workload(self.parallel)  # what one process opens (open_eval_engine)
 
 
 Job = SummarizeJob | EvaluateJob
@@ -70,11 +90,15 @@ Job = SummarizeJob | EvaluateJob
 
 @dataclass(frozen=True)
 class Done:
-    """A task's value, and the worker (index, process) that computed it."""
+    """A task's value, and the worker (index, process) that computed it. `batch`: the tasks of the
+    actor call it came in; `n_seq`: the sequences of the worker's engine (with both above 1, the
+    call's model work ran as parallel sequences)."""
 
     value: Any
     worker: int
     pid: int
+    batch: int = 1
+    n_seq: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,27 +121,59 @@ Outcome = Done | Failed | Died
 
 @dataclass(frozen=True)
 class PlanTask:
-    """Plan pending document `doc` (its place among the batch's unique pending documents)."""
+    """Plan pending document `doc` (its place among the batch's unique pending documents). Plans
+    only count tokens: one per actor call, so they spread over the workers."""
 
-    method: ClassVar[str] = "plan"  # the Worker method that runs it
     doc: int
+    document: Document
+    group: ClassVar[Hashable | None] = None  # never batched
+
+    def call(self, actor: Any) -> Any:
+        return actor.plan.remote(self.document)
+
+    @staticmethod
+    def call_many(actor: Any, tasks: list[Any]) -> Any:
+        raise AssertionError("plans are not batched")
 
 
 @dataclass(frozen=True)
 class RequestTask:
-    """Answer request `request` of document `doc`'s current round (a model call or a grouping)."""
+    """Answer request `index` of document `doc`'s current round (a model call or a grouping)."""
 
-    method: ClassVar[str] = "execute"
     doc: int
-    request: int
+    index: int
+    request: Request
+    group: ClassVar[Hashable | None] = "request"  # any requests of any documents batch together
+
+    def call(self, actor: Any) -> Any:
+        return actor.execute.remote(self.request)
+
+    @staticmethod
+    def call_many(actor: Any, tasks: list[RequestTask]) -> Any:
+        return actor.execute_many.remote([t.request for t in tasks])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CellTask:
-    """Compute evaluation cell `cell` (its place in the cells left to do)."""
+    """Compute evaluation cell `index` (its place in the cells left to do) of the preset `preset`
+    (its place in the todo): cells batch only with cells of the same preset (one engine)."""
 
-    method: ClassVar[str] = "evaluate"
-    cell: int
+    index: int
+    preset: int
+    resolved: Resolved
+    cell: Cell
+    key: Key
+
+    @property
+    def group(self) -> Hashable:
+        return ("cell", self.preset)
+
+    def call(self, actor: Any) -> Any:
+        return actor.evaluate.remote(self.resolved, self.cell, self.key)
+
+    @staticmethod
+    def call_many(actor: Any, tasks: list[CellTask]) -> Any:
+        return actor.evaluate_many.remote(tasks[0].resolved, [(t.cell, t.key) for t in tasks])
 
 
 Tag = PlanTask | RequestTask | CellTask
@@ -126,10 +182,19 @@ Tag = PlanTask | RequestTask | CellTask
 # --- The worker -----------------------------------------------------------------------------------
 
 
+def _failed(exc: BaseException) -> Failed:
+    if isinstance(exc, LocalctxError):
+        return Failed(type(exc).__name__, str(exc))
+    # a bug or a llama.cpp failure: recorded like one process records it
+    return Failed("LocalctxError", f"{type(exc).__name__}: {exc}")
+
+
 class Worker:
     """One worker process. It loads the model on its first task and keeps it (one engine at a
-    time: an evaluation over several presets reloads when the preset changes). Every method
-    returns an Outcome: a user-facing error travels as data, not as a Ray exception."""
+    time: an evaluation over several presets reloads when the preset changes), with the job's
+    `parallel` sequences. Every method returns Outcomes: a user-facing error travels as data, not
+    as a Ray exception. The `_many` methods answer several tasks in one call, as parallel
+    sequences; each task gets its own outcome, so a failing one fails alone."""
 
     def __init__(self, index: int, threads: int, env: dict[str, str], job: Job) -> None:
         os.environ.update(env)
@@ -138,13 +203,15 @@ class Worker:
         self.resolved: Resolved | None = None
         self.summarizer: Summarizer | None = None
 
-    def _outcome(self, work: Callable[[], Any]) -> Outcome:
+    def _done(self, value: Any, batch: int = 1) -> Done:
+        n_seq = getattr(self.engine, "n_seq", 1) if self.engine is not None else 1
+        return Done(value, self.index, os.getpid(), batch, n_seq)
+
+    def _outcome(self, work: Callable[[], Any], batch: int = 1) -> Outcome:
         try:
-            return Done(work(), self.index, os.getpid())
-        except LocalctxError as exc:
-            return Failed(type(exc).__name__, str(exc))
-        except Exception as exc:  # a bug or a llama.cpp failure: recorded like one process records it
-            return Failed("LocalctxError", f"{type(exc).__name__}: {exc}")
+            return self._done(work(), batch)
+        except Exception as exc:
+            return _failed(exc)
 
     def _engine(self, resolved: Resolved, seed: int = 0) -> Any:
         if self.engine is None or self.resolved != resolved:
@@ -152,8 +219,8 @@ class Worker:
                 self.engine.close()
                 self.engine = self.summarizer = None
             spec = replace(resolved.spec, threads=self.threads)
-            # exact: a one-thread worker gives what a process with any thread count gives (memory.Workload)
-            self.engine = open_engine(Resolved(spec, resolved.facts, resolved.ladder), seed=seed, workload=EXACT)
+            self.engine = open_engine(Resolved(spec, resolved.facts, resolved.ladder), seed=seed,
+                                      workload=self.job.workload)
             self.resolved = resolved
         return self.engine
 
@@ -179,16 +246,46 @@ class Worker:
     def execute(self, request: Request) -> Outcome:
         return self._outcome(lambda: self._summarizer().execute(request))
 
+    def execute_many(self, requests: list[Request]) -> list[Outcome]:
+        """Several requests at once: the model calls as parallel sequences (Summarizer.run_calls),
+        groupings one by one."""
+        def together() -> list[Outcome]:
+            summarizer, n = self._summarizer(), len(requests)
+            calls = [(i, r) for i, r in enumerate(requests) if isinstance(r, Call)]
+            answers = summarizer.run_calls([call for _, call in calls])
+            out: dict[int, Outcome] = {i: _failed(a) if isinstance(a, BaseException) else self._done(a, n)
+                                       for (i, _), a in zip(calls, answers)}
+            return [out[i] if i in out else self._outcome(lambda r=r: summarizer.execute(r), n)
+                    for i, r in enumerate(requests)]
+
+        return self._many(together, [lambda r=r: self.execute(r) for r in requests])
+
     def evaluate(self, resolved: Resolved, cell: Cell, key: Key) -> Outcome:
+        return self._outcome(lambda: self._cells(resolved, [(cell, key)])[0])
+
+    def evaluate_many(self, resolved: Resolved, cells: list[tuple[Cell, Key]]) -> list[Outcome]:
+        """Cells of one preset at once: the evaluation's own `compute`, which runs cells of one
+        window as parallel sequences (as one process does with --parallel)."""
+        n = len(cells)
+        return self._many(lambda: [self._done(r, n) for r in self._cells(resolved, cells)],
+                          [lambda c=c: self.evaluate(resolved, *c) for c in cells])
+
+    def _cells(self, resolved: Resolved, cells: list[tuple[Cell, Key]]) -> list[dict[str, Any]]:
+        """Each cell's result, in the order given (compute yields them in its own order)."""
         job = self.job
         assert isinstance(job, EvaluateJob)
-        evaluation = job.evaluation
+        engine = self._engine(resolved)
+        computed = job.evaluation.compute(engine, resolved, cells, lambda _: None)
+        found = {id(cell): result for cell, _, result in computed}
+        return [found[id(cell)] for cell, _ in cells]
 
-        def run() -> dict[str, Any]:
-            engine = self._engine(resolved)
-            return next(iter(evaluation.compute(engine, resolved, [(cell, key)], lambda _: None)))[2]
-
-        return self._outcome(run)
+    def _many(self, together: Callable[[], list[Outcome]], alone: list[Callable[[], Outcome]]) -> list[Outcome]:
+        """`together`'s outcomes; if it raises (one bad item in a shared batch, a lost model), each
+        item again on its own, so the error is the failing item's alone."""
+        try:
+            return together()
+        except Exception:
+            return [run() for run in alone]
 
     def pid(self) -> int:
         return os.getpid()
@@ -281,23 +378,31 @@ def session(cluster: Cluster, threads: int | None) -> Iterator[Session]:
 @dataclass
 class _Task:
     tag: Tag
-    args: tuple[Any, ...]
     attempts: int = 0
-    slot: int = -1  # the worker running it
     avoid: int | None = None  # the worker it died on
+
+
+@dataclass
+class _Call:
+    """One actor call in flight: the worker (its slot) and the tasks it answers, in order."""
+
+    slot: int
+    tasks: list[_Task]
 
 
 @dataclass
 class Pool:
     """Workers and a queue: a task goes to an idle worker, its result comes back through
-    `results`; a worker that dies is replaced and its task queued again for another one."""
+    `results`; a worker that dies is replaced and its tasks queued again for another one. With
+    the job's `parallel` above 1, a worker is handed up to that many queued tasks of one kind in
+    one actor call, which it runs as parallel sequences."""
 
     s: Session
     job: Job
     actors: list[Any] = field(default_factory=list)
     idle: deque[int] = field(default_factory=deque)
     queue: deque[_Task] = field(default_factory=deque)
-    running: dict[Any, _Task] = field(default_factory=dict)  # by the Ray reference of its result
+    running: dict[Any, _Call] = field(default_factory=dict)  # by the Ray reference of its result
     retried: int = 0
     replaced: int = 0
 
@@ -322,8 +427,8 @@ class Pool:
         for outcome in outcomes:
             raise_error(outcome)
 
-    def submit(self, tag: Tag, *args: Any) -> None:
-        self.queue.append(_Task(tag, args))
+    def submit(self, tag: Tag) -> None:
+        self.queue.append(_Task(tag))
 
     @property
     def busy(self) -> bool:
@@ -331,11 +436,32 @@ class Pool:
 
     def _dispatch(self) -> None:
         while self.queue and self.idle:
-            task = self.queue.popleft()
-            task.slot = next((i for i in self.idle if i != task.avoid), self.idle[0])
-            self.idle.remove(task.slot)
-            ref = getattr(self.actors[task.slot], task.tag.method).remote(*task.args)
-            self.running[ref] = task
+            # Tasks are shared out over the idle workers before any worker gets several: a batch
+            # on one worker must not leave another idle.
+            share = min(self.job.parallel, math.ceil(len(self.queue) / len(self.idle)))
+            first = self.queue.popleft()
+            slot = next((i for i in self.idle if i != first.avoid), self.idle[0])
+            self.idle.remove(slot)
+            tasks = [first] + self._take(first.tag.group, slot, share - 1)
+            actor = self.actors[slot]
+            if len(tasks) == 1:
+                ref = first.tag.call(actor)
+            else:
+                ref = first.tag.call_many(actor, [t.tag for t in tasks])
+            self.running[ref] = _Call(slot, tasks)
+
+    def _take(self, group: Hashable | None, slot: int, n: int) -> list[_Task]:
+        """Up to `n` queued tasks of `group` (in queue order) that did not die on worker `slot`."""
+        if group is None or n <= 0:
+            return []
+        taken = []
+        for task in list(self.queue):
+            if len(taken) == n:
+                break
+            if task.tag.group == group and task.avoid != slot:
+                taken.append(task)
+                self.queue.remove(task)
+        return taken
 
     def results(self, poll: float = 0.5) -> list[tuple[Tag, Outcome]]:
         """Wait for finished tasks (polling, so Ctrl-C is seen at once) and return their outcomes."""
@@ -349,24 +475,33 @@ class Pool:
                 break
         done: list[tuple[Tag, Outcome]] = []
         for ref in ready:
-            task = self.running.pop(ref)
+            call = self.running.pop(ref)
             try:
-                outcome: Outcome = ray.get(ref)
+                got = ray.get(ref)
+                outcomes: list[Outcome] = got if len(call.tasks) > 1 else [got]
             except ray.exceptions.RayTaskError as exc:  # the method itself raised (Worker catches errors)
-                outcome = Failed("LocalctxError", str(exc))
+                outcomes = [Failed("LocalctxError", str(exc))] * len(call.tasks)
             except ray.exceptions.RayError as exc:  # the worker process died: SIGKILL, OOM, ray.kill
-                self._replace(task.slot)
-                task.attempts += 1
-                if task.attempts >= MAX_ATTEMPTS:
-                    done.append((task.tag, Died(f"its worker died {task.attempts} times ({type(exc).__name__})")))
-                else:
-                    task.avoid = task.slot
-                    self.retried += 1
-                    self.queue.appendleft(task)
+                self._replace(call.slot)
+                done += self._requeue(call, type(exc).__name__)
                 continue
-            self.idle.append(task.slot)
-            done.append((task.tag, outcome))
+            self.idle.append(call.slot)
+            done += [(task.tag, outcome) for task, outcome in zip(call.tasks, outcomes)]
         return done
+
+    def _requeue(self, call: _Call, why: str) -> list[tuple[Tag, Outcome]]:
+        """Each task of a call whose worker died goes back to the queue's front (in order), for
+        another worker; a task that has lost MAX_ATTEMPTS workers is Died."""
+        died: list[tuple[Tag, Outcome]] = []
+        for task in reversed(call.tasks):
+            task.attempts += 1
+            if task.attempts >= MAX_ATTEMPTS:
+                died.append((task.tag, Died(f"its worker died {task.attempts} times ({why})")))
+            else:
+                task.avoid = call.slot
+                self.retried += 1
+                self.queue.appendleft(task)
+        return died[::-1]
 
     def _replace(self, slot: int) -> None:
         self.replaced += 1
@@ -446,7 +581,7 @@ class _Driver:
 
     def plan_all(self, pending: list[Document]) -> dict[int, Plan | str]:
         for i, doc in enumerate(pending):
-            self.pool.submit(PlanTask(i), doc)
+            self.pool.submit(PlanTask(i, doc))
         plans: dict[int, Plan | str] = {}
         while self.pool.busy:
             for tag, outcome in self.pool.results():
@@ -483,21 +618,22 @@ class _Driver:
                     run.answers[j] = hit["summary"]
                 else:
                     run.missing += 1
-                    self.pool.submit(RequestTask(run.index, j), request)
+                    self.pool.submit(RequestTask(run.index, j, request))
             if run.missing:
                 return
             answers = run.answers
 
     def on_result(self, task: RequestTask, outcome: Outcome) -> None:
         run = self.runs[task.doc]
-        request = run.requests[task.request]
+        request = task.request
         if not isinstance(outcome, Done):
             if not run.done:
                 self._fail(run, outcome.message)
             return
         value = outcome.value
         if isinstance(request, Call):
-            info = {**value, "worker": outcome.worker, "pid": outcome.pid}
+            info = {**value, "worker": outcome.worker, "pid": outcome.pid, "batch": outcome.batch,
+                    "n_seq": outcome.n_seq}
             self.batch.store.put_call(call_key(self.batch.fp, request.role, request.body), value)
             self.batch.stats.add(value)
             self.work_tokens += value["prompt_tokens"] + value["generated_tokens"]
@@ -506,7 +642,7 @@ class _Driver:
             value = value["summary"]
         if run.done:  # failed meanwhile: the call is stored (a re-run reuses it), the flow is over
             return
-        run.answers[task.request] = value
+        run.answers[task.index] = value
         run.missing -= 1
         if run.missing == 0:
             self._advance(run, run.answers)
@@ -568,29 +704,33 @@ def summarize_on_cluster(batch: _Batch, pending: list[Document], cluster: Cluste
 # --- Evaluate --------------------------------------------------------------------------------------
 
 
-def evaluate_on_cluster(evaluation: Evaluation, todo: list[tuple[Resolved, Cell, Key]], cluster: Cluster,
-                        threads: int | None, on_found: CellFound) -> None:
-    """Every cell of `todo` on Ray workers; `on_found` (the driver: the cache and the result) sees each
-    as it finishes. A cell whose worker died twice is not cached; the error names it after the rest."""
+def evaluate_on_cluster(evaluation: Evaluation, todo: CellTodo, cluster: Cluster, threads: int | None,
+                        on_found: CellFound) -> None:
+    """Every cell of `todo` (grouped by preset) on Ray workers; `on_found` (the driver: the cache and
+    the result) sees each as it finishes. With the evaluation's `parallel` above 1 a worker gets up
+    to that many cells of one preset at once. A cell whose worker died twice is not cached; the
+    error names it after the rest."""
     failed = []
-    with running_pool(cluster, threads, EvaluateJob(evaluation)) as pool:
-        for i, (resolved, cell, key) in enumerate(todo):
-            pool.submit(CellTask(i), resolved, cell, key)
+    job = EvaluateJob(evaluation, evaluation.parallel)
+    with running_pool(cluster, threads, job) as pool:
+        i = 0
+        for p, (resolved, cells) in enumerate(todo):
+            for cell, key in cells:
+                pool.submit(CellTask(i, p, resolved, cell, key))
+                i += 1
         while pool.busy:
             for tag, outcome in pool.results():
                 assert isinstance(tag, CellTask)
-                _, cell, key = todo[tag.cell]
                 if isinstance(outcome, Done):
-                    on_found(cell, key, outcome.value)
+                    on_found(tag.cell, tag.key, outcome.value)
                 elif isinstance(outcome, Failed):
                     pool.stop()
                     raise_error(outcome)  # as in one process: a bad cell stops the run
                 else:
-                    failed.append(f"{cell['preset']} {cell['length']:,}: {outcome.message}")
+                    failed.append(f"{tag.cell['preset']} {tag.cell['length']:,}: {outcome.message}")
     if failed:
         raise ResourceError(f"{len(failed)} cell(s) failed: {'; '.join(failed)}. The other cells are cached: "
                             "run the same command again to compute the rest.")
-
 
 
 # --- The executor ----------------------------------------------------------------------------------
@@ -609,6 +749,5 @@ class RayExecutor:
     def evaluate(self, evaluation: Evaluation, todo: CellTodo, found: CellFound, progress: Progress,
                  engine_factory: Callable[[Resolved], Any]) -> None:
         """Every cell on the workers; `engine_factory` is this process's, and unused: workers open their own."""
-        cells = [(resolved, cell, key) for resolved, cells in todo for cell, key in cells]
-        progress(f"computing {len(cells)} cell(s) on Ray workers")
-        evaluate_on_cluster(evaluation, cells, self.cluster, todo[0][0].spec.threads, found)
+        progress(f"computing {sum(len(cells) for _, cells in todo)} cell(s) on Ray workers")
+        evaluate_on_cluster(evaluation, todo, self.cluster, todo[0][0].spec.threads, found)

@@ -31,6 +31,8 @@ class PendingBatch(Protocol):
 class CellWork(Protocol):
     """An evaluation as its executor sees it (evaluate.grid.Evaluation)."""
 
+    parallel: int  # cells of one window at once (Ray workers open their engines for as many)
+
     def compute(self, engine: Any, resolved: Resolved, todo: list[tuple[Cell, Key]],
                 progress: Progress) -> Iterator[tuple[Cell, Key, dict[str, Any]]]: ...
 

@@ -35,11 +35,11 @@ def seed_option(f: F) -> F:
                         help="Sampling seed.")(f)
 
 
-def parallel_option(default: int, what: str) -> Callable[[F], F]:
+def parallel_option(default: int, what: str, note: str = "") -> Callable[[F], F]:
     """--parallel N: how many sequences run at once in one batch (each with the full window)."""
     return click.option("--parallel", type=click.IntRange(1, 256), default=default, show_default=True,
                         help=f"{what} run at once as parallel sequences of one batch, each with the full window "
-                             "(memory is planned for all of them).")
+                             f"(memory is planned for all of them).{' ' + note if note else ''}")
 
 
 def json_option(f: F) -> F:

@@ -1,6 +1,8 @@
 """Summarize and evaluate on a real local Ray runtime with 2 workers (one runtime for the module):
 the same outputs as one process, a worker SIGKILLed mid-batch, Ctrl-C, a finished batch re-run
-without starting a worker, an evaluation grid filling the same cache cells, and clean errors."""
+without starting a worker, an evaluation grid filling the same cache cells, and clean errors; and at
+--parallel 2, batches inside a worker: two tasks in one actor call on a 2-sequence engine, the same
+results as one process at --parallel 2, a failing task failing alone, a killed batch requeued."""
 from __future__ import annotations
 
 import localctx.engine  # noqa: F401  llama.cpp before numpy, as the CLI does
@@ -9,6 +11,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +21,22 @@ import ray
 
 from conftest import assert_clean_error, invoke
 from localctx.cluster import Cluster
-from localctx.distributed import RayExecutor
+from localctx.distributed import (CellTask, Done, EvaluateJob, Failed, PlanTask, RayExecutor, RequestTask,
+                                  SummarizeJob, running_pool)
 from localctx.errors import InputError, Interrupted
 from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, load_text, run_passkey, run_ppl
-from localctx.runtime import RunSpec
-from localctx.summarize import Reporter, SummarizeOptions, summarize_batch
+from localctx.evaluate.passkey import Passkey
+from localctx.identity import model_identity
+from localctx.runtime import RunSpec, resolve_spec
+from localctx.summarize import (Reporter, SummarizeOptions, expand_inputs, fingerprint, read_documents,
+                                summarize_batch, summary_flow)
 
 # A 512-token window: three short documents fit it (one pass), the fourth is map-reduced.
 SPEC = RunSpec(preset="native", ctx=512, threads=1)  # llama.cpp's results depend on the thread count
 OPTIONS = SummarizeOptions(max_summary_tokens=24)
 TWO = RayExecutor(Cluster(workers=2))
+PARALLEL = replace(OPTIONS, parallel=2)  # two calls at once, as parallel sequences
+ONE = RayExecutor(Cluster(workers=1))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,6 +73,14 @@ def single(documents: list[str], tmp_path_factory: pytest.TempPathFactory) -> An
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCALCTX_HOME", str(tmp_path_factory.mktemp("single-home")))
         return summarize_batch(documents, SPEC, OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def single_parallel(documents: list[str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The two short documents in this process at --parallel 2: their calls run as two sequences."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCALCTX_HOME", str(tmp_path_factory.mktemp("parallel-home")))
+        return summarize_batch(documents[:2], SPEC, PARALLEL)
 
 
 @pytest.mark.slow
@@ -108,6 +125,17 @@ def test_worker_killed_mid_batch_loses_only_its_task(single, documents):
     assert reporter.killed is not None, "no worker was running a task when the first call came back"
     assert result.stats.retried >= 1 and result.stats.failed == 0
     assert summaries(result) == summaries(single)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_requeues_each_of_its_tasks(documents):
+    """At --parallel 2 two workers take two calls each: the one killed loses both, and every
+    document is still summarized (within a shared batch's tolerance: no comparison of texts)."""
+    reporter = KillAWorkerMidTask()
+    result = summarize_batch(documents, SPEC, PARALLEL, executor=TWO, reporter=reporter)
+    assert reporter.killed is not None, "no worker was running a task when a call came back"
+    assert result.stats.retried >= 1 and result.stats.failed == 0
+    assert [r["status"] for r in result.records] == ["ok"] * 4
 
 
 class InterruptAfterFirstCall(Reporter):
@@ -157,6 +185,80 @@ def test_eval_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
         run_passkey(passkey, spec, cache=CellCache(directory), executor=executor)
     assert len(_cells(here)) == 4 + 2
     assert _cells(there) == _cells(here)
+
+
+class Calls(Reporter):
+    def __init__(self) -> None:
+        self.infos: list[dict[str, Any]] = []
+
+    def call_done(self, info: dict[str, Any], doc_tokens_done: int) -> None:
+        self.infos.append(info)
+
+
+@pytest.mark.slow
+def test_one_worker_at_parallel_2_runs_two_calls_as_one_batch(single_parallel, documents):
+    """The same batch composition as one process at --parallel 2 (both one-pass calls at once):
+    the same summaries, and both calls came back from one actor call on a 2-sequence engine."""
+    calls = Calls()
+    result = summarize_batch(documents[:2], SPEC, PARALLEL, executor=ONE, reporter=calls)
+    assert [r["strategy"] for r in result.records] == ["stuff", "stuff"]
+    assert summaries(result) == summaries(single_parallel)
+    assert [(c["batch"], c["n_seq"]) for c in calls.infos] == [(2, 2), (2, 2)]
+    assert len({c["pid"] for c in calls.infos}) == 1
+
+
+@pytest.mark.slow
+def test_a_worker_answers_each_request_of_a_batch_and_a_failing_one_fails_alone(single_parallel, documents):
+    """Four one-pass calls on one worker at --parallel 2: two actor calls of two. The third
+    document does not fit the window: its call fails alone, beside the fourth's answer."""
+    options = replace(PARALLEL, strategy="stuff")  # the long document too: its call is refused
+    resolved = resolve_spec(SPEC)
+    job = SummarizeJob(resolved, options, fingerprint(resolved.facts, resolved.ladder, options))
+    docs, _ = read_documents(expand_inputs([documents[i] for i in (0, 1, 3, 2)]), None, print)
+    with running_pool(Cluster(workers=1), 1, job) as pool:
+        pool.ready()
+        for i, doc in enumerate(docs):
+            pool.submit(PlanTask(i, doc))
+        plans = {tag.doc: outcome.value for tag, outcome in drain(pool)}
+        for i in range(len(docs)):
+            [call] = next(summary_flow(plans[i]))
+            pool.submit(RequestTask(i, 0, call))
+        outcomes = {tag.doc: outcome for tag, outcome in drain(pool)}
+    assert all(isinstance(o, Done) and (o.batch, o.n_seq) == (2, 2) for i, o in outcomes.items() if i != 2)
+    assert [outcomes[i].value["summary"] for i in (0, 1)] == [r["summary"] for r in single_parallel.records]
+    assert isinstance(outcomes[2], Failed) and outcomes[2].error == "ContextOverflowError"
+    assert "--strategy stuff" in outcomes[2].message
+    assert outcomes[3].value["summary"] and outcomes[3].value["generated_tokens"] > 0
+
+
+def drain(pool: Any) -> list[tuple[Any, Any]]:
+    done = []
+    while pool.busy:
+        done += pool.results()
+    return done
+
+
+@pytest.mark.slow
+def test_passkey_at_parallel_2_on_one_worker(tmp_path):
+    """Two cells of one window: one actor call on a 2-sequence engine, and the same cells as one
+    process at --parallel 2, also through run_passkey."""
+    request = PasskeyRequest(["native"], [256], [0.0, 1.0], parallel=2)
+    spec = RunSpec(threads=1)
+    here, there = tmp_path / "here", tmp_path / "there"
+    for directory, executor in ((here, None), (there, ONE)):
+        run_passkey(request, spec, cache=CellCache(directory), executor=executor)
+    assert len(_cells(here)) == 2
+    assert _cells(there) == _cells(here)
+    evaluation, resolved = Passkey(request), resolve_spec(spec).with_preset("native")
+    model = model_identity(resolved.facts.path)
+    cells = [({"preset": "native", **cell}, key) for cell, key in evaluation.cells(resolved, model)]
+    with running_pool(Cluster(workers=1), 1, EvaluateJob(evaluation, 2)) as pool:
+        for i, (cell, key) in enumerate(cells):
+            pool.submit(CellTask(i, 0, resolved, cell, key))
+        outcomes = [outcome for _, outcome in sorted(drain(pool), key=lambda d: d[0].index)]
+    assert all(isinstance(o, Done) and (o.batch, o.n_seq) == (2, 2) for o in outcomes)
+    cached = {c["key"]["depth"]: c["result"] for c in _cells(here).values()}
+    assert [outcomes[i].value["answer"] for i in (0, 1)] == [cached[0.0]["answer"], cached[1.0]["answer"]]
 
 
 def test_cli_eval_ppl_with_workers(cli, corpus):

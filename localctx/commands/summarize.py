@@ -36,8 +36,9 @@ DEFAULT_PARALLEL = 1  # one at a time: the answers promised (docs/architecture.m
 @click.option("--retry-failed", is_flag=True, help="Retry documents that failed in an earlier run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
 @run_options(kv_cache=True)
-@parallel_option(DEFAULT_PARALLEL, "Model calls (map chunks, or documents read in one pass); above 1 a summary may "
-                 "differ slightly from the one-at-a-time one (see docs/summarize.md)")
+@parallel_option(DEFAULT_PARALLEL, "Model calls (map chunks, or documents read in one pass)",
+                 "Above 1 a summary may differ slightly from the one-at-a-time one (see docs/summarize.md). "
+                 "With --workers / --ray: on each worker.")
 @cluster_options
 @json_option
 def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], out: Path | None, strategy: str,

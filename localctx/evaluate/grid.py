@@ -10,6 +10,7 @@ import numpy as np
 
 from ..executor import Executor, LocalExecutor
 from ..identity import model_identity
+from ..memory import Workload
 from ..params import RuntimeParams
 from ..paths import writable_cache
 from ..runtime import Resolved, RunSpec, resolve_spec
@@ -35,12 +36,16 @@ class EvalEngine(Protocol):
 EngineFactory = Callable[[Resolved], EvalEngine]
 
 
+def eval_workload(parallel: int = 1) -> Workload:
+    """Scoring, exact (a cell's result does not depend on threads or on the cells beside it), with
+    `parallel` sequences: what an evaluation's engine is opened for, here and on Ray workers."""
+    return Workload("score", parallel, exact=True)
+
+
 def open_eval_engine(resolved: Resolved, parallel: int = 1) -> EvalEngine:
-    """An exact engine (a cell's result does not depend on threads or on the cells beside it)."""
-    from ..memory import Workload
     from ..runtime import open_engine  # loads llama_cpp: only when a cell needs the model
 
-    return open_engine(resolved, workload=Workload("score", parallel, exact=True))
+    return open_engine(resolved, workload=eval_workload(parallel))
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Evaluation(Protocol):
 
     kind: str
     settings: dict[str, Any]
+    parallel: int  # cells of one window at once, as parallel sequences (1: one at a time)
 
     def cells(self, resolved: Resolved, model: str) -> list[tuple[Cell, Key]]:
         """Every cell of one preset (each with its 'length'), and its cache key."""

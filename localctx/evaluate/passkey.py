@@ -131,6 +131,7 @@ class Passkey:
 
     def __init__(self, request: PasskeyRequest) -> None:
         self.request = request
+        self.parallel = request.parallel
         self.settings = {"presets": list(request.presets), "lengths": list(request.lengths),
                          "depths": list(request.depths), "trials": request.trials, "seed": request.seed,
                          "answer_tokens": ANSWER_TOKENS}

@@ -122,6 +122,7 @@ class Perplexity:
     """The perplexity evaluation as the grid loop drives it."""
 
     kind = "ppl"
+    parallel = 1  # cells one at a time: scoring prompts gains nothing from parallel sequences here
 
     def __init__(self, request: PplRequest) -> None:
         if request.mode not in MODES:
