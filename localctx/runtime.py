@@ -132,7 +132,7 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0, *, workload: Workload
     gpu_layers = offload_layers(spec.device, spec.gpu_layers)
     ladder = planned_ladder(resolved, gpu_layers, workload=workload)
     return Engine.load(facts, ladder, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose, seed=seed,
-                       n_seq=workload.n_seq, exact=workload.exact, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
+                       workload=workload, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
 
 
 def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None,

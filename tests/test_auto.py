@@ -255,8 +255,8 @@ def test_auto_default_maximum_is_lowered_to_what_memory_holds(facts):
 
 def test_a_window_llama_cpp_cannot_create_leaves_the_engine_at_its_window(short_model: Path, text_tokens: list[int],
                                                                         monkeypatch: pytest.MonkeyPatch):
-    """llama.cpp refusing a context (out of memory, say) mid-switch: a clean error, the previous
-    window restored and still answering; if even that fails, every later request is a clean error."""
+    """llama.cpp refusing a context (out of memory, say) mid-switch: a clean error, the engine still
+    at its window and answering; if even that cannot be made again, every later request is a clean error."""
     from localctx.engine import windows as windows_module
 
     real = windows_module.Context
@@ -276,8 +276,13 @@ def test_a_window_llama_cpp_cannot_create_leaves_the_engine_at_its_window(short_
         def refuse_all(model, params, **kwargs):
             raise ValueError("Failed to create llama_context")
 
+        # The largest window does not fit beside the open 1,024 one: that is freed first, and with
+        # the new context refused the previous window is made again, when llama.cpp allows it.
+        with pytest.raises(localctx.ResourceError, match="engine stays at 1,024 tokens"):
+            engine.complete(text_tokens[: 2 * SHORT_TRAINED + 100], max_tokens=ANSWER)
+        assert localctx.generate_text(engine, "The capital of France is", max_tokens=4).text.strip()
         monkeypatch.setattr(windows_module, "Context", refuse_all)
         with pytest.raises(localctx.ResourceError, match="nor restore the previous one"):
-            engine.complete(text_tokens[: SHORT_TRAINED + 100], max_tokens=ANSWER)
+            engine.complete(text_tokens[: 2 * SHORT_TRAINED + 100], max_tokens=ANSWER)
         with pytest.raises(localctx.ResourceError, match="reopen"):
             localctx.generate_text(engine, "The capital of France is", max_tokens=4)

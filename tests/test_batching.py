@@ -95,9 +95,10 @@ def test_self_extend_groups_each_sequence_on_its_own(short_model: Path, text: st
 def test_auto_runs_two_steps_at_once_each_in_a_lane_of_its_own(short_model: Path, text: str) -> None:
     """auto with 2 sequences on the 1K-trained model: a short request (the 1,024-token step) and a
     long one (2,048) run in the same steps, each in a context of its own step over the same weights,
-    each answering as it does alone. The lanes hold no more cells than memory was planned for
-    (2 sequences and the spare stream at 4,096): beside a busy 1,024 lane a 4,096 request gets the one
-    sequence left, and a second one waits."""
+    each answering as it does alone. The lanes take no more memory than was planned (2 sequences and
+    the spare stream at 4,096: 295 MiB; the 1,024 and 2,048 lanes 83 + 154): a 4,096 request (201 MiB
+    for one sequence) does not fit beside both, so the idle 2,048 lane is freed and it gets the one
+    sequence that fits beside the busy 1,024 lane; a second one waits."""
     spec = RunSpec(model=str(short_model), preset="auto", threads=2, kv_cache=False)
     with open_engine(spec, workload=Workload("generate", 2, exact=True)) as e:
         tokens = e.tokenize(text[:12000], add_bos=False)

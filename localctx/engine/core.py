@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import ContextOverflowError, LocalctxError
 from ..gguf_meta import ModelFacts
 from ..kvcache import KVStore, SnapshotKey
+from ..memory import SCORE, Workload
 from ..params import RuntimeParams
 from ..presets import Ladder
 from .backend import DEFAULT_SEED, Model, Sampler, llama_arguments, set_llama_log
@@ -28,23 +29,23 @@ class Engine(TextMethods):
     """Generate (one sequence or many at once), logits; tokens and chat templates (TextMethods)."""
 
     def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, gpu_layers: int, threads: int | None,
-                 n_seq: int = 1, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
-                 overflow_hint: Callable[[int], str] | None = None, exact: bool = False) -> None:
+                 workload: Workload = SCORE, kv_store: KVStore | None = None, seed: int = 0, verbose: bool = False,
+                 overflow_hint: Callable[[int], str] | None = None) -> None:
         self.model, self.facts, self.ladder = model, facts, ladder
-        self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, n_seq, verbose
+        self.gpu_layers, self.threads, self.n_seq, self.verbose = gpu_layers, threads, workload.n_seq, verbose
         self.overflow_hint = overflow_hint  # what to suggest when a prompt does not fit
         self.n_vocab = model.n_vocab
         self.tokenizer = Tokenizer(model, facts)
         self.snapshots = Snapshots(facts, kv_store)
         self._seed = seed or DEFAULT_SEED  # 0: a random seed per call, as llama-cpp-python
-        # exact: results independent of threads and batch composition (backend.Context)
-        self.windows = Windows(model, facts, ladder, n_seq=n_seq, threads=threads, exact=exact)
+        # The workload's sequences per context, and whether results must not depend on threads and
+        # batch composition (exact: backend.Context); the lanes are budgeted as memory planned it.
+        self.windows = Windows(model, facts, ladder, workload, threads=threads)
 
     @classmethod
     def load(cls, facts: ModelFacts, params: RuntimeParams | Ladder, *, gpu_layers: int = 0,
-             threads: int | None = None, verbose: bool = False, seed: int = 0, n_seq: int = 1,
-             kv_store: KVStore | None = None, overflow_hint: Callable[[int], str] | None = None,
-             exact: bool = False) -> Engine:
+             threads: int | None = None, verbose: bool = False, seed: int = 0, workload: Workload = SCORE,
+             kv_store: KVStore | None = None, overflow_hint: Callable[[int], str] | None = None) -> Engine:
         """Load the model as given: no policy here (runtime.open_engine checks memory first)."""
         ladder = params if isinstance(params, Ladder) else Ladder((params,))
         set_llama_log(verbose)
@@ -54,9 +55,8 @@ class Engine(TextMethods):
             raise LocalctxError(f"llama.cpp could not load {facts.path} ({exc}). "
                                 "Run again with --verbose to see llama.cpp's own log.") from None
         try:
-            engine = cls(model, facts, ladder, gpu_layers=gpu_layers, threads=threads, n_seq=n_seq,
-                         kv_store=kv_store, seed=seed, verbose=verbose, overflow_hint=overflow_hint,
-                         exact=exact)
+            engine = cls(model, facts, ladder, gpu_layers=gpu_layers, threads=threads, workload=workload,
+                         kv_store=kv_store, seed=seed, verbose=verbose, overflow_hint=overflow_hint)
         except ValueError as exc:
             model.close()
             raise LocalctxError(f"llama.cpp could not load {facts.path} at {ladder.bottom.n_ctx} tokens ({exc}). "

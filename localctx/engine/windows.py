@@ -3,19 +3,21 @@ loaded weights (RoPE scaling and the window are per context in llama.cpp, so not
 disk again). Requests at the same step share their lane's context and batch there; a request that
 needs another step gets a lane of that step beside the running ones, while memory allows.
 
-Memory: the guard planned `streams` windows of the largest step (memory.Workload). The lanes never
-hold more KV cells than that in all: a new lane first frees the idle ones (no running sequence),
-then takes as many sequences as fit in what is left (at most n_seq, at least one); when not even
-one fits, the request waits for running ones to finish. A request always runs at its own step:
-its window is never shrunk, nor grown to share a larger lane."""
+Memory: the guard planned N sequences at the largest step (memory.Workload), and that is the lanes'
+budget, counted as memory.estimate counts it: each lane's KV cells and its context's compute
+buffers. A new lane takes as many sequences (at most N) as fit beside the lanes already open; only
+when not even one fits are the idle lanes (no running sequence) freed; if one still does not fit,
+the request waits for running ones to finish. A request always runs at its own step: its window
+is never shrunk, nor grown to share a larger lane."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ResourceError
 from ..gguf_meta import ModelFacts
+from ..memory import Workload, estimate
 from ..params import RuntimeParams
 from ..presets import Ladder
 from .backend import Context, Model
@@ -35,19 +37,14 @@ class Switch:
 class Lane:
     """One context of the ladder, its sequences (slots) and the scheduler that runs them."""
 
-    def __init__(self, ctx: Context, facts: ModelFacts) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Context, facts: ModelFacts, nbytes: int) -> None:
+        self.ctx, self.nbytes = ctx, nbytes  # nbytes: what the plan charges it (Windows.cost)
         self.slots = [Slot(ctx, seq, facts) for seq in range(ctx.n_seq)]
         self.scheduler = Scheduler(ctx)
 
     @property
     def params(self) -> RuntimeParams:
         return self.ctx.params
-
-    @property
-    def cells(self) -> int:
-        """KV cells held: every stream (the spare of an exact context included) of the window."""
-        return self.ctx.streams * self.ctx.n_ctx
 
     @property
     def busy(self) -> bool:
@@ -66,18 +63,24 @@ class Lane:
 class Windows:
     """The lanes of an engine; `current` is the one used last (what `Engine.params` reports)."""
 
-    def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, *, n_seq: int, threads: int | None,
-                 exact: bool = False) -> None:
-        self.model, self.facts, self.ladder = model, facts, ladder
-        self.n_seq, self.threads, self.exact = n_seq, threads, exact
-        self.spare = 1 if exact else 0
-        self.budget = (n_seq + self.spare) * ladder.top.n_ctx  # the cells memory was planned for
+    def __init__(self, model: Model, facts: ModelFacts, ladder: Ladder, workload: Workload, *,
+                 threads: int | None) -> None:
+        self.model, self.facts, self.ladder, self.workload, self.threads = model, facts, ladder, workload, threads
+        self.n_seq, self.exact = workload.n_seq, workload.exact
+        self.budget = self.cost(ladder.top, self.n_seq)  # what memory was planned for
         self.switches: list[Switch] = []  # every new window, oldest first
         self.lanes: dict[RuntimeParams, Lane] = {}
-        self._current: Lane | None = self._open(ladder.bottom, n_seq)
+        self._current: Lane | None = self._open(ladder.bottom, self.n_seq)
+
+    def cost(self, params: RuntimeParams, n_seq: int) -> int:
+        """A context's share of the memory plan: its KV cache and compute buffers (the weights and
+        the process are charged once, whatever the lanes)."""
+        est = estimate(self.facts, params, replace(self.workload, n_seq=n_seq))
+        return est.kv_bytes + est.compute_bytes - est.overhead_bytes
 
     def _open(self, params: RuntimeParams, n_seq: int) -> Lane:
-        lane = Lane(Context(self.model, params, n_seq=n_seq, threads=self.threads, exact=self.exact), self.facts)
+        ctx = Context(self.model, params, n_seq=n_seq, threads=self.threads, exact=self.exact)
+        lane = Lane(ctx, self.facts, self.cost(params, n_seq))
         self.lanes[params] = lane
         return lane
 
@@ -103,45 +106,47 @@ class Windows:
         """The runs in progress, every lane's."""
         return [run for lane in self for run in lane.scheduler.active]
 
-    def _room(self, params: RuntimeParams) -> int:
-        """How many sequences a new lane at `params` could hold once the idle lanes are freed."""
-        held = sum(lane.cells for lane in self if lane.busy)
-        return min(self.n_seq, (self.budget - held) // params.n_ctx - self.spare)
+    def _fit(self, params: RuntimeParams, beside: list[Lane]) -> int:
+        """How many sequences (at most n_seq) a new lane at `params` can hold beside `beside`."""
+        left = self.budget - sum(lane.nbytes for lane in beside)
+        return next((n for n in range(self.n_seq, 0, -1) if self.cost(params, n) <= left), 0)
 
     def can_start(self, needed: int) -> bool:
         """Whether a request of `needed` tokens can start now: its step's lane has a free sequence,
-        or a lane of that step can be made beside the busy ones."""
-        lane = self.lanes.get(self.ladder.step_for(needed))
+        or a lane of that step fits beside the busy ones."""
+        step = self.ladder.step_for(needed)
+        lane = self.lanes.get(step)
         if lane is not None:
             return bool(lane.free_slots())
-        return self._room(self.ladder.step_for(needed)) >= 1
+        return self._fit(step, [lane for lane in self if lane.busy]) >= 1
 
     def use(self, needed: int) -> Switch | None:
         """Make the lane of the smallest step that holds `needed` tokens current (the largest when
-        none does: the overflow check refuses those), opening it if needed. Returns the switch
-        made, if a new context was."""
+        none does: the overflow check refuses those), opening it if needed: beside the open lanes
+        when it fits, else after freeing the idle ones. Returns the switch made, if a new context was."""
         step = self.ladder.step_for(needed)
         lane = self.lanes.get(step)
-        if lane is not None and (lane.busy or lane.ctx.n_seq >= min(self.n_seq, self._room(step))):
+        if lane is not None:
             if not lane.free_slots():
                 raise ResourceError(f"Every sequence of the {step.n_ctx:,}-token window is busy ({lane.ctx.n_seq} of "
                                     f"{lane.ctx.n_seq}); wait for one to finish.")
             self._current = lane
             return None
-        n = self._room(step)
+        n = self._fit(step, list(self))
         if n < 1:
-            raise ResourceError(f"No room for a {step.n_ctx:,}-token window beside the running sequences; "
-                                "wait for them to finish.")
+            n = self._fit(step, [lane for lane in self if lane.busy])
+            if n < 1:
+                raise ResourceError(f"No room for a {step.n_ctx:,}-token window beside the running sequences; "
+                                    "wait for them to finish.")
+            for idle in [lane for lane in self if not lane.busy]:
+                self._drop(idle)
         return self._switch(step, n)
 
     def _switch(self, params: RuntimeParams, n_seq: int) -> Switch:
-        """Idle lanes (and their KV caches) are freed first, so memory holds the busy lanes and the
-        new one; if the new context cannot be created, the previous window is restored when no
-        lane is left, and the error says so."""
+        """A new lane; if llama.cpp cannot create its context, the engine stays on a lane it has
+        (the previous window made again when none is left), and the error says so."""
         start = time.perf_counter()
         before = self._current.params if self._current is not None else self.ladder.bottom
-        for lane in [lane for lane in self if not lane.busy]:
-            self._drop(lane)
         try:
             lane = self._open(params, n_seq)
         except ValueError as exc:
@@ -154,8 +159,8 @@ class Windows:
         return switch
 
     def _fallback(self, before: RuntimeParams, params: RuntimeParams, exc: ValueError) -> Lane:
-        """The lane to stay on after a failed switch: the current one if busy, another busy one,
-        or the previous window made again."""
+        """The lane to stay on after a failed switch: the current one, another open one, or the
+        previous window made again."""
         if self._current is not None:
             return self._current
         if self.lanes:

@@ -194,7 +194,7 @@ class Summarizer:
             return gen
         return {"role": call.role, "prompt_tokens": len(request["tokens"]),
                 "generated_tokens": gen.timings.generated_tokens, "seconds": round(seconds, 3),
-                "window": self.engine.n_ctx,  # the one this call ran at
+                "window": gen.window,  # the one this call ran at
                 "restored_tokens": gen.timings.restored_tokens, "summary": gen.text.strip()}
 
     def _advance(self, info: dict[str, Any], doc_tokens: int, cached: bool) -> None:
