@@ -3,7 +3,7 @@
 The default model under `auto --ctx 16384` (ladder 8,192 → 16,384) with 4 sequences, as `serve
 --parallel 4` opens it: one long request (a prompt past the trained 8K, so the 16,384 step) arrives
 first, then 3 short chat-sized ones (the 8,192 step). With lanes the short ones run in the 8,192
-context beside the long one; one context at a time (before lanes, and what `--lanes off` emulates
+context beside the long one; one context at a time (before lanes; the `one_context` run emulates it
 here with the same engine) makes them wait until the long one is done. Printed: each short
 request's latency (arrival to last token) and the whole batch's time, both ways.
 

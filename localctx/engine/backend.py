@@ -201,14 +201,18 @@ class Context:
     spans the others' cells, a sequence's results do not depend on where the others sit, and its
     window is exactly the preset's.
 
-    `exact`: one more stream, never a sequence's, so that no decode is a lone token. llama.cpp's
-    CPU flash attention takes a split-KV path for a batch of one query row against 512 or more
-    cells (ggml-cpu ops.cpp, ggml_compute_forward_flash_attn_ext_f16: use_split_kv_path), which
-    cuts the cells into one chunk per thread and adds the partial softmax sums: its logits change
-    with the thread count and differ from the one-row-at-a-time path that any batch of two or more
-    sequences takes. A lone token gets a companion token in the spare stream (its cell removed
-    after), so every decode takes the one-row path: results independent of threads
-    (benchmarks/RESULTS.md §13; what neighbours in a batch still do: sequences.Scheduler)."""
+    `exact`: a row's logits depend neither on the thread count nor on what else the batch holds.
+    llama.cpp cuts a batch into micro-batches with split_equal (the same rows for every sequence
+    of a micro-batch, and only consecutive sequence ids together), and its CPU flash attention
+    picks a kernel by the rows per stream of a micro-batch: a tiled one from 64 rows, a one-row one
+    below, and for one query row alone against 512 cells or more a split-KV one (ggml-cpu ops.cpp,
+    ggml_compute_forward_flash_attn_ext_f16: use_split_kv_path) that cuts the cells into one chunk
+    per thread and adds the partial sums, so its logits change with the thread count. Each kernel
+    computes a row from its own query and cells. So a sequence with one row in a batch gets a
+    companion token in its own stream, one position ahead (where the row does not see it; its cell
+    removed after): it takes the one-row kernel whatever its neighbours, alone or not. Where its
+    window has no cell left for one, the companion goes to a spare stream (one more, never a
+    sequence's), which helps only a batch of one row (benchmarks/RESULTS.md §13)."""
 
     def __init__(self, model: Model, params: RuntimeParams, *, n_seq: int = 1, threads: int | None = None,
                  exact: bool = False) -> None:
@@ -217,6 +221,8 @@ class Context:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = params.n_ctx * streams
         cp.n_batch, cp.n_ubatch = params.n_batch, min(params.n_batch, params.n_ubatch)
+        if exact:  # room for a companion beside each sequence's generated token
+            cp.n_batch = max(params.n_batch, 2 * streams)
         cp.n_seq_max = streams
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = threads
@@ -238,7 +244,8 @@ class Context:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ptr)) // streams  # per sequence
         self.streams = streams
         self.spare = n_seq if exact else None  # the companion's stream
-        self.batch = Batch(params.n_batch + 1)
+        self.batch = Batch(cp.n_batch + 1)
+        self.n_batch = cp.n_batch
 
     def close(self) -> None:
         if self.ptr:
@@ -247,15 +254,44 @@ class Context:
             self.ptr = None
 
     def decode(self, batch: Batch) -> None:
-        if self.spare is not None and batch.n == 1:
-            batch.add(batch.raw.token[0], 0, self.spare, False)
-            try:
-                self._decode(batch)
-            finally:
-                batch.n = batch.raw.n_tokens = 1
-                llama_cpp.llama_memory_seq_rm(self.mem, self.spare, -1, -1)
-            return
-        self._decode(batch)
+        if self.spare is None:
+            return self._decode(batch)
+        n = batch.n
+        added = self._companions(batch)
+        try:
+            return self._decode_and_remove(batch, n, added)
+        except ResourceError:
+            if not added:
+                raise
+        # No free cell for a companion (llama.cpp decoded nothing): a lone row's goes to the spare stream.
+        retry = [(self.spare, 0)] if n == 1 else []
+        for seq, pos in retry:
+            batch.add(batch.raw.token[0], pos, seq, False)
+        self._decode_and_remove(batch, n, retry)
+
+    def _companions(self, batch: Batch) -> list[tuple[int, int]]:
+        """A companion for each sequence with one row in `batch` (see the class); returns where."""
+        raw, rows = batch.raw, dict[int, int]()
+        for j in range(batch.n):
+            seq = raw.seq_id[j][0]
+            rows[seq] = j if seq not in rows else -1
+        added: list[tuple[int, int]] = []
+        for seq, j in rows.items():
+            if j >= 0 and raw.pos[j] + 1 < self.n_ctx and batch.n < self.n_batch:
+                added.append((seq, raw.pos[j] + 1))
+                batch.add(raw.token[j], raw.pos[j] + 1, seq, False)
+        if not added and batch.n == 1:  # its window is full: the spare stream's
+            added.append((self.spare, 0))
+            batch.add(raw.token[0], 0, self.spare, False)
+        return added
+
+    def _decode_and_remove(self, batch: Batch, n: int, added: list[tuple[int, int]]) -> None:
+        try:
+            self._decode(batch)
+        finally:
+            batch.n = batch.raw.n_tokens = n
+            for seq, pos in added:
+                llama_cpp.llama_memory_seq_rm(self.mem, seq, pos, -1)
 
     def _decode(self, batch: Batch) -> None:
         rc = llama_cpp.llama_decode(self.ptr, batch.raw)

@@ -5,7 +5,8 @@ completion in progress on a slot. `Scheduler.step` is one round of continuous ba
 llama_decode carries the next token of every generating run and, in what room is left, prefill
 chunks of runs that may share a batch; runs whose answers must not depend on what ran beside them
 (summarize, eval: `mixed=False`) have their prefill decoded alone, in the chunks a run alone would
-use, and only their generated tokens join the shared batch (see docs/architecture.md)."""
+use, and only their generated tokens share a batch, where an exact context gives each row what it
+gets alone (see docs/architecture.md)."""
 from __future__ import annotations
 
 import codecs
@@ -19,7 +20,6 @@ from ..params import RuntimeParams
 from .backend import Batch, Context, Sampler
 from .positions import Positions
 
-KV_PAD = 256  # llama.cpp attends over a multiple of 256 cells (llama-kv-cache.cpp get_n_kv)
 
 
 @dataclass
@@ -286,15 +286,10 @@ class Scheduler:
                 self._decode([], [run])
         live = [r for r in live if not r.done]
         generating = [r for r in live if r.last is not None and not r.pending]
-        # Runs whose answers must not depend on their neighbours share a batch only with runs of
-        # the same padded length: llama.cpp attends over as many cells as the longest sequence of
-        # the batch holds (rounded up to 256), and a longer neighbour changes a row's logits.
-        buckets: dict[int, list[Run]] = {}
-        for run in generating:
-            if not run.mixed:
-                buckets.setdefault(len(run.slot.tokens) // KV_PAD, []).append(run)
-        for group in buckets.values():
-            self._decode(group, [])
+        # Generated tokens of runs whose answers must not depend on their neighbours share a batch
+        # of their own: in an exact context each row then gets the logits it gets alone
+        # (backend.Context); mixed runs share one with prefill chunks.
+        self._decode([r for r in generating if not r.mixed], [])
         self._decode([r for r in generating if r.mixed], [r for r in live if r.pending and r.mixed])
         self.runs = [r for r in self.runs if not r.done]
 
