@@ -86,7 +86,7 @@ def eval_group() -> None:
 @click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
 @click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
 @click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
-@parallel_option(1, "Cells of one window (chunks: windows of a cell)")
+@parallel_option(1, "Cells of one window (chunks: windows of a cell; the same results as one at a time)")
 def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
         plot_file: Path | None, text_file: Path | None, mode: str, span: int, end: int | None, ctx: int | None,
         max_chunks: int | None, parallel: int) -> None:
