@@ -67,7 +67,8 @@ def _score_wave(slots: list[Slot], ctx: Context, n_vocab: int, wave: Sequence[Re
                 should_stop: Callable[[], bool] | None) -> list[np.ndarray]:
     n_batch = ctx.params.n_batch
     unit = min(n_batch, ctx.params.n_ubatch)  # what one micro-batch holds (backend.Context)
-    target = max(TILE, unit // len(slots))
+    # Whole query tiles, and at least two: ggml converts each cell tile once per query tile.
+    target = max(2 * TILE, unit // len(slots) // TILE * TILE)
     wanted = [sorted(set(positions)) for _, positions in wave]
     index = [{p: i for i, p in enumerate(w)} for w in wanted]
     out = [np.empty((len(w), n_vocab), dtype=np.float32) for w in wanted]
@@ -80,7 +81,9 @@ def _score_wave(slots: list[Slot], ctx: Context, n_vocab: int, wave: Sequence[Re
             raise Cancelled("The request was cancelled.")
         size = next(t[0] for t in todo if t)
         fit = max(1, unit // max(size, 2))  # one micro-batch; a one-token piece takes its companion along
-        batch = [s for s, t in enumerate(todo) if t and t[0] == size][:fit]
+        # The sequences furthest behind first, so that batches stay full to the end.
+        ready = sorted((s for s, t in enumerate(todo) if t and t[0] == size), key=lambda s: -len(todo[s]))
+        batch = sorted(ready[:fit])
         _decode(ctx, n_vocab, [(slots[s], wave[s][0], index[s], out[s]) for s in batch], size)
         for s in batch:
             todo[s].pop(0)
