@@ -5,8 +5,9 @@ logits: Engine.logits_many on N windows of different lengths against logits_at o
         exact engine, per preset: the largest logit difference and the rows that differ (positions:
         every 7th and the last 256). --naive cuts each window into even pieces of n_batch / N
         tokens regardless of where a lone run's micro-batches end (what the piece rules prevent).
-grid:   `eval ppl` of 6 cells at one window, --parallel 1 against --parallel 6 (fresh caches, one
-        after the other in this process): the times, the ratio, whether the perplexities are identical.
+grid:   `eval ppl` of 6 cells at one window, --parallel 1 against --parallel 6 (fresh caches, in
+        this process, alternating which goes first): the times, the ratio, the 1-minute load
+        average after each round, whether the perplexities are identical.
 
     .venv/bin/python benchmarks/bench_ppl_parallel.py --part logits --presets native,yarn-16k
     .venv/bin/python benchmarks/bench_ppl_parallel.py --part grid --json benchmarks/results/ppl_parallel.json
@@ -17,6 +18,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.p
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +40,8 @@ def logits(preset: str, lengths: list[int], n: int, threads: int) -> list[dict]:
     text = (CORPUS / "pride_and_prejudice.txt").read_text(encoding="utf-8")
     with open_engine(spec, workload=Workload("score", 1, exact=True)) as e:
         tokens = e.tokenize(text)
-        requests = [(tokens[i * 5000 : i * 5000 + n_tok], sorted(set(range(0, n_tok - 1, 7)) | set(range(n_tok - 257, n_tok - 1))))
+        requests = [(tokens[i * 5000 : i * 5000 + n_tok],
+                     sorted(set(range(0, n_tok - 1, 7)) | set(range(n_tok - 257, n_tok - 1))))
                     for i, n_tok in enumerate(lengths)]
         alone = [e.logits_at(t, p) for t, p in requests]
     with open_engine(spec, workload=Workload("score", n, exact=True)) as e:
@@ -64,21 +67,28 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--naive", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="grid: rounds, alternating which goes first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.naive:
         scoring.pieces = lambda n, chunk, unit, target: [min(target, n - i) for i in range(0, n, target)]
     if args.part == "logits":
+        lengths = [int(x) for x in args.lengths.split(",")]
         out = {"logits": [row for preset in args.presets.split(",")
-                          for row in logits(preset, [int(x) for x in args.lengths.split(",")], args.parallel, args.threads)]}
+                          for row in logits(preset, lengths, args.parallel, args.threads)]}
         for row in out["logits"]:
             print(row, flush=True)
     else:
-        one, many = grid(1), grid(6)
-        out = {"grid": {"lengths": GRID_LENGTHS, "parallel_1_s": one["seconds"], "parallel_6_s": many["seconds"],
-                        "speedup": round(one["seconds"] / many["seconds"], 2),
-                        "identical": sum(a == b for a, b in zip(one["ppl"], many["ppl"])), "cells": len(GRID_LENGTHS)}}
-        print(out["grid"], flush=True)
+        rounds = []
+        for r in range(args.rounds):  # alternating which goes first: the CPU's load drifts
+            order = (1, 6) if r % 2 == 0 else (6, 1)
+            found = {n: grid(n) for n in order}
+            rounds.append({"parallel_1_s": found[1]["seconds"], "parallel_6_s": found[6]["seconds"],
+                           "speedup": round(found[1]["seconds"] / found[6]["seconds"], 2), "first": order[0],
+                           "load_average": os.getloadavg()[0],
+                           "identical": sum(a == b for a, b in zip(found[1]["ppl"], found[6]["ppl"]))})
+            print(rounds[-1], flush=True)
+        out = {"grid": {"lengths": GRID_LENGTHS, "cells": len(GRID_LENGTHS), "rounds": rounds}}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
