@@ -144,16 +144,18 @@ def summarize_files(paths: Sequence[str | os.PathLike[str]], *, model: ModelRef 
 
 def evaluate_perplexity(presets: Sequence[str], lengths: Sequence[int | str], *, model: ModelRef = None,
                         text: str | os.PathLike[str] | None = None, mode: str = "fixed", span: int = 256,
-                        end: int | None = None, max_chunks: int | None = None, use_cache: bool = True,
-                        progress: Callable[[str], None] | None = None, workers: int | None = None,
-                        ray_address: str | None = None, **run: Any) -> EvalResult:
+                        end: int | None = None, max_chunks: int | None = None, parallel: int = 1,
+                        use_cache: bool = True, progress: Callable[[str], None] | None = None,
+                        workers: int | None = None, ray_address: str | None = None, **run: Any) -> EvalResult:
     """Perplexity of each preset against context length (lengths as 8192 or "8k"). Fixed mode scores
     the same `span` tokens after each length of context; "chunks" is llama-perplexity's method.
     Cells are cached (resumable) unless `use_cache` is False. `text` defaults to the shared corpus.
-    `workers` / `ray_address`: compute the cells on Ray workers (see the module docstring)."""
+    `workers` / `ray_address`: compute the cells on Ray workers (see the module docstring).
+    `parallel`: cells of one window (chunks: windows of a cell) at once, as sequences sharing
+    batches (the same results)."""
     executor = executor_for(workers, ray_address)
     request = PplRequest(list(presets), _lengths(lengths), load_text(text), mode=mode, span=span, end=end,
-                         max_chunks=max_chunks)
+                         max_chunks=max_chunks, parallel=parallel)
     return run_ppl(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                    progress=progress or _quiet, executor=executor)
 

@@ -286,3 +286,21 @@ def test_a_failed_decode_ends_its_runs_and_keeps_what_the_cells_hold(text: str, 
         monkeypatch.setattr(backend.Context, "decode", real)
         e.reset_cache()
         assert e.complete(prompt, max_tokens=8).text == expected
+
+
+def test_windows_scored_together_get_the_logits_each_gets_alone(text: str) -> None:
+    """Engine.logits_many: three windows as parallel sequences sharing batches, every row's logits
+    bit-identical to the window scored alone. The lengths reach each of llama.cpp's flash-attention
+    kernels (engine.scoring): a lone chunk of 200 rows cut in two (tiled), a tail of 18 rows (one row
+    at a time), and a last token alone, in a sequence not next to the spare stream (split-KV unless
+    it has a companion)."""
+    spec = RunSpec(preset="native", ctx=1024, threads=2, kv_cache=False)
+    with open_engine(spec, workload=Workload("score", 1, exact=True)) as e:
+        tokens = e.tokenize(text[:9000])
+        requests = [(tokens[i * 600 : i * 600 + n], list(range(n))) for i, n in enumerate((200, 513, 530))]
+        alone = [e.logits_at(t, p) for t, p in requests]
+    with open_engine(spec, workload=Workload("score", 3, exact=True)) as e:
+        together = e.logits_many(requests)
+        assert [s.tokens for s in e._slots] == [t for t, _ in requests]  # left for reuse, as logits_at
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b), float(np.abs(a - b).max())

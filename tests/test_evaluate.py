@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import localctx
+
 from localctx.engine import Engine
 from localctx.errors import InputError
 from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, Text, load_text, parse_depths, parse_lengths
@@ -174,6 +176,29 @@ def test_chunks_mode_scores_second_half_of_each_window(alice, factory):
     assert cell["chunks"] == 2 and cell["scored_tokens"] == 2 * 127 and math.isfinite(cell["ppl"])
     assert [(n, p[0], len(p), rows) for n, p, rows in factory.made[0].requests] == [(256, 128, 127, 127)] * 2
     assert cell["llama_perplexity"].startswith("llama-perplexity -m ") and " -c 256 " in cell["llama_perplexity"]
+
+
+def test_parallel_ppl_gives_each_cell_its_one_at_a_time_result(cli, short_model, corpus):
+    """--parallel: cells of one step of auto's ladder are scored together (200 and 520 tokens at the
+    1,024-token step, 1,030 alone at 2,048; windows of a cell in chunks mode), each with exactly the
+    result it gets alone; a repeat computes nothing."""
+    text, model = corpus / "alice.txt", str(short_model)
+    fixed = ("eval", "ppl", "--model", model, "--presets", "auto", "--lengths", "200,520,1030",
+             "--span", "64", "--text", str(text), "--json")
+    together = cli(*fixed, "--parallel", "3")
+    assert together.returncode == 0, together.stderr
+    assert "200, 520: computing" in together.stderr and "1,030: computing" in together.stderr
+    alone = localctx.evaluate_perplexity(["auto"], [200, 520, 1030], model=model, span=64,
+                                               text=text, use_cache=False)
+    assert [c["ppl"] for c in json.loads(together.stdout)["cells"]] == [c["ppl"] for c in alone.cells]
+    assert [c["window"] for c in alone.cells] == [1024, 1024, 2048]
+    again = cli(*fixed, "--parallel", "3")
+    assert "0 cell(s) computed" in again.stderr  # cached (the one-at-a-time run rewrote them: the same)
+    assert [c["ppl"] for c in json.loads(again.stdout)["cells"]] == [c["ppl"] for c in alone.cells]
+    chunks = lambda n: localctx.evaluate_perplexity(  # noqa: E731
+        ["native"], [128], mode="chunks", max_chunks=3, parallel=n, text=text, use_cache=False).cells[0]
+    assert chunks(3)["ppl"] == chunks(1)["ppl"]
+    assert_clean_error(cli("eval", "ppl", "--parallel", "0"), "--parallel")
 
 
 # --- passkey -----------------------------------------------------------------------------------

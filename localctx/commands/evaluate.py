@@ -86,9 +86,10 @@ def eval_group() -> None:
 @click.option("--end", type=click.IntRange(1), help="fixed: text token where the span ends [default: the largest length].")
 @click.option("--ctx", type=click.IntRange(16), help="chunks: window size (shorthand for --lengths N).")
 @click.option("--chunks", "max_chunks", type=click.IntRange(1), help="chunks: score at most this many windows.")
+@parallel_option(1, "Cells of one window (chunks: windows of a cell; the same results as one at a time)")
 def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool, as_csv: bool,
         plot_file: Path | None, text_file: Path | None, mode: str, span: int, end: int | None, ctx: int | None,
-        max_chunks: int | None) -> None:
+        max_chunks: int | None, parallel: int) -> None:
     """Perplexity against context length, one row per preset.
 
     In fixed mode the same target span (the SPAN tokens ending at token END) is scored after
@@ -103,12 +104,13 @@ def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no
       localctx eval ppl --presets native --lengths 2k,4k,8k --text book.txt --csv
       localctx eval ppl --presets native,yarn-32k --mode chunks --ctx 512 --chunks 20 --json
       localctx eval ppl --presets native,yarn-32k --lengths 2k,4k,8k --workers 4
+      localctx eval ppl --presets native --lengths 1k,2k,3k,4k,5k,6k --parallel 6
     """
     from ..evaluate import CellCache, PplRequest, load_text, parse_lengths, parse_presets, ppl_table, run_ppl
 
     _check_plot(plot_file)
     request = PplRequest(parse_presets(presets), [ctx] if ctx else parse_lengths(lengths), load_text(text_file),
-                         mode=mode, span=span, end=end, max_chunks=max_chunks)
+                         mode=mode, span=span, end=end, max_chunks=max_chunks, parallel=parallel)
     result = run_ppl(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
                      compute=not cached_only, executor=executor)
     _render(result, ppl_table, as_json, as_csv, plot_file)

@@ -19,6 +19,7 @@ from ..memory import SCORE, Workload
 from ..params import RuntimeParams
 from ..presets import Ladder
 from .backend import DEFAULT_SEED, Model, Sampler, llama_arguments, set_llama_log
+from .scoring import score_many
 from .sequences import Generation, Run, Scheduler, Slot
 from .snapshots import Snapshots
 from .tokens import TextMethods, Tokenizer
@@ -296,6 +297,19 @@ class Engine(TextMethods):
 
         slot.decode(list(tokens), index.__contains__, keep, should_stop)
         return out[[index[p] for p in positions]] if list(positions) != wanted else out
+
+    def logits_many(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                    should_stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
+        """`logits_at` for each (tokens, positions) request, up to `n_seq` at a time as parallel
+        sequences sharing batches, each row's logits the same as alone (engine.scoring). All
+        requests must run at one window (an adaptive engine's step)."""
+        longest = max((len(tokens) for tokens, _ in requests), default=0)
+        if longest > self.max_ctx:
+            raise ContextOverflowError(f"{longest:,} tokens do not fit the {self.max_ctx:,}-token window.")
+        if len({self.ladder.step_for(len(tokens)) for tokens, _ in requests}) > 1:
+            raise ValueError("logits_many: every request must run at the same window")
+        self.use_window(longest)
+        return score_many(self.lane.slots, self.lane.ctx, self.n_vocab, requests, should_stop)
 
     # --- state ----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class EvalEngine(Protocol):
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
     def logits_at(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
+    def logits_many(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]: ...
     def complete(self, tokens: Sequence[int], **kwargs: Any) -> Any: ...
     def close(self) -> None: ...
 
@@ -46,6 +47,21 @@ def open_eval_engine(resolved: Resolved, parallel: int = 1) -> EvalEngine:
     from ..runtime import open_engine  # loads llama_cpp: only when a cell needs the model
 
     return open_engine(resolved, workload=eval_workload(parallel))
+
+
+def same_step_groups(engine: EvalEngine, jobs: list[Any], n: int) -> Iterator[list[Any]]:
+    """Jobs in groups of up to n whose cells run at the same window (an adaptive engine's step)."""
+    def step(job: Any) -> RuntimeParams:
+        return engine.ladder.step_for(job[0]["length"])
+
+    group: list[Any] = []
+    for job in jobs:
+        if group and (len(group) == n or step(group[0]) != step(job)):  # n == 1: no ladder needed
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
 
 
 @dataclass

@@ -17,7 +17,8 @@ from ..errors import InputError
 from ..params import result_params
 from ..runtime import Resolved, RunSpec
 from .cache import CACHE_VERSION, CellCache
-from .grid import Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid
+from .grid import (Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid,
+                   same_step_groups)
 from .ppl import bos_prefix
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -111,19 +112,6 @@ def _result(prompt: PasskeyPrompt, answer: str, seconds: float) -> dict[str, Any
             "prompt_tokens": len(prompt.tokens), "key_token": prompt.key_start, "seconds": seconds}
 
 
-def _same_step_groups(engine: EvalEngine, jobs: list[Any], n: int) -> Iterator[list[Any]]:
-    """Jobs in groups of up to n whose cells run at the same window (an adaptive engine's step)."""
-    group: list[Any] = []
-    for job in jobs:
-        step = engine.ladder.step_for(job[0]["length"])
-        if group and (len(group) == n or engine.ladder.step_for(group[0][0]["length"]) != step):
-            yield group
-            group = []
-        group.append(job)
-    if group:
-        yield group
-
-
 class Passkey:
     """The passkey evaluation as the grid loop drives it."""
 
@@ -162,7 +150,7 @@ class Passkey:
             for cell, key, prompt in jobs:
                 yield cell, key, passkey_cell(engine, prompt)
             return
-        for group in _same_step_groups(engine, jobs, n):
+        for group in same_step_groups(engine, jobs, n):
             yield from zip([c for c, _, _ in group], [k for _, k, _ in group], passkey_cells(engine, [p for *_, p in group]))
 
     def describe(self, cell: Cell, found: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 llama-perplexity's consecutive windows (so the numbers can be checked against that tool)."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,8 @@ from ..gguf_meta import ModelFacts
 from ..params import RuntimeParams, result_params
 from ..runtime import Resolved, RunSpec
 from .cache import CACHE_VERSION, CellCache
-from .grid import Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid
+from .grid import (Cell, EngineFactory, EvalEngine, EvalResult, Key, Progress, open_eval_engine, run_grid,
+                   same_step_groups)
 from .parse import Text
 
 DEFAULT_SPAN = 256
@@ -33,6 +35,7 @@ class PplRequest:
     span: int = DEFAULT_SPAN  # fixed: tokens scored
     end: int | None = None  # fixed: text token where the span ends [default: the largest length]
     max_chunks: int | None = None  # chunks: stop after this many windows (like --chunks)
+    parallel: int = 1  # windows at once, as sequences sharing batches (each cell's result is the same)
 
 
 def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
@@ -64,19 +67,28 @@ def fixed_window(tokens: Sequence[int], prefix: Sequence[int], length: int, end:
     return list(prefix) + list(tokens[end - body : end])
 
 
-def score_window(engine: EvalEngine, window: Sequence[int], first: int) -> tuple[float, int]:
-    """Sum of NLL of window[first+1:] given what precedes each; logits only at those positions."""
-    positions = list(range(first, len(window) - 1))
-    logits = engine.logits_at(window, positions)
-    nll = token_nll(logits, [window[p + 1] for p in positions])
-    return float(nll.sum()), len(positions)
+def score_windows(engine: EvalEngine, windows: Sequence[tuple[Sequence[int], int]]) -> list[tuple[float, int]]:
+    """For each (window, first): the sum of NLL of window[first+1:] given what precedes each, and
+    how many; logits only at those positions. An engine of several sequences scores the windows
+    as parallel sequences (Engine.logits_many: the same logits as one at a time)."""
+    requests = [(window, list(range(first, len(window) - 1))) for window, first in windows]
+    if getattr(engine, "n_seq", 1) > 1:
+        logits = engine.logits_many(requests)
+    else:
+        logits = [engine.logits_at(window, positions) for window, positions in requests]
+    return [(float(token_nll(rows, [window[p + 1] for p in positions]).sum()), len(positions))
+            for (window, positions), rows in zip(requests, logits)]
 
 
-def fixed_span_cell(engine: EvalEngine, tokens: Sequence[int], length: int, end: int, span: int) -> dict[str, Any]:
-    window = fixed_window(tokens, bos_prefix(engine), length, end, span)
+def fixed_span_cells(engine: EvalEngine, tokens: Sequence[int], lengths: Sequence[int], end: int,
+                     span: int) -> list[dict[str, Any]]:
+    """The cells of `lengths` (at one window), scored together; each reports the group's time shared."""
+    prefix = bos_prefix(engine)
+    windows = [fixed_window(tokens, prefix, length, end, span) for length in lengths]
     start = time.perf_counter()
-    total, n = score_window(engine, window, len(window) - span - 1)
-    return _ppl_fields(total, n, time.perf_counter() - start, len(window))
+    scores = score_windows(engine, [(window, len(window) - span - 1) for window in windows])
+    seconds = (time.perf_counter() - start) / len(windows)
+    return [_ppl_fields(total, n, seconds, len(window)) for window, (total, n) in zip(windows, scores)]
 
 
 def chunks_cell(engine: EvalEngine, tokens: Sequence[int], n_ctx: int, max_chunks: int | None,
@@ -90,14 +102,19 @@ def chunks_cell(engine: EvalEngine, tokens: Sequence[int], n_ctx: int, max_chunk
         raise InputError(f"The text has {len(stream):,} tokens, fewer than one {n_ctx:,}-token window.")
     n_chunks = min(n_chunks, max_chunks or n_chunks)
     total, n, start = 0.0, 0, time.perf_counter()
-    for i in range(n_chunks):
-        window = stream[i * n_ctx : (i + 1) * n_ctx]
-        if prefix:
-            window[0] = prefix[0]
-        s, k = score_window(engine, window, n_ctx // 2)
-        total, n = total + s, n + k
-        if (i + 1) % 10 == 0 or i + 1 == n_chunks:
-            progress(f"    chunk {i + 1}/{n_chunks}: ppl {math.exp(total / n):.4f}")
+    step = getattr(engine, "n_seq", 1)  # windows scored at once
+    for first in range(0, n_chunks, step):
+        windows = []
+        for i in range(first, min(first + step, n_chunks)):
+            window = stream[i * n_ctx : (i + 1) * n_ctx]
+            if prefix:
+                window[0] = prefix[0]
+            windows.append((window, n_ctx // 2))
+        for s, k in score_windows(engine, windows):
+            total, n = total + s, n + k
+        done = first + len(windows)
+        if done // 10 > first // 10 or done == n_chunks:
+            progress(f"    chunk {done}/{n_chunks}: ppl {math.exp(total / n):.4f}")
     cell = _ppl_fields(total, n, time.perf_counter() - start, n_chunks * n_ctx)
     cell["chunks"] = n_chunks
     return cell
@@ -151,15 +168,21 @@ class Perplexity:
         r = self.request
         if self.tokens is None:
             self.tokens = engine.tokenize(r.text.text, add_bos=False)
+        if r.mode == "fixed":
+            # By length: an adaptive engine switches window once per step, and cells of one step
+            # are scored together when the engine has several sequences.
+            jobs = sorted(todo, key=lambda job: job[0]["length"])
+            for group in same_step_groups(engine, jobs, getattr(engine, "n_seq", 1)):
+                lengths = [cell["length"] for cell, _ in group]
+                progress(f"{group[0][0]['preset']} {', '.join(f'{n:,}' for n in lengths)}: computing ...")
+                found = fixed_span_cells(engine, self.tokens, lengths, self.end, r.span)
+                yield from ((cell, key, f) for (cell, key), f in zip(group, found))
+            return
         for cell, key in todo:
             progress(f"{cell['preset']} {cell['length']:,}: computing ...")
-            if r.mode == "fixed":
-                found = fixed_span_cell(engine, self.tokens, cell["length"], self.end, r.span)
-            else:
-                found = chunks_cell(engine, self.tokens, cell["length"], r.max_chunks, progress)
-                found["llama_perplexity"] = llama_perplexity_command(resolved.facts, resolved.params_for(cell["length"]),
-                                                                     r.text.path,
-                                                                     cell["length"], r.max_chunks)
+            found = chunks_cell(engine, self.tokens, cell["length"], r.max_chunks, progress)
+            found["llama_perplexity"] = llama_perplexity_command(resolved.facts, resolved.params_for(cell["length"]),
+                                                                 r.text.path, cell["length"], r.max_chunks)
             yield cell, key, found
 
     def describe(self, cell: Cell, found: dict[str, Any]) -> str:
@@ -173,5 +196,7 @@ def run_ppl(request: PplRequest, spec: RunSpec | Resolved = RunSpec(), *, cache:
             engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
             compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Perplexity for every (preset, length) cell (see `grid.run_grid` for caching and loading)."""
+    if engine_factory is open_eval_engine and request.parallel > 1:
+        engine_factory = functools.partial(open_eval_engine, parallel=request.parallel)
     return run_grid(Perplexity(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
                     progress=progress, compute=compute, executor=executor)
