@@ -15,8 +15,8 @@ Batches: with --parallel N each worker opens its engine with N sequences, and th
 idle worker up to N queued tasks of one kind (model calls of any documents; cells of one preset)
 in one actor call (Worker.execute_many, Worker.evaluate_many), which runs them as parallel
 sequences, as one process does with --parallel N; each task still has its own outcome. At
---parallel 1 (the default) every actor call is one task, and results are exact (see
-docs/architecture.md, "What batching does to results", for the tolerance of a shared batch).
+--parallel 1 (the default) every actor call is one task. Results are exact either way: a task
+that shared a batch gets what it gets alone (docs/architecture.md, "What batching does to results").
 
 Faults: a worker that dies (SIGKILL, out of memory, ray.kill) loses only its tasks: they go to
 another worker and the dead one is replaced; a task whose worker dies twice fails (its document is

@@ -130,7 +130,7 @@ def test_worker_killed_mid_batch_loses_only_its_task(single, documents):
 @pytest.mark.slow
 def test_a_worker_killed_mid_batch_requeues_each_of_its_tasks(documents):
     """At --parallel 2 two workers take two calls each: the one killed loses both, and every
-    document is still summarized (within a shared batch's tolerance: no comparison of texts)."""
+    document is still summarized."""
     reporter = KillAWorkerMidTask()
     result = summarize_batch(documents, SPEC, PARALLEL, executor=TWO, reporter=reporter)
     assert reporter.killed is not None, "no worker was running a task when a call came back"

@@ -122,7 +122,7 @@ def ppl(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no
               help="Where the key goes: fractions of the filler, 0 = start, 1 = just before the question.")
 @click.option("--trials", type=click.IntRange(1), default=1, show_default=True, help="Keys per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chooses the keys.")
-@parallel_option(1, "Cells of one window", "With --workers / --ray: on each worker.")
+@parallel_option(1, "Cells of one window", "The same results as one at a time. With --workers / --ray: on each worker.")
 def passkey(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool, as_json: bool,
             as_csv: bool, plot_file: Path | None, depths: str, trials: int, seed: int, parallel: int) -> None:
     """Passkey retrieval: can the model repeat a number hidden in LENGTH tokens of filler?

@@ -37,8 +37,7 @@ DEFAULT_PARALLEL = 1  # one at a time: the answers promised (docs/architecture.m
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (warnings still show).")
 @run_options(kv_cache=True)
 @parallel_option(DEFAULT_PARALLEL, "Model calls (map chunks, or documents read in one pass)",
-                 "Above 1 a summary may differ slightly from the one-at-a-time one (see docs/summarize.md). "
-                 "With --workers / --ray: on each worker.")
+                 "The summaries are the same at any N. With --workers / --ray: on each worker.")
 @cluster_options
 @json_option
 def summarize(spec: RunSpec, executor: Executor | None, paths: tuple[str, ...], out: Path | None, strategy: str,

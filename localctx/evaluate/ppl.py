@@ -139,12 +139,12 @@ class Perplexity:
     """The perplexity evaluation as the grid loop drives it."""
 
     kind = "ppl"
-    parallel = 1  # cells one at a time: scoring prompts gains nothing from parallel sequences here
 
     def __init__(self, request: PplRequest) -> None:
         if request.mode not in MODES:
             raise InputError(f"Unknown mode {request.mode!r}: use {' or '.join(MODES)}.")
         self.request = request
+        self.parallel = request.parallel  # cells a Ray worker takes at once (distributed.EvaluateJob)
         self.end = request.end if request.end is not None else max(request.lengths)
         self.settings = {"mode": request.mode, "text": str(request.text.path), "text_sha256": request.text.sha,
                          "presets": list(request.presets), "lengths": list(request.lengths)}
