@@ -291,6 +291,9 @@ class _EventStream(Response):
                         chunks.append(self.shapes.chunk(value))
                     elif kind == "done":
                         self.info["outcome"] = value
+                        if value.held:
+                            chunks.append(self.shapes.chunk(value.held))
+                        chunks += self.shapes.tool_chunks(value)
                         chunks.append({**self.shapes.chunk(None, value.finish_reason), "localctx": value.details})
                         if self.shapes.request.include_usage:
                             chunks.append(self.shapes.usage_chunk(value))
