@@ -9,6 +9,7 @@ send many of them.
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -347,3 +348,28 @@ class Shapes:
     def usage_chunk(self, out: Outcome) -> dict[str, Any]:
         obj = self._head("chat.completion.chunk" if self.chat else "text_completion")
         return {**obj, "choices": [], "usage": out.usage()}
+
+    # Server-sent events, as the app writes them (anthropic.MessageShapes has the same methods).
+
+    def sse_open(self) -> list[str]:
+        return [_sse(self.chunk(None, first=True))]
+
+    def sse_text(self, text: str) -> list[str]:
+        return [_sse(self.chunk(text))]
+
+    def sse_done(self, out: Outcome) -> list[str]:
+        """What is left of the text (withheld while it could have been a call), the calls, the
+        finish reason, the usage when asked, then [DONE]."""
+        chunks = [self.chunk(out.held)] if out.held else []
+        chunks += self.tool_chunks(out)
+        chunks.append({**self.chunk(None, out.finish_reason), "localctx": out.details})
+        if self.request.include_usage:
+            chunks.append(self.usage_chunk(out))
+        return [_sse(c) for c in chunks] + ["data: [DONE]\n\n"]
+
+    def sse_error(self, err: ApiError) -> list[str]:
+        return [_sse(err.body())]
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
