@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 
+import anthropic
+import pydantic
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from localctx.chat_template import ChatTemplate
 from localctx.engine.tokens import Tokenizer
 from localctx.errors import InputError
-from localctx.serve.protocol import ApiError, parse_chat
+from localctx.serve.anthropic import MessageShapes
+from localctx.serve.protocol import ApiError, Outcome, Shapes, parse_chat
 from localctx.serve.tool_grammar import call_grammar
 from localctx.serve.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, StreamGate, ToolSession, family_of, parse_reply,
                                   render_input)
@@ -276,3 +282,66 @@ def test_tools_in_template_text_may_not_carry_control_tokens(small_engine) -> No
     with pytest.raises(InputError, match="tool call contains"):
         tok.chat_tokens([*ASK, {"role": "assistant", "content": "", "tool_calls": call}])
     assert tok.chat_tokens(ASK, tools=[WEATHER])  # an ordinary tool renders
+
+
+# --- calls in each API's response shapes, read back by the official clients' own types -------------
+
+
+def outcome_with_calls(stream: bool = False):
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>')
+    api = request(stream=stream)
+    r = parse_reply(text, HERMES, api.tools)
+    return api, Outcome(r.content, "tool_calls", 30, 40, {"window": 1024}, tool_calls=r.calls)
+
+
+def sse_data(events: list[str]) -> list[dict]:
+    return [json.loads(line[6:]) for e in events for line in e.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_calls_in_openai_shapes() -> None:
+    api, out = outcome_with_calls()
+    done = ChatCompletion.model_validate(Shapes(api, "m").complete(out))
+    msg = done.choices[0].message
+    assert done.choices[0].finish_reason == "tool_calls" and msg.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome"})]
+    api, out = outcome_with_calls(stream=True)
+    shapes = Shapes(api, "m")
+    state = ChatCompletionStreamState()
+    for data in sse_data(shapes.sse_open() + shapes.sse_text("Let me check.") + shapes.sse_done(out)):
+        state.handle_chunk(ChatCompletionChunk.model_validate(data))
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.content == "Let me check."
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls] == \
+        [(c.id, c.name, c.arguments) for c in out.tool_calls]
+
+
+def test_calls_in_anthropic_shapes() -> None:
+    api, out = outcome_with_calls()
+    message = anthropic.types.Message.model_validate(MessageShapes(api, "m").complete(out))
+    assert message.stop_reason == "tool_use" and message.content[0].text == "Let me check."
+    uses = [(b.name, b.input) for b in message.content[1:]]
+    assert uses == [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome"})]
+    api, out = outcome_with_calls(stream=True)
+    shapes = MessageShapes(api, "m")
+    snapshot, bufs = None, {}
+    adapter = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+    for data in sse_data(shapes.sse_open() + shapes.sse_text("Let me check.") + shapes.sse_done(out)):
+        snapshot = accumulate_event(event=adapter.validate_python(data), current_snapshot=snapshot, json_bufs=bufs)
+    assert snapshot.stop_reason == "tool_use" and snapshot.usage.output_tokens == 40
+    assert snapshot.content[0].text == "Let me check."
+    assert [(b.name, b.input) for b in snapshot.content[1:]] == uses
+
+
+def test_a_withheld_text_is_sent_at_the_end() -> None:
+    api = request(stream=True)
+    out = Outcome('{"broken', "stop", 5, 3, {}, held='{"broken')
+    [first, last] = [d for d in sse_data(Shapes(api, "m").sse_done(out)) if d["choices"]]
+    assert first["choices"][0]["delta"] == {"content": '{"broken'} and last["choices"][0]["finish_reason"] == "stop"
+    shapes = MessageShapes(api, "m")
+    events = sse_data(shapes.sse_open() + shapes.sse_done(out))
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_stop", "message_delta", "message_stop"]
+    assert events[2]["delta"]["text"] == '{"broken'
