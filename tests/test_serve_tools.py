@@ -20,7 +20,9 @@ TOOLS = [
         "name": "get_time", "description": "Get the local time in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
 ]
-ASK = [{"role": "user", "content": "What is the weather in Paris? Use a tool."}]
+# The default model answers this with JSON that echoes the tool's schema: a stream withholds it as a
+# possible call, and it comes back as text (its arguments lack "city", or it is cut off).
+ASK = [{"role": "user", "content": "Call get_weather for Paris."}]
 ROUND_TRIP = ASK + [
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -62,6 +64,8 @@ def test_two_tools_auto_streamed_and_not_agree(client: openai.OpenAI) -> None:  
         finish = chunk.choices[0].finish_reason or finish
     assert finish == whole.choices[0].finish_reason
     want = whole.choices[0].message
+    if finish != "tool_calls":
+        assert want.content.startswith("{")
     assert text == (want.content or "")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in want.tool_calls or []]

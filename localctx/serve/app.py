@@ -276,9 +276,10 @@ async def _watch_disconnect(receive: Receive, cancel: threading.Event, info: dic
 
 
 class _EventStream(Response):
-    """Server-sent events from the job's queue: a first chunk with the role, one chunk per piece of
-    text (pieces already waiting are sent together), the finish reason, the usage chunk when asked
-    (stream_options.include_usage), then [DONE]. An error after the start is sent as an error event."""
+    """Server-sent events from the job's queue, written by the request's API shapes (protocol.Shapes:
+    a first chunk with the role, one chunk per piece of text (pieces already waiting are sent
+    together), any tool calls, the finish reason, the usage chunk when asked, then [DONE];
+    anthropic.MessageShapes: Anthropic's events). An error after the start is sent as an error event."""
 
     media_type = "text/event-stream"
 
