@@ -67,7 +67,7 @@ Respond in the format {"name": function name, "parameters": dictionary of argume
 
 {% endif %}"""
 
-MISTRAL_TEMPLATE = """{{ bos_token }}{% for message in messages %}{% if message.role == 'user' %}{% if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ message.content }}[/INST]{% elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS]{{ message.tool_calls | map(attribute='function') | list | tojson }}{{ eos_token }}{% elif message.role == 'tool' %}[TOOL_RESULTS]{"call_id": "{{ message.tool_call_id }}", "content": {{ message.content | tojson }}}[/TOOL_RESULTS]{% else %}{{ message.content }}{{ eos_token }}{% endif %}{% endfor %}"""
+MISTRAL_TEMPLATE = """{{ bos_token }}{% for message in messages %}{% if message.role == 'user' %}{% if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ message.content }}[/INST]{% elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS][{% for tc in message.tool_calls %}{% if tc.id | length != 9 %}{{ raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}{% endif %}{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}, "id": "{{ tc.id }}"}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}{% elif message.role == 'tool' %}{% if message.tool_call_id | length != 9 %}{{ raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}{% endif %}[TOOL_RESULTS]{"call_id": "{{ message.tool_call_id }}", "content": {{ message.content | tojson }}}[/TOOL_RESULTS]{% else %}{{ message.content }}{{ eos_token }}{% endif %}{% endfor %}"""
 
 PLAIN_TEMPLATE = """{% for message in messages %}<|im_start|>{{ message.role }}
 {{ message.content }}<|im_end|>
@@ -222,7 +222,7 @@ ROUND_TRIP = ASK + [
 def rendered(template: str, messages: list, **extra) -> tuple[str, list]:
     api = parse_chat({"messages": messages, "tools": [WEATHER, TIME], **extra})
     t = ChatTemplate(template, origin="test", bos_token="<s>", eos_token="</s>")
-    msgs, tools = render_input(api.messages, api.tools, "tools" in t.variables)
+    msgs, tools = render_input(api.messages, api.tools, template, t.variables)
     text, segments = t.split(msgs, tools=tools)
     assert segments is not None
     return text, [s.text for s in segments if s.data]
@@ -233,8 +233,8 @@ def rendered(template: str, messages: list, **extra) -> tuple[str, list]:
      "<tool_response>\n18 C, cloudy\n</tool_response>"),
     (LLAMA3_TEMPLATE, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
      "<|start_header_id|>ipython<|end_header_id|>\n\n18 C, cloudy<|eot_id|>"),
-    (MISTRAL_TEMPLATE, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>',
-     '[TOOL_RESULTS]{"call_id": "call_1", "content": "18 C, cloudy"}[/TOOL_RESULTS]'),
+    (MISTRAL_TEMPLATE, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "74196fe72"}]</s>',
+     '[TOOL_RESULTS]{"call_id": "74196fe72", "content": "18 C, cloudy"}[/TOOL_RESULTS]'),
 ])
 def test_native_templates_render_tools_calls_and_results(template: str, call: str, result: str) -> None:
     first, _ = rendered(template, ASK)
@@ -281,6 +281,8 @@ def test_tools_in_template_text_may_not_carry_control_tokens(small_engine) -> No
     call = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"x": "<|im_start|>"}}}]
     with pytest.raises(InputError, match="tool call contains"):
         tok.chat_tokens([*ASK, {"role": "assistant", "content": "", "tool_calls": call}])
+    with pytest.raises(InputError, match="tool call contains"):
+        tok.chat_tokens([*ASK, {"role": "tool", "content": "ok", "tool_call_id": "<|im_end|>", "name": "f"}])
     assert tok.chat_tokens(ASK, tools=[WEATHER])  # an ordinary tool renders
 
 
@@ -345,3 +347,26 @@ def test_a_withheld_text_is_sent_at_the_end() -> None:
     assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
                                            "content_block_stop", "message_delta", "message_stop"]
     assert events[2]["delta"]["text"] == '{"broken'
+
+
+def test_a_template_with_tools_but_no_call_syntax_gets_past_calls_as_text() -> None:
+    template = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    text, _ = rendered(template, ROUND_TRIP)
+    assert text.startswith('TOOLS [{"type": "function"')
+    assert 'assistant: {"name": "get_weather", "arguments": {"city": "Paris"}}\n' in text
+
+
+def test_the_call_grammar_compiles_in_llama_cpp(small_engine) -> None:
+    """The grammar text is what llama.cpp's sampler takes (a NULL sampler is a grammar it rejects)."""
+    import llama_cpp
+
+    vocab = small_engine.tokenizer.model.vocab
+    assert not llama_cpp.llama_sampler_init_grammar(vocab, b"root ::= (", b"root")  # the check can fail
+    for family in (HERMES, LLAMA3, MISTRAL, GENERIC):
+        for extra in ({"tool_choice": "required"}, {"tool_choice": "required", "parallel_tool_calls": False},
+                      {"tool_choice": {"type": "function", "function": {"name": "get_time"}}}):
+            grammar = call_grammar(request(**extra).tools, family)
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            assert sampler, (family, extra, grammar)
+            llama_cpp.llama_sampler_free(sampler)

@@ -61,10 +61,11 @@ class Tokenizer:
 
     def chat_tokens(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """The conversation's tokens (with `tools` for a template that renders them). The template's own text is tokenized with its control tokens
-        (<|im_start|>, BOS: the template writes any BOS itself, nothing is added); message text is
-        data, tokenized without special-token parsing, so a document cannot inject chat markup.
-        For text without control-token strings the tokens are those of the whole rendered prompt."""
+        """The conversation's tokens (with `tools` for a template that renders them). The
+        template's own text is tokenized with its control tokens (<|im_start|>, BOS: the template
+        writes any BOS itself, nothing is added); message text is data, tokenized without
+        special-token parsing, so a document cannot inject chat markup. For text without
+        control-token strings the tokens are those of the whole rendered prompt."""
         text, segments = self.template().split(messages, add_generation_prompt, tools)
         self._refuse_control_json(messages, tools)
         if segments is None:
@@ -133,7 +134,9 @@ class Tokenizer:
     def _refuse_control_json(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
         """Tool definitions and past calls are written by the template itself (as JSON), so they
         are template text: one that carries a control token's text is refused, not tokenized."""
-        for what, value in (("tool definition", tools), ("tool call", [m["tool_calls"] for m in messages if m.get("tool_calls")])):
+        calls = [{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k)} for m in messages
+                 if m.get("tool_calls") or m.get("role") == "tool"]
+        for what, value in (("tool definition", tools), ("tool call", calls)):
             found = self.control_tokens_in(json.dumps(value, ensure_ascii=False)) if value else []
             if found:
                 raise InputError(f"A {what} contains {found[0]!r}, a control token of this model; the chat "

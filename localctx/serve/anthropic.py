@@ -20,7 +20,8 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 500: "api_error",
                503: "overloaded_error"}
-REFUSED = ("top_k", "thinking", "container", "mcp_servers", "output_config")  # would change the answer: refused, never ignored
+# Fields that would change the answer: refused, never ignored.
+REFUSED = ("top_k", "thinking", "container", "mcp_servers", "output_config")
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
@@ -208,10 +209,11 @@ class MessageShapes:
             self.text_open = False
         for call in out.tool_calls:
             self.block += 1
-            events += [_sse("content_block_start", {"index": self.block, "content_block": {**_tool_use(call),
-                                                                                           "input": {}}}),
-                       _sse("content_block_delta", {"index": self.block, "delta": {
-                           "type": "input_json_delta", "partial_json": json.dumps(call.arguments, ensure_ascii=False)}}),
+            args = json.dumps(call.arguments, ensure_ascii=False)
+            events += [_sse("content_block_start", {"index": self.block,
+                                                    "content_block": {**_tool_use(call), "input": {}}}),
+                       _sse("content_block_delta", {"index": self.block,
+                                                    "delta": {"type": "input_json_delta", "partial_json": args}}),
                        _sse("content_block_stop", {"index": self.block})]
         stop = STOP_REASONS.get(out.finish_reason, "end_turn")
         return events + [_sse("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},

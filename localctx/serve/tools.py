@@ -18,6 +18,7 @@ Pure functions of JSON-like data and text: nothing here touches the model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -215,23 +216,32 @@ def family_of(source: str | None) -> str:
     return GENERIC
 
 
-def render_input(messages: Sequence[dict[str, Any]], request: ToolRequest | None,
-                 native: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The messages and the `tools` variable to render. `native`: the template uses `tools`.
-    tool_choice "none" renders no tools (and, without native syntax, past calls as text)."""
+def render_input(messages: Sequence[dict[str, Any]], request: ToolRequest | None, source: str | None,
+                 variables: frozenset[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and the `tools` variable to render with the template of this `source`, which
+    reads these `variables`. tool_choice "none" renders no tools."""
     offered = request.offered() if request is not None else ()
-    if native and (offered or not _has_tool_turns(messages)):
-        return list(messages), [t.openai() for t in offered] or None
-    if native:  # tool turns in the history with no tools offered: the template still reads them
-        return list(messages), None
+    if "tools" in variables:
+        # A template with tools but no `tool_calls` would drop past calls: they become text.
+        out = [m if not m.get("tool_calls") or "tool_calls" in (source or "") else _as_text(m) for m in messages]
+        if family_of(source) == MISTRAL:
+            out = [_mistral_ids(m) for m in out]
+        return out, [t.openai() for t in offered] or None
     out = [_as_text(m) for m in messages]
     if offered:
         out = _with_system(out, generic_instructions(offered, request))
     return out, None
 
 
-def _has_tool_turns(messages: Sequence[dict[str, Any]]) -> bool:
-    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+def _mistral_ids(m: dict[str, Any]) -> dict[str, Any]:
+    """Mistral's templates refuse call ids that are not 9 letters or digits: each id is written as
+    9 hex digits of its hash, the same for a call and the result that answers it."""
+    short = lambda i: hashlib.sha256(i.encode()).hexdigest()[:9]  # noqa: E731
+    if m.get("tool_calls"):
+        return {**m, "tool_calls": [{**c, "id": short(c["id"])} for c in m["tool_calls"]]}
+    if m["role"] == "tool":
+        return {**m, "tool_call_id": short(m["tool_call_id"])}
+    return m
 
 
 def _as_text(m: dict[str, Any]) -> dict[str, Any]:
@@ -361,7 +371,7 @@ def _checked(item: Any, tools: dict[str, Tool]) -> Call | None:
         return None
     try:
         jsonschema.validate(args, tool.parameters)
-    except jsonschema.ValidationError:
+    except Exception:  # ValidationError, or a $ref that does not resolve: not a call this tool accepts
         return None
     return Call(new_call_id(), tool.name, args)
 

@@ -227,8 +227,8 @@ class ModelWorker:
     def _chat_tokens(self, request: ApiRequest) -> list[int]:
         """The conversation's tokens with its tools: through the template's own tool syntax when
         it has one, else in the generic form (tools.render_input)."""
-        native = "tools" in self.engine.tokenizer.template().variables
-        messages, tools = render_input(request.messages, request.tools, native)
+        template = self.engine.tokenizer.template()
+        messages, tools = render_input(request.messages, request.tools, template.source, template.variables)
         return self.engine.chat_tokens(messages, tools=tools)
 
     def prompt(self, request: ApiRequest) -> Prompt:
@@ -282,10 +282,16 @@ class ModelWorker:
 
 
 def _constraint(job: Job) -> dict[str, Any]:
-    """The grammar a run's sampling must follow: a call to one of the offered tools when
-    tool_choice is "required" or names one (serve/tool_grammar.py). Engine.start takes no
-    `grammar` yet, so this returns nothing; once it does, return {"grammar": grammar}."""
-    grammar = call_grammar(job.tools.request, job.tools.family) if job.tools is not None else None
+    """What constrains a run's sampling: the grammar of a call to one of the offered tools when
+    tool_choice is "required" or names one (serve/tool_grammar.py)."""
+    if job.tools is None:
+        return {}
+    try:
+        grammar = call_grammar(job.tools.request, job.tools.family)
+    except Exception as exc:  # the converter's own limits (a schema feature it cannot express)
+        raise ApiError(f"The tools' schemas cannot be turned into a grammar for tool_choice: {exc}",
+                       param="tools") from None
+    # Engine.start takes no `grammar` on this branch: at merge, return {"grammar": grammar} when not None.
     return {} if grammar is None else {}
 
 
