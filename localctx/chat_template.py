@@ -224,7 +224,7 @@ class ChatTemplate:
             return ["\nuser:"]
         return [self.eos_token] if self.eos_token else []
 
-    @property
+    @functools.cached_property
     def variables(self) -> frozenset[str]:
         """The variables the template reads (e.g. `tools` when it has its own tool syntax)."""
         if self._env is None or not self.source:

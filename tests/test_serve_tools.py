@@ -114,8 +114,9 @@ def test_messages_plain_and_streamed(claude: anthropic.Anthropic) -> None:
 def test_messages_tool_result_round_trip(claude: anthropic.Anthropic) -> None:
     tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
               "input_schema": t["function"]["parameters"]} for t in TOOLS]
-    first = claude.messages.create(model="m", max_tokens=24, extra_body={"temperature": 0}, tools=tools,
-                                   messages=[{"role": "user", "content": ASK[0]["content"]}])
+    with claude.messages.stream(model="m", max_tokens=24, extra_body={"temperature": 0}, tools=tools,
+                                messages=[{"role": "user", "content": ASK[0]["content"]}]) as stream:
+        first = stream.get_final_message()  # streamed with tools: withheld text and any calls, accumulated
     uses = [b for b in first.content if b.type == "tool_use"]
     assert (first.stop_reason == "tool_use") == bool(uses)
     for use in uses:
@@ -159,3 +160,5 @@ def test_messages_errors_through_the_client(server: Server, claude: anthropic.An
     with pytest.raises(anthropic.AuthenticationError) as info:
         wrong.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert info.value.body["error"]["type"] == "authentication_error"
+    status, body = raw(server, "GET", "/v1/messages")
+    assert status == 405 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"

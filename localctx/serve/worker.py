@@ -224,12 +224,15 @@ class ModelWorker:
             return None
         return ToolSession(request.tools, family_of(self.engine.tokenizer.template().source))
 
-    def _chat_tokens(self, request: ApiRequest) -> list[int]:
-        """The conversation's tokens with its tools: through the template's own tool syntax when
-        it has one, else in the generic form (tools.render_input)."""
+    def _chat_tokens(self, request: ApiRequest, messages: list[dict[str, Any]] | None = None,
+                     add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's tokens (the request's, or `messages` with its tools) with its tools:
+        through the template's own tool syntax when it has one, else in the generic form
+        (tools.render_input), so that a document's head is rendered as the whole prompt is."""
         template = self.engine.tokenizer.template()
-        messages, tools = render_input(request.messages, request.tools, template.source, template.variables)
-        return self.engine.chat_tokens(messages, tools=tools)
+        messages, tools = render_input(request.messages if messages is None else messages, request.tools,
+                                       template.source, template.variables)
+        return self.engine.chat_tokens(messages, add_generation_prompt, tools=tools)
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never
@@ -270,9 +273,9 @@ class ModelWorker:
             at = text.rfind(PARAGRAPH)
             if at > 0:
                 cut = messages[:last] + [{"role": "user", "content": text[:at]}]
-                head = engine.chat_tokens(cut)  # as generate --file --chat: the document as a whole message
+                head = self._chat_tokens(request, cut)  # as generate --file --chat: the document as a whole message
             elif last > 0:
-                head = engine.chat_tokens(messages[:last], add_generation_prompt=False)
+                head = self._chat_tokens(request, messages[:last], add_generation_prompt=False)
             else:
                 head = None
         if head is None:
