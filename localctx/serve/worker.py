@@ -294,8 +294,9 @@ def _constraint(job: Job) -> dict[str, Any]:
     except Exception as exc:  # the converter's own limits (a schema feature it cannot express)
         raise ApiError(f"The tools' schemas cannot be turned into a grammar for tool_choice: {exc}",
                        param="tools") from None
-    # Engine.start takes no `grammar` on this branch: at merge, return {"grammar": grammar} when not None.
-    return {} if grammar is None else {}
+    # Engine.start takes no `grammar` on this branch (built anyway, so that a schema the converter
+    # cannot express is refused already). At merge: `return {} if grammar is None else {"grammar": grammar}`.
+    return {}
 
 
 def status_of(exc: BaseException) -> ApiError:
