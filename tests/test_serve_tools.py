@@ -30,6 +30,12 @@ ROUND_TRIP = ASK + [
 ]
 
 
+# After one call and its result in the history, the default model calls the other tool itself
+# (greedy, recorded: {"name": "get_time", "arguments": {"city": "Rome"}}).
+FEW_SHOT = [*ROUND_TRIP, {"role": "assistant", "content": "It is sunny and 24 degrees in Paris."},
+            {"role": "user", "content": "Call get_time for Rome."}]
+
+
 @pytest.fixture(scope="module")
 def claude(server: Server) -> anthropic.Anthropic:  # noqa: F811
     return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
@@ -69,6 +75,27 @@ def test_two_tools_auto_streamed_and_not_agree(client: openai.OpenAI) -> None:  
     assert text == (want.content or "")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in want.tool_calls or []]
+
+
+def test_a_call_the_model_makes_is_parsed_streamed_and_not(client: openai.OpenAI) -> None:  # noqa: F811
+    args = dict(model="m", messages=FEW_SHOT, tools=TOOLS, max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**args).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    [call] = whole.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_time"
+    assert json.loads(call.function.arguments) == {"city": "Rome"}
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not "".join(d.content or "" for d in deltas)  # the call's JSON is never streamed as text
+    [head, tail] = [tc for d in deltas for tc in d.tool_calls or []]
+    assert (head.index, head.function.name, head.function.arguments) == (0, "get_time", "")
+    assert head.id.startswith("call_") and tail.index == 0 and json.loads(tail.function.arguments) == {"city": "Rome"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and a result go back into the template, and the model answers
+    answer = client.chat.completions.create(model="m", tools=TOOLS, max_tokens=12, temperature=0, messages=[
+        *FEW_SHOT, whole.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "It is 9 in the evening in Rome."}])
+    check_message(answer.choices[0])
 
 
 def test_a_tool_result_round_trip_renders_and_answers(client: openai.OpenAI) -> None:  # noqa: F811
@@ -126,9 +153,13 @@ def test_messages_tool_result_round_trip(claude: anthropic.Anthropic) -> None:
                                                   "input": {"city": "Paris"}}]},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                              "content": "Sunny, 24 degrees Celsius."}]}]
-    second = claude.messages.create(model="m", max_tokens=12, extra_body={"temperature": 0}, tools=tools,
-                                    messages=history)
-    assert second.content and second.usage.input_tokens > first.usage.input_tokens + 20
+    history += [{"role": "assistant", "content": "It is sunny and 24 degrees in Paris."},
+                {"role": "user", "content": "Call get_time for Rome."}]
+    third = claude.messages.create(model="m", max_tokens=30, extra_body={"temperature": 0}, tools=tools,
+                                   messages=history)
+    assert third.stop_reason == "tool_use" and [(b.type, b.name, b.input) for b in third.content] == \
+        [("tool_use", "get_time", {"city": "Rome"})]
+    assert third.content[0].id.startswith("toolu_") and third.usage.input_tokens > first.usage.input_tokens + 20
     none = claude.messages.create(model="m", max_tokens=1, tools=tools, tool_choice={"type": "none"},
                                   messages=history[:1])
     assert none.usage.input_tokens < first.usage.input_tokens
