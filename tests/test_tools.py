@@ -18,8 +18,8 @@ from localctx.errors import InputError
 from localctx.serve.anthropic import MessageShapes
 from localctx.serve.protocol import ApiError, Outcome, Shapes, parse_chat
 from localctx.serve.tool_grammar import call_grammar
-from localctx.serve.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, StreamGate, ToolSession, family_of, parse_reply,
-                                  render_input)
+from localctx.serve.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, Reply, StreamGate, ToolSession, family_of,
+                                  parse_reply, render_input)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -126,7 +126,7 @@ BROKEN = {  # family: (malformed, unknown function, arguments against the schema
 
 @pytest.mark.parametrize("family,text", [(f, t) for f, texts in BROKEN.items() for t in texts])
 def test_a_broken_call_is_plain_text(family: str, text: str) -> None:
-    assert reply(text, family) == type(reply("x", family))(text)  # the text as it is, no calls
+    assert reply(text, family) == Reply(text)  # the text as it is, no calls
 
 
 def test_several_calls_and_text_around_them() -> None:
@@ -181,7 +181,7 @@ def test_the_stream_withholds_a_call_and_releases_text() -> None:
         assert stream(StreamGate(family), ["Sunny", " today"]) == "Sunny today"
     session = ToolSession(request().tools, GENERIC)
     assert stream(session, ['{"broken']) == ""
-    assert session.finish('{"broken') == (type(r)('{"broken'), '{"broken')  # the held text is content after all
+    assert session.finish('{"broken') == (Reply('{"broken'), '{"broken')  # the held text is content after all
 
 
 # --- requests -----------------------------------------------------------------------------------

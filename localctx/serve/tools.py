@@ -8,7 +8,7 @@ assistant messages). A template without tool syntax gets the generic form: a sys
 lists the tools and asks for a bare JSON object `{"name": ..., "arguments": {...}}`; past calls and
 results are written as assistant and user text in that same form.
 
-Parsing: the family is read from the template text (FAMILIES), and each family's parser also
+Parsing: the family is read from the template text (family_of), and each family's parser also
 accepts its calls without their marker, since llama.cpp does not print control tokens such as
 `<|python_tag|>` or `[TOOL_CALLS]` in the generated text. A call that is malformed, names an
 unknown function, or has arguments its schema rejects is never returned as a tool call: the reply

@@ -40,8 +40,8 @@ from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceErr
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
 from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
-from .tools import ToolSession, family_of, render_input
 from .tool_grammar import call_grammar
+from .tools import ToolSession, family_of, render_input
 
 PARAGRAPH = "\n\n"
 FLUSH_SECONDS = 0.05  # streamed text is sent at most 20 times a second (the first piece at once)
