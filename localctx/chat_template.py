@@ -28,6 +28,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
@@ -223,24 +224,32 @@ class ChatTemplate:
             return ["\nuser:"]
         return [self.eos_token] if self.eos_token else []
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text, as the template writes it."""
+    @functools.cached_property
+    def variables(self) -> frozenset[str]:
+        """The variables the template reads (e.g. `tools` when it has its own tool syntax)."""
+        if self._env is None or not self.source:
+            return frozenset()
+        return frozenset(jinja2.meta.find_undeclared_variables(self._env.parse(self.source)))
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text, as the template writes it; `tools` as HF's apply_chat_template passes them."""
         if self._template is None:
             return "".join(s.text for s in self._plain(messages, add_generation_prompt))
-        text = self._render(messages, add_generation_prompt)
+        text = self._render(messages, add_generation_prompt, tools)
         if messages and not text.strip():
             raise self._error(None, "it rendered nothing for this conversation")
         return text
 
-    def split(self, messages: Sequence[dict[str, Any]],
-              add_generation_prompt: bool = True) -> tuple[str, list[Segment] | None]:
+    def split(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+              tools: list[dict[str, Any]] | None = None) -> tuple[str, list[Segment] | None]:
         """The prompt text and its segments (template text and message text), or None for the
         segments when the template rewrites message text so that it cannot be located (then the
         caller must treat the whole text with care)."""
         if self._template is None:
             segments = self._plain(messages, add_generation_prompt)
             return "".join(s.text for s in segments), segments
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, tools)
         nonce = secrets.token_hex(6)
         marked, cores = [], []
         for i, message in enumerate(messages):
@@ -256,7 +265,7 @@ class ChatTemplate:
             trail = content[len(content.rstrip()):] if core else ""
             marked.append({**message, "content": lead + _PLACEHOLDER.format(nonce=nonce, index=i) + trail})
             cores.append(core)
-        skeleton = self._render(marked, add_generation_prompt)
+        skeleton = self._render(marked, add_generation_prompt, tools)
         segments = _fill(skeleton, nonce, cores)
         if segments is None or "".join(s.text for s in segments) != text:
             return text, None
@@ -273,16 +282,18 @@ class ChatTemplate:
             segments.append(Segment("assistant: ", False))
         return [s for s in segments if s.text]
 
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         assert self._env is not None and self._template is not None
         chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        chars += len(json.dumps(tools)) if tools else 0  # the template may write each tool in full
         self._env.start(BASE_OPERATIONS + OPERATIONS_PER_CHAR * chars)
         out: list[str] = []
         try:
             for chunk in self._template.generate(
                 messages=list(messages), bos_token=self.bos_token, eos_token=self.eos_token,
                 add_generation_prompt=add_generation_prompt, raise_exception=_raise_exception,
-                strftime_now=_strftime_now, functions=None, function_call=None, tools=None, tool_choice=None,
+                strftime_now=_strftime_now, functions=None, function_call=None, tools=tools, tool_choice=None,
             ):
                 self._env.charge(len(chunk))
                 out.append(chunk)

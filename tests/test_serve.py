@@ -332,7 +332,7 @@ def test_sigterm_stops_a_generation_in_flight(tmp_path: Path) -> None:
     ('{"messages": [{"role": "user", "content": "hi"}], "stop": 7}', "'stop' must be"),
     ('{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "'stream' must be a boolean"),
     ('{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', "'seed' must be from 0"),
-    ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', "not supported"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', "only function tools"),
     ('{"messages": [{"role": "user", "content": "hi"}], "model": 3}', "'model' must be a string"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])

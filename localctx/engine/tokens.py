@@ -2,8 +2,10 @@
 control tokens), template text may carry them, exactly as llama.cpp tokenizes a whole prompt."""
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..chat_template import ChatTemplate, Segment
 from ..errors import InputError
@@ -57,12 +59,15 @@ class Tokenizer:
         template = self.template()
         return ChatPrompt(template.render(messages, add_generation_prompt), template.stop)
 
-    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation's tokens. The template's own text is tokenized with its control tokens
-        (<|im_start|>, BOS: the template writes any BOS itself, nothing is added); message text is
-        data, tokenized without special-token parsing, so a document cannot inject chat markup.
-        For text without control-token strings the tokens are those of the whole rendered prompt."""
-        text, segments = self.template().split(messages, add_generation_prompt)
+    def chat_tokens(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation's tokens (with `tools` for a template that renders them). The
+        template's own text is tokenized with its control tokens (<|im_start|>, BOS: the template
+        writes any BOS itself, nothing is added); message text is data, tokenized without
+        special-token parsing, so a document cannot inject chat markup. For text without
+        control-token strings the tokens are those of the whole rendered prompt."""
+        text, segments = self.template().split(messages, add_generation_prompt, tools)
+        self._refuse_control_json(messages, tools)
         if segments is None:
             # The template rewrites message text, so it cannot be told apart from the template's:
             # safe only while no message carries a control token's text.
@@ -126,6 +131,17 @@ class Tokenizer:
         return [self.model.text(t) for t in self.tokenize(text, add_bos=False, special=True)
                 if self.model.attr(t) & ATTR_CONTROL]
 
+    def _refuse_control_json(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+        """Tool definitions and past calls are written by the template itself (as JSON), so they
+        are template text: one that carries a control token's text is refused, not tokenized."""
+        calls = [{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k)} for m in messages
+                 if m.get("tool_calls") or m.get("role") == "tool"]
+        for what, value in (("tool definition", tools), ("tool call", calls)):
+            found = self.control_tokens_in(json.dumps(value, ensure_ascii=False)) if value else []
+            if found:
+                raise InputError(f"A {what} contains {found[0]!r}, a control token of this model; the chat "
+                                 "template writes it as template text, so it cannot be kept as plain text.")
+
     def _refuse_control_text(self, messages: list[dict[str, str]]) -> None:
         for m in messages:
             content = m.get("content")
@@ -170,8 +186,9 @@ class TextMethods:
     def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
         return self.tokenizer.format_chat(messages, add_generation_prompt)
 
-    def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.chat_tokens(messages, add_generation_prompt)
+    def chat_tokens(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenizer.chat_tokens(messages, add_generation_prompt, tools)
 
     def control_tokens_in(self, text: str) -> list[str]:
         return self.tokenizer.control_tokens_in(text)

@@ -1,6 +1,9 @@
-"""An OpenAI-compatible HTTP server over one engine (`localctx serve`; docs/serve.md).
+"""An OpenAI-compatible HTTP server over one engine, with Anthropic's Messages API beside it
+(`localctx serve`; docs/serve.md).
 
     protocol  request validation and response shapes (the OpenAI wire format, pure data)
+    tools     tool calls: tools and tool messages validated, rendered, and calls parsed from the text
+    anthropic Anthropic's Messages API (/v1/messages) translated onto the chat core
     worker    the model's own thread: prompts, document boundaries, cancellation
     app       the Starlette app (create_app) and `serve`, which runs it under uvicorn
 

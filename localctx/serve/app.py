@@ -31,6 +31,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ..engine import Engine
 from ..errors import ResourceError
+from . import anthropic
 from .protocol import ApiError, ApiRequest, Outcome, Shapes, parse_chat, parse_completion
 from .worker import ModelWorker, status_of
 
@@ -38,6 +39,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 16 * 2**20  # a 1M-token document is about 4 MB of text; JSON escaping can double it
 LOG_KEY = "localctx.log"
+MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API: its errors have Anthropic's shape
 
 
 def model_id(engine: Engine) -> str:
@@ -63,7 +65,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return _error(ApiError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
-                               code=code))
+                               code=code), request.url.path)
 
     app = Starlette(
         routes=[
@@ -72,6 +74,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
+            Route("/v1/messages", api.messages, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -84,8 +87,10 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _error(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+def _error(err: ApiError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API the path belongs to: Anthropic's under /v1/messages."""
+    body = anthropic.error_body(err) if path.startswith(MESSAGES_PATH) else err.body()
+    return JSONResponse(body, status_code=err.status)
 
 
 class _Guard:
@@ -111,8 +116,9 @@ class _Guard:
 
         try:
             if self._expected is not None and scope["path"] != "/health" and not self._authorized(scope):
-                await _error(ApiError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
-                                      code="invalid_api_key"))(scope, receive, record)
+                await _error(ApiError("Missing or wrong API key: send 'Authorization: Bearer <key>' (or "
+                                      "'x-api-key: <key>').", status=401, code="invalid_api_key"),
+                             scope["path"])(scope, receive, record)
             else:
                 await self.app(scope, receive, record)
         except Exception:
@@ -121,14 +127,17 @@ class _Guard:
             traceback.print_exc(file=sys.stderr)
             if not info["status"]:
                 await _error(ApiError("The server failed on this request (see its log).", status=500,
-                                      type="server_error"))(scope, receive, record)
+                                      type="server_error"), scope["path"])(scope, receive, record)
         finally:
             self.log(_log_line(scope, info, time.perf_counter() - start))
 
     def _authorized(self, scope: Scope) -> bool:
-        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         assert self._expected is not None
-        return hmac.compare_digest(given, self._expected)
+        headers = dict(scope["headers"])
+        bearer = headers.get(b"authorization", b"")
+        key = b"Bearer " + headers.get(b"x-api-key", b"")  # Anthropic's clients send the key in this header
+        # Both compared, always: the time taken does not tell which header was right.
+        return hmac.compare_digest(bearer, self._expected) | hmac.compare_digest(key, self._expected)
 
 
 def _log_line(scope: Scope, info: dict[str, Any], seconds: float) -> str:
@@ -185,24 +194,29 @@ class _Api:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, parse_completion)
 
-    async def _complete(self, request: Request, parse: Callable[[Any], ApiRequest]) -> Response:
+    async def messages(self, request: Request) -> Response:
+        return await self._complete(request, anthropic.parse_messages, anthropic.MessageShapes)
+
+    async def _complete(self, request: Request, parse: Callable[[Any], ApiRequest],
+                        make_shapes: Callable[[ApiRequest, str], Any] = Shapes) -> Response:
         info = request.scope[LOG_KEY]
+        path = request.url.path
         try:
             api = parse(await self._read_json(request))
         except ApiError as err:
             info["error"] = err.message
-            return _error(err)
+            return _error(err, path)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = self.worker.submit(api, loop, queue)
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job.cancel, info))
-        shapes = Shapes(api, self.worker.model_id)
+        shapes = make_shapes(api, self.worker.model_id)
         try:
             kind, value = await queue.get()  # "start", or "error" (overflow, bad template, cancelled)
             if kind == "error":
                 err = status_of(value)
                 info["error"] = err.message
-                return _error(err)
+                return _error(err, path)
             if api.stream:
                 stream = _EventStream(queue, shapes, info, watcher, job.cancel)
                 watcher = None  # the stream owns it now
@@ -216,7 +230,7 @@ class _Api:
                     return JSONResponse(shapes.complete(value))
                 err = status_of(value)
                 info["error"] = err.message
-                return _error(err)
+                return _error(err, path)
         finally:
             if watcher is not None:
                 job.cancel.set()  # a no-op once the job is over; stops it if this coroutine is cancelled
@@ -262,13 +276,14 @@ async def _watch_disconnect(receive: Receive, cancel: threading.Event, info: dic
 
 
 class _EventStream(Response):
-    """Server-sent events from the job's queue: a first chunk with the role, one chunk per piece of
-    text (pieces already waiting are sent together), the finish reason, the usage chunk when asked
-    (stream_options.include_usage), then [DONE]. An error after the start is sent as an error event."""
+    """Server-sent events from the job's queue, written by the request's API shapes (protocol.Shapes:
+    a first chunk with the role, one chunk per piece of text (pieces already waiting are sent
+    together), any tool calls, the finish reason, the usage chunk when asked, then [DONE];
+    anthropic.MessageShapes: Anthropic's events). An error after the start is sent as an error event."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, queue: asyncio.Queue, shapes: Shapes, info: dict[str, Any], watcher: asyncio.Future,
+    def __init__(self, queue: asyncio.Queue, shapes: Any, info: dict[str, Any], watcher: asyncio.Future,
                  cancel: threading.Event) -> None:
         # Not Response.__init__: it would declare a Content-Length for the empty initial body.
         self.status_code, self.background = 200, None
@@ -279,27 +294,24 @@ class _EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await self._send(send, [self.shapes.chunk(None, first=True)])
+            await self._send(send, self.shapes.sse_open())
             done = False
             while not done:
                 events = [await self.queue.get()]
                 while not self.queue.empty():
                     events.append(self.queue.get_nowait())
-                chunks: list[Any] = []
+                chunks: list[str] = []
                 for kind, value in events:
                     if kind == "text":
-                        chunks.append(self.shapes.chunk(value))
+                        chunks += self.shapes.sse_text(value)
                     elif kind == "done":
                         self.info["outcome"] = value
-                        chunks.append({**self.shapes.chunk(None, value.finish_reason), "localctx": value.details})
-                        if self.shapes.request.include_usage:
-                            chunks.append(self.shapes.usage_chunk(value))
-                        chunks.append("[DONE]")
+                        chunks += self.shapes.sse_done(value)
                         done = True
                     else:
                         err = status_of(value)
                         self.info["error"] = err.message
-                        chunks.append(err.body())
+                        chunks += self.shapes.sse_error(err)
                         done = True
                 await self._send(send, chunks)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -308,8 +320,8 @@ class _EventStream(Response):
             self.watcher.cancel()
 
     @staticmethod
-    async def _send(send: Send, chunks: list[Any]) -> None:
-        data = "".join(f"data: {c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks)
+    async def _send(send: Send, events: list[str]) -> None:
+        data = "".join(events)
         await send({"type": "http.response.body", "body": data.encode("utf-8"), "more_body": True})
 
 

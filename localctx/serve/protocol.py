@@ -9,16 +9,20 @@ send many of them.
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..params import MAX_SEED
 
+if TYPE_CHECKING:
+    from .tools import ToolRequest
+
 DEFAULT_MAX_TOKENS = 512  # when a request omits max_tokens (capped to the room left in the window)
 MAX_STOP = 4  # as the OpenAI API
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 class ApiError(Exception):
@@ -59,16 +63,19 @@ class ApiRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
-    messages: tuple[dict[str, str], ...] = ()
+    messages: tuple[dict[str, Any], ...] = ()
     prompt: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    tools: ToolRequest | None = None  # chat: the tools offered (serve/tools.py)
 
 
 def parse_chat(body: Any) -> ApiRequest:
+    from .tools import parse_tools  # tools.py builds on this module's ApiError
     body = _object(body)
     messages = _messages(body.get("messages"))
     _unsupported(body, chat=True)
-    return ApiRequest("chat", _model(body), _sampling(body, chat=True), *_stream(body), messages=messages)
+    return ApiRequest("chat", _model(body), _sampling(body, chat=True), *_stream(body), messages=messages,
+                      tools=parse_tools(body))
 
 
 def parse_completion(body: Any) -> ApiRequest:
@@ -100,24 +107,30 @@ def _model(body: dict[str, Any]) -> str | None:
     return model
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
+def _messages(value: Any) -> tuple[dict[str, Any], ...]:
+    from .tools import tool_message
     if value is None:
         raise ApiError("'messages' is required: a list of {role, content} objects.", param="messages")
     if not isinstance(value, list):
         raise _wrong("messages", "an array", value)
     if not value:
         raise ApiError("'messages' is empty: give at least one message.", param="messages", code="empty_array")
-    out = []
+    out, called = [], {}  # called: the ids of the tool calls so far, to name the function a result answers
     for i, m in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _wrong(param, "an object", m)
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(f"'{param}.role' must be one of {', '.join(ROLES)} (tool messages are not supported), "
-                           f"not {role!r}.", param=f"{param}.role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise ApiError(f"'{param}': tool calls are not supported.", param=param)
+            raise ApiError(f"'{param}.role' must be one of {', '.join(ROLES)}, not {role!r}.", param=f"{param}.role")
+        if m.get("function_call"):
+            raise ApiError(f"'{param}.function_call' (the deprecated form) is not supported: use 'tool_calls'.",
+                           param=param)
+        if (role == "assistant" and m.get("tool_calls")) or role == "tool":
+            # A call's content may be null; the template reads "" as no text.
+            content = _content(m.get("content") or "", f"{param}.content")
+            out.append(tool_message(m, param, content, called))
+            continue
         out.append({"role": ROLES[role], "content": _content(m.get("content"), f"{param}.content")})
     if all(m["role"] == "system" for m in out):
         raise ApiError("'messages' needs a user or assistant message, not only system messages.", param="messages")
@@ -239,8 +252,6 @@ def _unsupported(body: dict[str, Any], *, chat: bool) -> None:
     if chat:
         if body.get("logprobs") or body.get("top_logprobs"):
             raise ApiError("'logprobs' is not supported.", param="logprobs", code="unsupported_parameter")
-        if body.get("tools") or body.get("functions"):
-            raise ApiError("'tools' are not supported by this server.", param="tools", code="unsupported_parameter")
         fmt = body.get("response_format")
         if fmt is not None and fmt != {"type": "text"}:
             raise ApiError("'response_format' other than {\"type\": \"text\"} is not supported.",
@@ -269,6 +280,8 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     details: dict[str, Any]
+    tool_calls: tuple[Any, ...] = ()  # tools.Call: then `text` is the text outside the calls
+    held: str = ""  # text a stream withheld while it could have been a call, and that was not one
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -292,8 +305,11 @@ class Shapes:
 
     def complete(self, out: Outcome) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": out.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            if out.tool_calls:
+                message = {"role": "assistant", "content": out.text or None,
+                           "tool_calls": [c.openai() for c in out.tool_calls]}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
             head = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
@@ -315,6 +331,45 @@ class Shapes:
             obj["usage"] = None  # as OpenAI: every chunk carries the key, the last one the counts
         return obj
 
+    def tool_chunks(self, out: Outcome) -> list[dict[str, Any]]:
+        """A stream's calls as OpenAI sends them: per call a chunk with its index, id and name, then
+        one with its arguments. They are sent once the answer is complete and checked."""
+        chunks = []
+        for i, call in enumerate(out.tool_calls):
+            head = call.openai(index=i)
+            args = head["function"]["arguments"]
+            head["function"]["arguments"] = ""
+            for delta in (head, {"index": i, "function": {"arguments": args}}):
+                chunk = self.chunk(None)
+                chunk["choices"][0]["delta"] = {"tool_calls": [delta]}
+                chunks.append(chunk)
+        return chunks
+
     def usage_chunk(self, out: Outcome) -> dict[str, Any]:
         obj = self._head("chat.completion.chunk" if self.chat else "text_completion")
         return {**obj, "choices": [], "usage": out.usage()}
+
+    # Server-sent events, as the app writes them (anthropic.MessageShapes has the same methods).
+
+    def sse_open(self) -> list[str]:
+        return [_sse(self.chunk(None, first=True))]
+
+    def sse_text(self, text: str) -> list[str]:
+        return [_sse(self.chunk(text))]
+
+    def sse_done(self, out: Outcome) -> list[str]:
+        """What is left of the text (withheld while it could have been a call), the calls, the
+        finish reason, the usage when asked, then [DONE]."""
+        chunks = [self.chunk(out.held)] if out.held else []
+        chunks += self.tool_chunks(out)
+        chunks.append({**self.chunk(None, out.finish_reason), "localctx": out.details})
+        if self.request.include_usage:
+            chunks.append(self.usage_chunk(out))
+        return [_sse(c) for c in chunks] + ["data: [DONE]\n\n"]
+
+    def sse_error(self, err: ApiError) -> list[str]:
+        return [_sse(err.body())]
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

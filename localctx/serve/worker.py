@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine import Engine, Run
@@ -40,6 +40,8 @@ from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceErr
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
 from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
+from .tool_grammar import call_grammar
+from .tools import ToolSession, family_of, render_input
 
 PARAGRAPH = "\n\n"
 FLUSH_SECONDS = 0.05  # streamed text is sent at most 20 times a second (the first piece at once)
@@ -62,6 +64,7 @@ class Job:
     prompt: Prompt | None = None
     pending_text: str = ""
     last_flush: float = 0.0
+    tools: ToolSession | None = None  # the tools the model may call: its stream gate and parser
 
 
 class ModelWorker:
@@ -153,9 +156,11 @@ class ModelWorker:
             if not engine.can_start(len(prompt.tokens), prompt.max_tokens):
                 return False
             s = job.request.sampling
+            job.tools = self._tool_session(job.request)
             job.run = engine.start(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
                                    top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end,
-                                   mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set())
+                                   mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set(),
+                                   **_constraint(job))
             job.post(("start", None))
             with self._cv:
                 self._running.append(job)
@@ -190,7 +195,8 @@ class ModelWorker:
         if not job.request.stream:
             job.run.drain()  # the outcome carries the text: no event per token to wake the loop for
             return
-        job.pending_text += "".join(job.run.drain())
+        text = "".join(job.run.drain())
+        job.pending_text += job.tools.feed(text) if job.tools is not None else text
         if job.pending_text and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
             job.post(("text", job.pending_text))
             job.pending_text, job.last_flush = "", now
@@ -204,15 +210,36 @@ class ModelWorker:
         t = gen.timings
         details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
-        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
+        out = Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)
+        if job.tools is not None:
+            reply, held = job.tools.finish(gen.text)
+            if reply.calls:
+                out = replace(out, text=reply.content or "", finish_reason="tool_calls", tool_calls=reply.calls)
+            elif job.request.stream:
+                out = replace(out, held=held)
+        job.post(("done", out))
+
+    def _tool_session(self, request: ApiRequest) -> ToolSession | None:
+        if request.tools is None or not request.tools.active:
+            return None
+        return ToolSession(request.tools, family_of(self.engine.tokenizer.template().source))
+
+    def _chat_tokens(self, request: ApiRequest, messages: list[dict[str, Any]] | None = None,
+                     add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's tokens (the request's, or `messages` with its tools) with its tools:
+        through the template's own tool syntax when it has one, else in the generic form
+        (tools.render_input), so that a document's head is rendered as the whole prompt is."""
+        template = self.engine.tokenizer.template()
+        messages, tools = render_input(request.messages if messages is None else messages, request.tools,
+                                       template.source, template.variables)
+        return self.engine.chat_tokens(messages, add_generation_prompt, tools=tools)
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never
         truncated) when they do not fit the largest window."""
         engine = self.engine
         if request.kind == "chat":
-            messages = list(request.messages)
-            tokens = engine.chat_tokens(messages)
+            tokens = self._chat_tokens(request)
             stop = list(dict.fromkeys(engine.chat_stop + list(request.sampling.stop)))
         else:
             tokens = engine.tokenize(request.prompt, add_bos=True)
@@ -246,15 +273,30 @@ class ModelWorker:
             at = text.rfind(PARAGRAPH)
             if at > 0:
                 cut = messages[:last] + [{"role": "user", "content": text[:at]}]
-                head = engine.chat_tokens(cut)  # as generate --file --chat: the document as a whole message
+                head = self._chat_tokens(request, cut)  # as generate --file --chat: the document as a whole message
             elif last > 0:
-                head = engine.chat_tokens(messages[:last], add_generation_prompt=False)
+                head = self._chat_tokens(request, messages[:last], add_generation_prompt=False)
             else:
                 head = None
         if head is None:
             return None
         end = common_prefix(tokens, head)
         return end if end >= threshold else None
+
+
+def _constraint(job: Job) -> dict[str, Any]:
+    """What constrains a run's sampling: the grammar of a call to one of the offered tools when
+    tool_choice is "required" or names one (serve/tool_grammar.py)."""
+    if job.tools is None:
+        return {}
+    try:
+        grammar = call_grammar(job.tools.request, job.tools.family)
+    except Exception as exc:  # the converter's own limits (a schema feature it cannot express)
+        raise ApiError(f"The tools' schemas cannot be turned into a grammar for tool_choice: {exc}",
+                       param="tools") from None
+    # Engine.start takes no `grammar` on this branch (built anyway, so that a schema the converter
+    # cannot express is refused already). At merge: `return {} if grammar is None else {"grammar": grammar}`.
+    return {}
 
 
 def status_of(exc: BaseException) -> ApiError:
