@@ -24,13 +24,15 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from ..engine import Engine
 from ..errors import ResourceError
+from .limits import (KEEP_ALIVE_SECONDS, TIMED_OUT, EventLog, Gate, GatedSocket, Limits, protocol_class,
+                     quiet_loggers)
 from .protocol import ApiError, ApiRequest, Outcome, Shapes, parse_chat, parse_completion
 from .worker import ModelWorker, status_of
 
@@ -47,12 +49,12 @@ def model_id(engine: Engine) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               log: Callable[[str], None] | None = None) -> _Guard:
+               log: Callable[[str], None] | None = None, body_timeout: float | None = None) -> _Guard:
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
     uvicorn). Requests run on a worker thread, up to `engine.n_seq` at once; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
     worker = ModelWorker(engine, model_id(engine))
-    api = _Api(worker, max_body_bytes)
+    api = _Api(worker, max_body_bytes, body_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,7 +79,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         lifespan=lifespan,
     )
     app.state.worker = worker
-    return _Guard(app, api_key, log or _stderr)
+    return _Guard(app, api_key, EventLog(log or _stderr))
 
 
 def _stderr(line: str) -> None:
@@ -92,8 +94,8 @@ class _Guard:
     """Outermost ASGI layer: the API key, one log line per request, and a last resort that turns
     any exception into a JSON 500 (the traceback goes to the log, never into a response)."""
 
-    def __init__(self, app: Starlette, api_key: str | None, log: Callable[[str], None]) -> None:
-        self.app, self.log = app, log
+    def __init__(self, app: Starlette, api_key: str | None, events: EventLog) -> None:
+        self.app, self.events = app, events
         self.state = app.state
         self._expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -116,14 +118,22 @@ class _Guard:
             else:
                 await self.app(scope, receive, record)
         except Exception:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
+            self.events.exception("request failed")
             if not info["status"]:
                 await _error(ApiError("The server failed on this request (see its log).", status=500,
                                       type="server_error"))(scope, receive, record)
         finally:
-            self.log(_log_line(scope, info, time.perf_counter() - start))
+            self._log(scope, info, time.perf_counter() - start)
+
+    def _log(self, scope: Scope, info: dict[str, Any], seconds: float) -> None:
+        """One line per request; refusals (4xx, 5xx) at most one a second per status, so a flood of
+        bad requests cannot fill the disk."""
+        line = _log_line(scope, info, seconds)
+        status = info["status"]
+        if status < 400 or info.get("outcome") is not None or info.get("disconnected"):
+            self.events.write(line)
+        else:
+            self.events.event(f"status {status}", line)
 
     def _authorized(self, scope: Scope) -> bool:
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -151,8 +161,8 @@ def _log_line(scope: Scope, info: dict[str, Any], seconds: float) -> str:
 
 
 class _Api:
-    def __init__(self, worker: ModelWorker, max_body_bytes: int) -> None:
-        self.worker, self.max_body = worker, max_body_bytes
+    def __init__(self, worker: ModelWorker, max_body_bytes: int, body_timeout: float | None) -> None:
+        self.worker, self.max_body, self.body_timeout = worker, max_body_bytes, body_timeout
 
     # --- GET ---------------------------------------------------------------------------------
 
@@ -233,10 +243,17 @@ class _Api:
                 raise ApiError("Malformed Content-Length header.")
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                raise too_big
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body:
+                    raise too_big
+        except ClientDisconnect:  # gone, or closed by the body timeout (limits.py): no one reads the answer
+            if request.scope.get(TIMED_OUT):
+                raise ApiError(f"The request body did not arrive within {self.body_timeout:g} s.", status=408,
+                               code="request_timeout") from None
+            raise ApiError("The client closed the connection before its request body was complete.",
+                           status=499, code="client_closed") from None
         if not body:
             raise ApiError("The request body is empty: send a JSON object.")
         try:
@@ -342,11 +359,16 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A bound socket (port 0: any free one), so the address is known before serving starts."""
+def listen(host: str, port: int, gate: Gate | None = None) -> socket.socket:
+    """A bound socket (port 0: any free one), so the address is known before serving starts; with
+    a gate, one that closes connections past the file descriptors there are (limits.GatedSocket)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+        if gate is not None:
+            sock = GatedSocket(family, kind, proto)
+            sock.gate = gate
+        else:
+            sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)  # connections made before the event loop starts wait in the backlog
@@ -358,16 +380,21 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
-          max_body_bytes: int = MAX_BODY_BYTES, ready: Callable[[str], None] | None = None) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, ready: Callable[[str], None] | None = None,
+          limits: Limits | None = None) -> None:
     """Serve `engine` on http://host:port until Ctrl-C or SIGTERM; then the request in flight is
     stopped, queued ones are refused (503), and it returns. `ready(url)` is called once listening.
-    The engine stays open: the caller closes it."""
-    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes)
-    sock = listen(host, port)
+    `limits`: connections and read timeouts (limits.py); raises the process's soft file
+    descriptor limit to the hard one. The engine stays open: the caller closes it."""
+    limits = limits or Limits()
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=limits.body_timeout)
+    gate = Gate.for_limits(limits, app.events)
+    sock = listen(host, port, gate)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http="h11", loop="asyncio",
-                            timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=protocol_class(limits, gate),
+                            loop="asyncio", timeout_graceful_shutdown=30, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    quiet_loggers()  # after uvicorn configured its loggers
     worker: ModelWorker = app.state.worker
     server = _Server(config, worker.stopping.set)
     if ready is not None:
@@ -377,3 +404,4 @@ def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     finally:
         worker.stop()
         sock.close()
+        app.events.flush()
