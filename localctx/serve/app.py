@@ -25,7 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
@@ -33,6 +33,7 @@ from ..engine import Engine
 from ..errors import ResourceError
 from .limits import (KEEP_ALIVE_SECONDS, TIMED_OUT, EventLog, Gate, GatedSocket, Limits, protocol_class,
                      quiet_loggers)
+from .metrics import Metrics
 from .protocol import ApiError, ApiRequest, Outcome, Shapes, parse_chat, parse_completion
 from .worker import ModelWorker, status_of
 
@@ -70,6 +71,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app = Starlette(
         routes=[
             Route("/health", api.health, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/v1/models", api.models, methods=["GET"]),
             Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
@@ -78,7 +80,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.worker = worker
+    app.state.worker, app.state.metrics, app.state.gate = worker, Metrics(), None  # gate: set by serve
     return _Guard(app, api_key, EventLog(log or _stderr))
 
 
@@ -130,6 +132,7 @@ class _Guard:
         bad requests cannot fill the disk."""
         line = _log_line(scope, info, seconds)
         status = info["status"]
+        self.state.metrics.record(scope["path"], status, info.get("outcome"))
         if status < 400 or info.get("outcome") is not None or info.get("disconnected"):
             self.events.write(line)
         else:
@@ -170,7 +173,13 @@ class _Api:
         e = self.worker.engine
         return JSONResponse({"status": "ok", "model": self.worker.model_id, "preset": e.params.preset,
                              "max_context": e.max_ctx, "window": e.n_ctx, "pending": self.worker.pending,
-                             "parallel": e.n_seq, "running": self.worker.running, "windows": e.windows.in_use()})
+                             "parallel": e.n_seq, "running": self.worker.running, "windows": e.windows.in_use(),
+                             "progress": self.worker.progress()})
+
+    async def metrics(self, request: Request) -> Response:
+        state = request.app.state
+        return PlainTextResponse(state.metrics.render(self.worker, state.gate),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _card(self) -> dict[str, Any]:
         path = self.worker.engine.facts.path
@@ -389,6 +398,7 @@ def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     limits = limits or Limits()
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=limits.body_timeout)
     gate = Gate.for_limits(limits, app.events)
+    app.state.gate = gate
     sock = listen(host, port, gate)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]

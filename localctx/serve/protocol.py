@@ -269,10 +269,12 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     details: dict[str, Any]
+    cached_tokens: int = 0  # prompt tokens not evaluated again: kept in the sequence's cells or restored
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def new_id(kind: str) -> str:

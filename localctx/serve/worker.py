@@ -86,6 +86,19 @@ class ModelWorker:
     def running(self) -> int:
         return len(self._running)
 
+    def progress(self) -> list[dict[str, int]]:
+        """Each running request's prompt and how much of it is evaluated so far (read from the HTTP
+        side, between steps: a snapshot, not a lock on the model)."""
+        with self._cv:
+            running = list(self._running)
+        out = []
+        for job in running:
+            run, total = job.run, len(job.prompt.tokens)
+            out.append({"window": run.gen.window, "sequence": run.slot.seq, "prompt_tokens": total,
+                        "prompt_evaluated": total - len(run.pending),
+                        "generated_tokens": run.gen.timings.generated_tokens})
+        return out
+
     def submit(self, request: ApiRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Job:
         def post(event: tuple[str, Any]) -> None:
             try:
@@ -204,7 +217,8 @@ class ModelWorker:
         t = gen.timings
         details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
-        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
+        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details,
+                                  cached_tokens=t.cached_tokens)))
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never
