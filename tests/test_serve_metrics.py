@@ -5,7 +5,11 @@ from its KV snapshot)."""
 from __future__ import annotations
 
 import http.client
+import json
 import re
+import socket
+import threading
+import time
 import signal
 from collections.abc import Iterator
 
@@ -14,12 +18,14 @@ import pytest
 
 from test_serve import KEY, Server, start_server
 
+PING = 0.2
 DOC = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls." for i in range(12))  # > 64 tokens
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("metrics-home"), "--api-key", KEY, "--parallel", "1")
+    srv = start_server(tmp_path_factory.mktemp("metrics-home"), "--api-key", KEY, "--parallel", "1",
+                       "--sse-ping-interval", str(PING))
     try:
         yield srv
     finally:
@@ -111,3 +117,42 @@ def test_metrics_in_prometheus_text(client: openai.OpenAI, server: Server) -> No
     assert after[("localctx_window_sequences", frozenset({("window", "1024")}))] == 1
     assert ("localctx_connections_open", frozenset()) in after
     assert grew("localctx_requests_total", endpoint="/metrics", status="200") >= 1
+
+
+def test_a_long_prompt_streams_pings_and_its_progress(client: openai.OpenAI, server: Server) -> None:
+    prompt = "word " * 600  # no paragraph break: no document, so its prefill is stepped and visible
+    body = json.dumps({"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True})
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def watch() -> None:  # /health while the prompt is evaluated
+        while not done.is_set() and len(seen) < 2000:
+            conn = http.client.HTTPConnection(*server.host_port, timeout=10)
+            conn.request("GET", "/health")
+            seen.extend(json.loads(conn.getresponse().read())["progress"])
+            conn.close()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with socket.create_connection(server.host_port, timeout=60) as sock:
+            sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+            stream = b""
+            while b"data: [DONE]" not in stream:
+                chunk = sock.recv(65536)
+                assert chunk, stream
+                stream += chunk
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+    text = stream.decode()
+    first_token = re.search(r'"text": "[^"]', text)
+    assert first_token and ": ping\n\n" in text[: first_token.start()], text[:3000]  # pinged before it
+    tokens = max(p["prompt_tokens"] for p in seen)
+    assert tokens > 500
+    assert any(0 < p["prompt_evaluated"] < p["prompt_tokens"] for p in seen), seen[:20]  # part way through
+    # The openai client reads a stream with pings as any other.
+    chunks = list(client.completions.create(model="x", prompt=prompt, max_tokens=2, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -12,6 +12,7 @@ API_KEY_ENV = "LOCALCTX_API_KEY"
 # As localctx.serve.limits.Limits' defaults (a test checks): importing that here would load the model's
 # libraries for every command.
 DEFAULT_MAX_CONNECTIONS, DEFAULT_HEADER_TIMEOUT, DEFAULT_BODY_TIMEOUT = 1024, 10.0, 60.0
+DEFAULT_SSE_PING = 10.0  # as localctx.serve.app.SSE_PING_SECONDS
 DEFAULT_PARALLEL = 4  # as llama-server's default slots; RESULTS.md (parallel sequences) measures 1, 4 and 8
 
 
@@ -35,10 +36,14 @@ DEFAULT_PARALLEL = 4  # as llama-server's default slots; RESULTS.md (parallel se
               show_default=True, help="Seconds a connection has to send a whole request head; then it is closed.")
 @click.option("--body-timeout", type=click.FloatRange(0.1, 3600), default=DEFAULT_BODY_TIMEOUT, show_default=True,
               help="Seconds a request body may take to arrive after its head (then HTTP 408).")
+@click.option("--sse-ping-interval", type=click.FloatRange(0, 3600), default=DEFAULT_SSE_PING, show_default=True,
+              help="Seconds between ': ping' comments on a stream waiting for its first token (a long prompt), "
+                   "so clients and proxies do not time out; 0: none.")
 @parallel_option(DEFAULT_PARALLEL, "Requests")
 @seed_option
 def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None, max_body_mb: int,
-          max_connections: int, header_timeout: float, body_timeout: float, parallel: int, seed: int) -> None:
+          max_connections: int, header_timeout: float, body_timeout: float, sse_ping_interval: float,
+          parallel: int, seed: int) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
 
     Up to --parallel requests run at once (continuous batching), each at the preset's scaling for
@@ -74,7 +79,8 @@ def serve(spec: RunSpec, preset: str, host: str, port: int, api_key: str | None,
                        "Ctrl-C to stop.", err=True)
 
         run_server(engine, host=host, port=port, api_key=api_key or None, max_body_bytes=max_body_mb * 2**20,
-                   ready=ready, limits=Limits(max_connections, header_timeout, body_timeout))
+                   ready=ready, limits=Limits(max_connections, header_timeout, body_timeout),
+                   sse_ping_interval=sse_ping_interval)
     click.echo("Stopped.", err=True)
 
 

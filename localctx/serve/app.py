@@ -39,6 +39,9 @@ from .worker import ModelWorker, status_of
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+# A streamed request sends an SSE comment this often while nothing else is sent (queued, or its
+# prompt being evaluated): well under the shortest read timeouts of common clients and proxies (30-60 s).
+SSE_PING_SECONDS = 10.0
 MAX_BODY_BYTES = 16 * 2**20  # a 1M-token document is about 4 MB of text; JSON escaping can double it
 LOG_KEY = "localctx.log"
 
@@ -50,12 +53,13 @@ def model_id(engine: Engine) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               log: Callable[[str], None] | None = None, body_timeout: float | None = None) -> _Guard:
+               log: Callable[[str], None] | None = None, body_timeout: float | None = None,
+               sse_ping_interval: float = SSE_PING_SECONDS) -> _Guard:
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
     uvicorn). Requests run on a worker thread, up to `engine.n_seq` at once; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
     worker = ModelWorker(engine, model_id(engine))
-    api = _Api(worker, max_body_bytes, body_timeout)
+    api = _Api(worker, max_body_bytes, body_timeout, sse_ping_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -164,8 +168,9 @@ def _log_line(scope: Scope, info: dict[str, Any], seconds: float) -> str:
 
 
 class _Api:
-    def __init__(self, worker: ModelWorker, max_body_bytes: int, body_timeout: float | None) -> None:
+    def __init__(self, worker: ModelWorker, max_body_bytes: int, body_timeout: float | None, ping: float) -> None:
         self.worker, self.max_body, self.body_timeout = worker, max_body_bytes, body_timeout
+        self.ping = ping or None  # 0: no pings
 
     # --- GET ---------------------------------------------------------------------------------
 
@@ -217,13 +222,19 @@ class _Api:
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job.cancel, info))
         shapes = Shapes(api, self.worker.model_id)
         try:
-            kind, value = await queue.get()  # "start", or "error" (overflow, bad template, cancelled)
+            # "start", or "error" (overflow, bad template, cancelled). A stream that waits longer than a
+            # ping interval (queued, or its document being evaluated) starts at once, to send pings:
+            # a refusal found after that comes as an error event.
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), self.ping if api.stream else None)
+            except asyncio.TimeoutError:
+                kind, value = "start", None
             if kind == "error":
                 err = status_of(value)
                 info["error"] = err.message
                 return _error(err)
             if api.stream:
-                stream = _EventStream(queue, shapes, info, watcher, job.cancel)
+                stream = _EventStream(queue, shapes, info, watcher, job.cancel, self.ping)
                 watcher = None  # the stream owns it now
                 return stream
             while True:
@@ -295,12 +306,13 @@ class _EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, queue: asyncio.Queue, shapes: Shapes, info: dict[str, Any], watcher: asyncio.Future,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, ping: float | None = None) -> None:
         # Not Response.__init__: it would declare a Content-Length for the empty initial body.
         self.status_code, self.background = 200, None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                             (b"x-accel-buffering", b"no")]
         self.queue, self.shapes, self.info, self.watcher, self.cancel = queue, shapes, info, watcher, cancel
+        self.ping = ping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -308,11 +320,17 @@ class _EventStream(Response):
             await self._send(send, [self.shapes.chunk(None, first=True)])
             done = False
             while not done:
-                events = [await self.queue.get()]
+                try:
+                    events = [await asyncio.wait_for(self.queue.get(), self.ping)]
+                except asyncio.TimeoutError:  # nothing to send for a while (a long prompt): keep the line alive
+                    await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                    continue
                 while not self.queue.empty():
                     events.append(self.queue.get_nowait())
                 chunks: list[Any] = []
                 for kind, value in events:
+                    if kind == "start":
+                        continue  # the stream began before it (it waited over a ping interval)
                     if kind == "text":
                         chunks.append(self.shapes.chunk(value))
                     elif kind == "done":
@@ -390,13 +408,15 @@ def listen(host: str, port: int, gate: Gate | None = None) -> socket.socket:
 
 def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
           max_body_bytes: int = MAX_BODY_BYTES, ready: Callable[[str], None] | None = None,
-          limits: Limits | None = None) -> None:
+          limits: Limits | None = None, sse_ping_interval: float = SSE_PING_SECONDS) -> None:
     """Serve `engine` on http://host:port until Ctrl-C or SIGTERM; then the request in flight is
     stopped, queued ones are refused (503), and it returns. `ready(url)` is called once listening.
     `limits`: connections and read timeouts (limits.py); raises the process's soft file
-    descriptor limit to the hard one. The engine stays open: the caller closes it."""
+    descriptor limit to the hard one. `sse_ping_interval`: seconds between `: ping` comments on a
+    stream with nothing else to send (0: none). The engine stays open: the caller closes it."""
     limits = limits or Limits()
-    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=limits.body_timeout)
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=limits.body_timeout,
+                     sse_ping_interval=sse_ping_interval)
     gate = Gate.for_limits(limits, app.events)
     app.state.gate = gate
     sock = listen(host, port, gate)
