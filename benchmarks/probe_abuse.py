@@ -39,11 +39,17 @@ def log(msg: str) -> None:
     print(f"[probe] {msg}", file=sys.stderr, flush=True)
 
 
-def start_server(repo: Path, extra: list[str], err_path: Path) -> tuple[subprocess.Popen, int]:
+def start_server(repo: Path, extra: list[str], err_path: Path, nofile: tuple[int, int] | None
+                 ) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "PYTHONPATH": str(repo)}
     err = err_path.open("w")
+
+    def limit() -> None:  # the server's own descriptor limit, as a smaller machine would give it
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
     proc = subprocess.Popen([sys.executable, "-m", "localctx", "serve", "--host", HOST, "--port", "0", "--ctx", "1024",
-                             *extra], stdout=subprocess.DEVNULL, stderr=err, cwd=repo, env=env)
+                             *extra], stdout=subprocess.DEVNULL, stderr=err, cwd=repo, env=env, preexec_fn=limit)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         m = re.search(r" on http://127\.0\.0\.1:(\d+)", err_path.read_text(errors="replace"))
@@ -165,6 +171,7 @@ def main() -> None:
     ap.add_argument("--flood-seconds", type=float, default=20.0, help="time allowed to open the flood")
     ap.add_argument("--hold-seconds", type=float, default=15.0, help="how long the flood is held open")
     ap.add_argument("--server-arg", action="append", default=[], help="passed to `localctx serve` (repeatable)")
+    ap.add_argument("--server-nofile", metavar="SOFT[:HARD]", help="the server's RLIMIT_NOFILE (default: inherited)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -172,9 +179,14 @@ def main() -> None:
     room = hard - 200 - args.slowloris
     n_flood = max(0, min(args.connections, room))
     err_path = Path(tempfile.mkdtemp(prefix="probe-abuse-")) / "serve.stderr"
-    proc, port = start_server(args.repo, args.server_arg, err_path)
+    nofile = None
+    if args.server_nofile:
+        soft_s, _, hard_s = args.server_nofile.partition(":")
+        nofile = (int(soft_s), int(hard_s or hard))
+    proc, port = start_server(args.repo, args.server_arg, err_path, nofile)
     log(f"server on port {port}; flood of up to {n_flood:,} connections (fd limit {hard:,})")
-    out: dict = {"connections_asked": args.connections, "server_args": args.server_arg}
+    out: dict = {"repo": str(args.repo), "connections_asked": args.connections, "server_args": args.server_arg,
+                 "server_nofile": nofile}
     socks: list[socket.socket] = []
     try:
         poller = HealthPoller(port)

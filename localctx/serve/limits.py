@@ -8,9 +8,10 @@ closed. What each piece here does about it:
 
 - **File descriptors.** At start the soft RLIMIT_NOFILE is raised to the hard one. The listening
   socket is a `GatedSocket`: asyncio's only way in is its `accept()`, which counts every accepted
-  socket until it is closed (`Gate.open`) and, at `Gate.fd_cap` (the fd limit less those already
-  open and a reserve for the process's own files), closes a new connection at once. So accept
-  never meets EMFILE, whatever a client does.
+  socket until it is closed (`Gate.open`). At `Gate.fd_cap` (the fd limit less those already open
+  and a reserve for the process's own files) it first closes the oldest connection that has not
+  sent a request head, so an idle flood gives way to new clients (a health check among them);
+  with none to close, the new connection is closed at once. So accept never meets EMFILE.
 - **Connections.** Up to `max_connections` are served normally. Those beyond it (up to the fd cap)
   get a short time to send their request head and are answered 503 in OpenAI's error shape with
   `Connection: close`, except `GET /health`, which is served on any connection so a health check
@@ -48,7 +49,8 @@ DEFAULT_MAX_CONNECTIONS = 1024  # agents and editors hold a few each; 1,024 idle
 DEFAULT_HEADER_TIMEOUT = 10.0  # a request head is under 16 KiB: seconds even on a slow link
 DEFAULT_BODY_TIMEOUT = 60.0  # the 16 MiB default body limit at ~280 KB/s
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default: an idle connection between requests
-FD_RESERVE = 64  # descriptors kept for the process itself: snapshot files, the model, pipes
+EVICT_MAX = 32  # connections being closed to make room at once (their descriptors free a moment later)
+FD_RESERVE = 64 + EVICT_MAX  # descriptors kept for the process itself (snapshot files, the model, pipes)
 OVERFLOW_ROOM = 16  # at least this many connections beyond the limit, to answer 503 and /health
 OVERFLOW_HEAD_SECONDS = 2.0  # a connection over the limit has this long to send its head
 GATE_BURST = 256  # connections closed at once per accept() call when at the fd cap
@@ -176,6 +178,9 @@ class Gate:
     def __init__(self, fd_cap: int, max_connections: int, events: EventLog) -> None:
         self.fd_cap, self.max_connections, self.events = fd_cap, max_connections, events
         self.open = 0
+        self.waiting: dict[Any, None] = {}  # connections reading a request head, oldest first
+        self.evicting = 0  # closed to make room, their descriptors not yet free
+        self.evicted = 0
         self.refused = 0  # closed at accept: no descriptor to spare
         self.over_limit = 0  # answered 503 (or served /health) beyond max_connections
         self.timed_out = 0  # closed for a late request head or body
@@ -195,6 +200,23 @@ class Gate:
     def opened(self) -> None:
         self.open += 1
 
+    def has_room(self) -> bool:
+        """Whether a new connection may be accepted: under the cap, or once the oldest connection
+        still without a request head is closed for it (an idle flood gives way to new clients, a
+        health check among them, rather than shutting them out)."""
+        if self.open - self.evicting < self.fd_cap:
+            return True
+        while self.waiting and self.evicting < EVICT_MAX:
+            conn = next(iter(self.waiting))
+            del self.waiting[conn]
+            if conn.evict():
+                self.evicting += 1
+                self.evicted += 1
+                self.events.event("evicted", f"[serve] closed the oldest connection without a request head to "
+                                             f"make room: {self.open:,} open, as many as the descriptor limit allows")
+                return True
+        return False
+
     def closed(self) -> None:
         self.open -= 1
 
@@ -212,8 +234,10 @@ class _Counted(socket.socket):
 
 
 class GatedSocket(socket.socket):
-    """The listening socket: asyncio accepts through `accept()`, which closes new connections at
-    once when the gate has no descriptor to spare (never an EMFILE, never a traceback)."""
+    """The listening socket: asyncio accepts through `accept()`, which makes room at the gate's cap
+    (the oldest connection without a request head is closed), leaves new connections in the
+    kernel's backlog while that room frees, and closes them at once when every connection is busy
+    with a request: never an EMFILE, never a traceback."""
 
     gate: Gate | None = None
 
@@ -221,16 +245,19 @@ class GatedSocket(socket.socket):
         gate = self.gate
         assert gate is not None
         for _ in range(GATE_BURST):
-            fd, addr = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
-            if gate.open < gate.fd_cap:
+            if gate.has_room():
+                fd, addr = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
                 conn = _Counted(self.family, self.type, self.proto, fileno=fd)
                 conn.gate = gate
                 gate.opened()
                 return conn, addr
+            if gate.evicting:  # room comes as those close (in a moment): the rest wait in the backlog
+                break
+            fd, _ = self._accept()  # type: ignore[attr-defined]
             os.close(fd)
             gate.refused += 1
             gate.events.event("fd cap", f"[serve] closed a connection at once: {gate.open:,} are open, as many "
-                                        "as the file descriptor limit allows")
+                                        "as the file descriptor limit allows, each busy with a request")
         raise BlockingIOError  # asyncio's sign that nothing more waits; the rest next time round
 
 
@@ -283,6 +310,7 @@ def protocol_class(limits: Limits, gate: Gate) -> type[H11Protocol]:
             super().connection_made(transport)
             self._timer: Any = None
             self._phase = ""
+            self._evicted = False
             self._head_seconds = limits.header_timeout
             if gate.open > gate.max_connections:
                 self.app = _Overflow(self.app, gate)
@@ -299,11 +327,24 @@ def protocol_class(limits: Limits, gate: Gate) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel()
+            gate.waiting.pop(self, None)
+            if self._evicted:
+                self._evicted = False
+                gate.evicting -= 1
             super().connection_lost(exc)
+
+        def evict(self) -> bool:
+            if self.transport.is_closing():
+                return False
+            self._cancel()
+            self._evicted = True
+            self.transport.abort()
+            return True
 
         def _track(self) -> None:
             """Arm the deadline of what the connection is reading: a head, a body, or nothing."""
             if self.transport.is_closing():
+                gate.waiting.pop(self, None)
                 return self._cancel()
             their = self.conn.their_state
             phase = "head" if their is h11.IDLE else "body" if their is h11.SEND_BODY else ""
@@ -311,6 +352,10 @@ def protocol_class(limits: Limits, gate: Gate) -> type[H11Protocol]:
                 return  # a deadline runs from the start of what it bounds, whatever bytes come meanwhile
             self._cancel()
             self._phase = phase
+            if phase == "head":
+                gate.waiting[self] = None
+            else:
+                gate.waiting.pop(self, None)
             if phase:
                 seconds = self._head_seconds if phase == "head" else limits.body_timeout
                 self._timer = self.loop.call_later(seconds, self._expired)

@@ -95,6 +95,9 @@ class Metrics:
             metric("connections_open", "gauge", "Connections open.", [({}, gate.open)])
             metric("connections_over_limit_total", "counter",
                    "Requests on connections beyond --max-connections (503, or /health).", [({}, gate.over_limit)])
+            metric("connections_evicted_total", "counter",
+                   "Connections without a request head closed to make room at the descriptor limit.",
+                   [({}, gate.evicted)])
             metric("connections_refused_total", "counter",
                    "Connections closed at accept: no file descriptor to spare.", [({}, gate.refused)])
             metric("connections_timed_out_total", "counter",
