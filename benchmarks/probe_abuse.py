@@ -194,6 +194,7 @@ def main() -> None:
         time.sleep(1.0)
         loris = Slowloris(port, args.slowloris, seconds=args.flood_seconds + args.hold_seconds + 10)
         loris.start()
+        flood_began = time.monotonic()
         socks, failed, took = flood(port, n_flood, args.flood_seconds)
         log(f"opened {len(socks):,} idle connections in {took:.1f} s ({failed} failed)")
         time.sleep(args.hold_seconds)
@@ -213,6 +214,8 @@ def main() -> None:
         out["health_polls"] = len(poller.samples)
         out["health_failed_or_over_5s"] = sum(1 for _, t in poller.samples if t is None)
         out["health_over_1s"] = sum(1 for t in times if t > 1.0)
+        out["health_slow_or_failed_at_s"] = [  # seconds after the flood began: which phase was slow
+            round(at - flood_began, 1) for at, t in poller.samples if t is None or t > 1.0]
         if times:
             out["health_median_s"] = round(statistics.median(times), 3)
             out["health_max_s"] = round(max(times), 3)

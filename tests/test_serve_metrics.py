@@ -123,14 +123,17 @@ def test_a_long_prompt_streams_pings_and_its_progress(client: openai.OpenAI, ser
     prompt = "word " * 600  # no paragraph break: no document, so its prefill is stepped and visible
     body = json.dumps({"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True})
     seen: list[dict] = []
+    scraped: list[float] = []
     done = threading.Event()
 
-    def watch() -> None:  # /health while the prompt is evaluated
+    def watch() -> None:  # /health and /metrics while the prompt is evaluated
         while not done.is_set() and len(seen) < 2000:
             conn = http.client.HTTPConnection(*server.host_port, timeout=10)
             conn.request("GET", "/health")
             seen.extend(json.loads(conn.getresponse().read())["progress"])
             conn.close()
+            scraped.extend(v for (name, _), v in parse(scrape(server)[1]).items()
+                           if name == "localctx_prompt_tokens_evaluated")
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -153,6 +156,7 @@ def test_a_long_prompt_streams_pings_and_its_progress(client: openai.OpenAI, ser
     tokens = max(p["prompt_tokens"] for p in seen)
     assert tokens > 500
     assert any(0 < p["prompt_evaluated"] < p["prompt_tokens"] for p in seen), seen[:20]  # part way through
+    assert any(0 < v < tokens for v in scraped), scraped[:20]
     # The openai client reads a stream with pings as any other.
     chunks = list(client.completions.create(model="x", prompt=prompt, max_tokens=2, temperature=0, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")

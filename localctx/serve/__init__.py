@@ -3,6 +3,8 @@
     protocol  request validation and response shapes (the OpenAI wire format, pure data)
     worker    the model's own thread: prompts, document boundaries, cancellation
     app       the Starlette app (create_app) and `serve`, which runs it under uvicorn
+    limits    connections, file descriptors, read timeouts and rate-limited logs under abuse
+    metrics   GET /metrics in Prometheus' text format
 
 Library use:
 

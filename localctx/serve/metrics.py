@@ -89,8 +89,8 @@ class Metrics:
         progress = getattr(worker, "progress", None)
         if progress is not None:
             metric("prompt_tokens_evaluated", "gauge",
-                   "Prompt tokens evaluated so far, for each running request (by its id).",
-                   [({"request": p["id"]}, p["prompt_evaluated"]) for p in progress()])
+                   "Prompt tokens evaluated so far, for each running request (by its window and sequence).",
+                   [({"window": p["window"], "sequence": p["sequence"]}, p["prompt_evaluated"]) for p in progress()])
         if gate is not None:
             metric("connections_open", "gauge", "Connections open.", [({}, gate.open)])
             metric("connections_over_limit_total", "counter",
