@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +49,13 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(home: Path, *args: str) -> Server:
+def start_server(home: Path, *args: str, preexec_fn: Callable[[], None] | None = None) -> Server:
     log = home / "serve.log"
     env = {**os.environ, USER_DIR_ENV: str(home), "LOCALCTX_KV_CACHE_MIN_TOKENS": str(DOC_TOKENS_MIN)}
     env.pop(CACHE_DIR_ENV, None)
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "localctx", "serve", "--port", "0", "--ctx", str(CTX), *args],
-                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=env)
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=env, preexec_fn=preexec_fn)
     deadline = time.monotonic() + STARTUP
     while time.monotonic() < deadline:
         match = re.search(r" on (http://\S+?:\d+)", log.read_text(errors="replace"))

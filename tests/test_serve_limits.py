@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import socket
 import time
@@ -172,3 +173,45 @@ def test_rate_limit_counts_what_it_suppresses() -> None:
     now[0] = 1.0
     assert limit.allow("a") == 5
 
+
+
+FD_LIMIT = 320  # the server's soft and hard RLIMIT_NOFILE: room for ~200 connections
+
+
+def test_a_flood_past_the_descriptor_limit_gives_way_to_new_clients(tmp_path_factory: pytest.TempPathFactory
+                                                                     ) -> None:
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+    srv = start_server(tmp_path_factory.mktemp("fd-home"), preexec_fn=few_fds)
+    flood: list[socket.socket] = []
+    try:
+        assert "--max-connections lowered to" in srv.log_text()
+        for _ in range(2 * FD_LIMIT):  # twice what the server can hold, all idle
+            flood.append(socket.create_connection(srv.host_port, timeout=5))
+        time.sleep(0.3)
+        for _ in range(5):  # the oldest idle ones make room: /health answers each time, at once
+            start = time.monotonic()
+            with socket.create_connection(srv.host_port, timeout=5) as sock:
+                status, health = request(sock, "/health")
+            assert status == 200 and time.monotonic() - start < 1.0
+        closed = 0
+        for s in flood:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= FD_LIMIT  # the server held no more than its descriptors allow
+    finally:
+        for s in flood:
+            s.close()
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGINT)
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    log = srv.log_text()
+    assert srv.proc.returncode == 0 and "Traceback" not in log and "Too many open files" not in log, log
+    assert len(log.splitlines()) < 20, log

@@ -58,7 +58,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
     uvicorn). Requests run on a worker thread, up to `engine.n_seq` at once; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
-    worker = ModelWorker(engine, model_id(engine))
+    events = EventLog(log or _stderr)
+    worker = ModelWorker(engine, model_id(engine), report=events.exception)
     api = _Api(worker, max_body_bytes, body_timeout, sse_ping_interval)
 
     @contextlib.asynccontextmanager
@@ -85,7 +86,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         lifespan=lifespan,
     )
     app.state.worker, app.state.metrics, app.state.gate = worker, Metrics(), None  # gate: set by serve
-    return _Guard(app, api_key, EventLog(log or _stderr))
+    return _Guard(app, api_key, events)
 
 
 def _stderr(line: str) -> None:

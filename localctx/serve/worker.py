@@ -67,8 +67,11 @@ class Job:
 class ModelWorker:
     """Runs Jobs on `engine`, up to `engine.n_seq` at once, on its own thread."""
 
-    def __init__(self, engine: Engine, model_id: str) -> None:
+    def __init__(self, engine: Engine, model_id: str, report: Callable[[str], None] | None = None) -> None:
         self.engine, self.model_id = engine, model_id
+        # Writes the current exception's traceback (the app's rate-limited log: a bug hit at every
+        # step must not write a traceback per step).
+        self.report = report or (lambda kind: traceback.print_exc(file=sys.stderr))
         self.stopping = threading.Event()
         self._queue: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
@@ -175,7 +178,7 @@ class ModelWorker:
         except (LocalctxError, ApiError) as exc:
             job.post(("error", exc))
         except Exception as exc:  # a bug: the client gets a 500 without details, the log the traceback
-            traceback.print_exc(file=sys.stderr)
+            self.report("request failed to start")
             job.post(("error", exc))
         return True
 
@@ -183,7 +186,7 @@ class ModelWorker:
         try:
             self.engine.step()
         except Exception as exc:  # a bug: every running request fails, the server goes on
-            traceback.print_exc(file=sys.stderr)
+            self.report("model step failed")
             for job in self._running:
                 job.run.end(error=exc)
         now = time.monotonic()
