@@ -128,6 +128,14 @@ def test_a_slow_body_gets_408(server: Server) -> None:
         assert closed_after(sock, 3) < 3
 
 
+def test_an_unfinished_request_head_over_16k_gets_400(server: Server) -> None:
+    with connect(server) as sock:  # h11 buffers at most 16 KiB of a head it cannot parse yet
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+        status, body = read_response(sock)
+        assert status == 400 and body["error"]["code"] == "invalid_http", body
+        assert closed_after(sock, 3) < 3
+
+
 def test_a_flood_of_bad_connections_logs_a_few_lines(server: Server) -> None:
     before = len(server.log_text().splitlines())
     for _ in range(200):  # malformed HTTP: each gets an OpenAI-shaped 400 and is closed

@@ -20,6 +20,9 @@ closed. What each piece here does about it:
   cancels): a connection must deliver its whole request head within `header_timeout` of opening
   (or of its previous response), and its body within `body_timeout` of the head; otherwise it is
   closed (a body that is late gets a 408 first). A request being answered has no deadline.
+- **Not uvicorn's `limit_concurrency`:** it is checked only when a request head arrives (idle
+  connections are never bounded), answers 503 in plain text, logs a warning per refusal, and
+  refuses /health too. h11 buffers at most 16 KiB of a request head it cannot parse yet (more: 400).
 - **Logs.** uvicorn's and asyncio's loggers, and the server's own lines for these events, write at
   most one line per kind of event per second, and the next line says how many were suppressed.
 """
