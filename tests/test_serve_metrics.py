@@ -134,7 +134,7 @@ def test_a_long_prompt_streams_pings_and_its_progress(client: openai.OpenAI, ser
             conn.close()
             scraped.extend(v for (name, _), v in parse(scrape(server)[1]).items()
                            if name == "localctx_prompt_tokens_evaluated")
-            time.sleep(0.02)
+            time.sleep(0.1)  # light: the scrapes share the CPU with the prefill they watch
 
     watcher = threading.Thread(target=watch)
     watcher.start()
