@@ -4,6 +4,7 @@ beside it and whatever the thread count; and the server batches concurrent clien
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from dataclasses import replace
 from collections.abc import Iterator
@@ -139,7 +140,13 @@ def test_auto_lanes_serve_clients_of_two_windows_at_once(short_model: Path, tmp_
         long = client.completions.create(model="m", prompt=text[:4800], max_tokens=8, stream=True,
                                          temperature=0)  # past 1,024 tokens: the 2,048 window
         next(iter(long))
-        health = json.loads(urllib.request.urlopen(srv.url + "/health", timeout=30).read())
+        # A stream may begin before its request runs (its document evaluated, pinged meanwhile).
+        deadline = time.monotonic() + 120
+        while True:
+            health = json.loads(urllib.request.urlopen(srv.url + "/health", timeout=30).read())
+            if health["running"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert health["running"] == 2 and health["windows"] == [{"window": 1024, "sequences": 2, "running": 1},
                                                                 {"window": 2048, "sequences": 2, "running": 1}]
         short.response.close()

@@ -179,6 +179,7 @@ class Engine(TextMethods):
         gen = Generation(iter(()), window=lane.ctx.n_ctx, params=lane.params)
         t = gen.timings
         t.prompt_tokens = len(tokens)
+        held = slot.held(tokens)
         split = (self.snapshots.document(slot, tokens, document_end, t, should_stop)
                  if document_end is not None else None)
         # With a fixed head the rest is always evaluated from the split (the document's end, or the
@@ -188,7 +189,10 @@ class Engine(TextMethods):
             limit = split if split is not None else slot.fixed_head(tokens, head_end, should_stop)
         cached = min(slot.held(tokens), len(tokens) - 1, limit)
         pending, start = slot.cut(cached, tokens[cached:])
-        t.cached_tokens = start
+        # Not evaluated for this prompt: the cells found (restored from a snapshot or left by the
+        # slot's last use), less a document evaluated just now (its cells are this prompt's own work).
+        evaluated = split if split is not None and held < split and not t.restored_tokens else 0
+        t.cached_tokens = max(0, start - evaluated)
         sampler = Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                           presence_penalty=presence_penalty, seed=self._seed)

@@ -6,6 +6,8 @@
     anthropic Anthropic's Messages API (/v1/messages) translated onto the chat core
     worker    the model's own thread: prompts, document boundaries, cancellation
     app       the Starlette app (create_app) and `serve`, which runs it under uvicorn
+    limits    connections, file descriptors, read timeouts and rate-limited logs under abuse
+    metrics   GET /metrics in Prometheus' text format
 
 Library use:
 

@@ -24,19 +24,25 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from ..engine import Engine
 from ..errors import ResourceError
 from . import anthropic
+from .limits import (KEEP_ALIVE_SECONDS, TIMED_OUT, EventLog, Gate, GatedSocket, Limits, protocol_class,
+                     quiet_loggers)
+from .metrics import Metrics
 from .protocol import ApiError, ApiRequest, Outcome, Shapes, parse_chat, parse_completion
 from .worker import ModelWorker, status_of
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+# A streamed request sends an SSE comment this often while nothing else is sent (queued, or its
+# prompt being evaluated): well under the shortest read timeouts of common clients and proxies (30-60 s).
+SSE_PING_SECONDS = 10.0
 MAX_BODY_BYTES = 16 * 2**20  # a 1M-token document is about 4 MB of text; JSON escaping can double it
 LOG_KEY = "localctx.log"
 MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API: its errors have Anthropic's shape
@@ -49,12 +55,14 @@ def model_id(engine: Engine) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               log: Callable[[str], None] | None = None) -> _Guard:
+               log: Callable[[str], None] | None = None, body_timeout: float | None = None,
+               sse_ping_interval: float = SSE_PING_SECONDS) -> _Guard:
     """An ASGI app serving `engine` with the OpenAI API; run it with any ASGI server (`serve` uses
     uvicorn). Requests run on a worker thread, up to `engine.n_seq` at once; the app's lifespan shutdown stops
     it (`app.state.worker.stop()` does the same outside a lifespan)."""
-    worker = ModelWorker(engine, model_id(engine))
-    api = _Api(worker, max_body_bytes)
+    events = EventLog(log or _stderr)
+    worker = ModelWorker(engine, model_id(engine), report=events.exception)
+    api = _Api(worker, max_body_bytes, body_timeout, sse_ping_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,6 +78,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app = Starlette(
         routes=[
             Route("/health", api.health, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/v1/models", api.models, methods=["GET"]),
             Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
@@ -79,8 +88,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.worker = worker
-    return _Guard(app, api_key, log or _stderr)
+    app.state.worker, app.state.metrics, app.state.gate = worker, Metrics(), None  # gate: set by serve
+    return _Guard(app, api_key, events)
 
 
 def _stderr(line: str) -> None:
@@ -97,8 +106,8 @@ class _Guard:
     """Outermost ASGI layer: the API key, one log line per request, and a last resort that turns
     any exception into a JSON 500 (the traceback goes to the log, never into a response)."""
 
-    def __init__(self, app: Starlette, api_key: str | None, log: Callable[[str], None]) -> None:
-        self.app, self.log = app, log
+    def __init__(self, app: Starlette, api_key: str | None, events: EventLog) -> None:
+        self.app, self.events = app, events
         self.state = app.state
         self._expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -122,14 +131,23 @@ class _Guard:
             else:
                 await self.app(scope, receive, record)
         except Exception:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
+            self.events.exception("request failed")
             if not info["status"]:
                 await _error(ApiError("The server failed on this request (see its log).", status=500,
                                       type="server_error"), scope["path"])(scope, receive, record)
         finally:
-            self.log(_log_line(scope, info, time.perf_counter() - start))
+            self._log(scope, info, time.perf_counter() - start)
+
+    def _log(self, scope: Scope, info: dict[str, Any], seconds: float) -> None:
+        """One line per request; refusals (4xx, 5xx) at most one a second per status, so a flood of
+        bad requests cannot fill the disk."""
+        line = _log_line(scope, info, seconds)
+        status = info["status"]
+        self.state.metrics.record(scope["path"], status, info.get("outcome"))
+        if status < 400 or info.get("outcome") is not None or info.get("disconnected"):
+            self.events.write(line)
+        else:
+            self.events.event(f"status {status}", line)
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._expected is not None
@@ -160,8 +178,9 @@ def _log_line(scope: Scope, info: dict[str, Any], seconds: float) -> str:
 
 
 class _Api:
-    def __init__(self, worker: ModelWorker, max_body_bytes: int) -> None:
-        self.worker, self.max_body = worker, max_body_bytes
+    def __init__(self, worker: ModelWorker, max_body_bytes: int, body_timeout: float | None, ping: float) -> None:
+        self.worker, self.max_body, self.body_timeout = worker, max_body_bytes, body_timeout
+        self.ping = ping or None  # 0: no pings
 
     # --- GET ---------------------------------------------------------------------------------
 
@@ -169,7 +188,13 @@ class _Api:
         e = self.worker.engine
         return JSONResponse({"status": "ok", "model": self.worker.model_id, "preset": e.params.preset,
                              "max_context": e.max_ctx, "window": e.n_ctx, "pending": self.worker.pending,
-                             "parallel": e.n_seq, "running": self.worker.running, "windows": e.windows.in_use()})
+                             "parallel": e.n_seq, "running": self.worker.running, "windows": e.windows.in_use(),
+                             "progress": self.worker.progress()})
+
+    async def metrics(self, request: Request) -> Response:
+        state = request.app.state
+        return PlainTextResponse(state.metrics.render(self.worker, state.gate),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _card(self) -> dict[str, Any]:
         path = self.worker.engine.facts.path
@@ -212,13 +237,19 @@ class _Api:
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job.cancel, info))
         shapes = make_shapes(api, self.worker.model_id)
         try:
-            kind, value = await queue.get()  # "start", or "error" (overflow, bad template, cancelled)
+            # "start", or "error" (overflow, bad template, cancelled). A stream that waits longer than a
+            # ping interval (queued, or its document being evaluated) starts at once, to send pings:
+            # a refusal found after that comes as an error event.
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), self.ping if api.stream else None)
+            except asyncio.TimeoutError:
+                kind, value = "start", None
             if kind == "error":
                 err = status_of(value)
                 info["error"] = err.message
                 return _error(err, path)
             if api.stream:
-                stream = _EventStream(queue, shapes, info, watcher, job.cancel)
+                stream = _EventStream(queue, shapes, info, watcher, job.cancel, self.ping)
                 watcher = None  # the stream owns it now
                 return stream
             while True:
@@ -247,10 +278,17 @@ class _Api:
                 raise ApiError("Malformed Content-Length header.")
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                raise too_big
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body:
+                    raise too_big
+        except ClientDisconnect:  # gone, or closed by the body timeout (limits.py): no one reads the answer
+            if request.scope.get(TIMED_OUT):
+                raise ApiError(f"The request body did not arrive within {self.body_timeout:g} s.", status=408,
+                               code="request_timeout") from None
+            raise ApiError("The client closed the connection before its request body was complete.",
+                           status=499, code="client_closed") from None
         if not body:
             raise ApiError("The request body is empty: send a JSON object.")
         try:
@@ -284,12 +322,13 @@ class _EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, queue: asyncio.Queue, shapes: Any, info: dict[str, Any], watcher: asyncio.Future,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, ping: float | None = None) -> None:
         # Not Response.__init__: it would declare a Content-Length for the empty initial body.
         self.status_code, self.background = 200, None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                             (b"x-accel-buffering", b"no")]
         self.queue, self.shapes, self.info, self.watcher, self.cancel = queue, shapes, info, watcher, cancel
+        self.ping = ping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -297,11 +336,17 @@ class _EventStream(Response):
             await self._send(send, self.shapes.sse_open())
             done = False
             while not done:
-                events = [await self.queue.get()]
+                try:
+                    events = [await asyncio.wait_for(self.queue.get(), self.ping)]
+                except asyncio.TimeoutError:  # nothing to send for a while (a long prompt): keep the line alive
+                    await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+                    continue
                 while not self.queue.empty():
                     events.append(self.queue.get_nowait())
                 chunks: list[str] = []
                 for kind, value in events:
+                    if kind == "start":
+                        continue  # the stream began before it (it waited over a ping interval)
                     if kind == "text":
                         chunks += self.shapes.sse_text(value)
                     elif kind == "done":
@@ -354,11 +399,16 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A bound socket (port 0: any free one), so the address is known before serving starts."""
+def listen(host: str, port: int, gate: Gate | None = None) -> socket.socket:
+    """A bound socket (port 0: any free one), so the address is known before serving starts; with
+    a gate, one that closes connections past the file descriptors there are (limits.GatedSocket)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+        if gate is not None:
+            sock = GatedSocket(family, kind, proto)
+            sock.gate = gate
+        else:
+            sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)  # connections made before the event loop starts wait in the backlog
@@ -370,16 +420,24 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
-          max_body_bytes: int = MAX_BODY_BYTES, ready: Callable[[str], None] | None = None) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, ready: Callable[[str], None] | None = None,
+          limits: Limits | None = None, sse_ping_interval: float = SSE_PING_SECONDS) -> None:
     """Serve `engine` on http://host:port until Ctrl-C or SIGTERM; then the request in flight is
     stopped, queued ones are refused (503), and it returns. `ready(url)` is called once listening.
-    The engine stays open: the caller closes it."""
-    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes)
-    sock = listen(host, port)
+    `limits`: connections and read timeouts (limits.py); raises the process's soft file
+    descriptor limit to the hard one. `sse_ping_interval`: seconds between `: ping` comments on a
+    stream with nothing else to send (0: none). The engine stays open: the caller closes it."""
+    limits = limits or Limits()
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=limits.body_timeout,
+                     sse_ping_interval=sse_ping_interval)
+    gate = Gate.for_limits(limits, app.events)
+    app.state.gate = gate
+    sock = listen(host, port, gate)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http="h11", loop="asyncio",
-                            timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=protocol_class(limits, gate),
+                            loop="asyncio", timeout_graceful_shutdown=30, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    quiet_loggers()  # after uvicorn configured its loggers
     worker: ModelWorker = app.state.worker
     server = _Server(config, worker.stopping.set)
     if ready is not None:
@@ -389,3 +447,4 @@ def serve(engine: Engine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     finally:
         worker.stop()
         sock.close()
+        app.events.flush()

@@ -282,10 +282,12 @@ class Outcome:
     details: dict[str, Any]
     tool_calls: tuple[Any, ...] = ()  # tools.Call: then `text` is the text outside the calls
     held: str = ""  # text a stream withheld while it could have been a call, and that was not one
+    cached_tokens: int = 0  # prompt tokens not evaluated again: kept in the sequence's cells or restored
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def new_id(kind: str) -> str:

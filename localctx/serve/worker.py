@@ -70,8 +70,11 @@ class Job:
 class ModelWorker:
     """Runs Jobs on `engine`, up to `engine.n_seq` at once, on its own thread."""
 
-    def __init__(self, engine: Engine, model_id: str) -> None:
+    def __init__(self, engine: Engine, model_id: str, report: Callable[[str], None] | None = None) -> None:
         self.engine, self.model_id = engine, model_id
+        # Writes the current exception's traceback (the app's rate-limited log: a bug hit at every
+        # step must not write a traceback per step).
+        self.report = report or (lambda kind: traceback.print_exc(file=sys.stderr))
         self.stopping = threading.Event()
         self._queue: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
@@ -88,6 +91,19 @@ class ModelWorker:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def progress(self) -> list[dict[str, int]]:
+        """Each running request's prompt and how much of it is evaluated so far (read from the HTTP
+        side, between steps: a snapshot, not a lock on the model)."""
+        with self._cv:
+            running = list(self._running)
+        out = []
+        for job in running:
+            run, total = job.run, len(job.prompt.tokens)
+            out.append({"window": run.gen.window, "sequence": run.slot.seq, "prompt_tokens": total,
+                        "prompt_evaluated": total - len(run.pending),
+                        "generated_tokens": run.gen.timings.generated_tokens})
+        return out
 
     def submit(self, request: ApiRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Job:
         def post(event: tuple[str, Any]) -> None:
@@ -167,7 +183,7 @@ class ModelWorker:
         except (LocalctxError, ApiError) as exc:
             job.post(("error", exc))
         except Exception as exc:  # a bug: the client gets a 500 without details, the log the traceback
-            traceback.print_exc(file=sys.stderr)
+            self.report("request failed to start")
             job.post(("error", exc))
         return True
 
@@ -175,7 +191,7 @@ class ModelWorker:
         try:
             self.engine.step()
         except Exception as exc:  # a bug: every running request fails, the server goes on
-            traceback.print_exc(file=sys.stderr)
+            self.report("model step failed")
             for job in self._running:
                 job.run.end(error=exc)
         now = time.monotonic()
@@ -210,7 +226,8 @@ class ModelWorker:
         t = gen.timings
         details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
-        out = Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)
+        out = Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details,
+                      cached_tokens=t.cached_tokens)
         if job.tools is not None:
             reply, held = job.tools.finish(gen.text)
             if reply.calls:
