@@ -411,7 +411,10 @@ def listen(host: str, port: int, gate: Gate | None = None) -> socket.socket:
             sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(2048)  # connections made before the event loop starts wait in the backlog
+        # Connections made before the event loop starts, or faster than it accepts, wait in the backlog:
+        # as long a one as the kernel allows (it caps this at net.core.somaxconn), so a flood of
+        # connects does not overflow it and leave a health check waiting for a TCP retransmission.
+        sock.listen(65535)
     except OSError as exc:
         raise ResourceError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}). Choose another --port "
                             "or --host.") from None
