@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_grammar
 
 from ..errors import LocalctxError, ResourceError
 from ..params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams, default_threads
@@ -192,6 +193,27 @@ class Model:
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
 
+# --- grammars ----------------------------------------------------------------------------------
+
+
+class GrammarError(LocalctxError):
+    """A grammar, or a JSON schema to make one from, that cannot be enforced."""
+
+
+# llama-cpp-python's JSON grammar (from llama.cpp's grammars/json.gbnf): any JSON object.
+JSON_OBJECT_GBNF: str = llama_grammar.JSON_GBNF
+
+
+def schema_to_gbnf(schema: str) -> str:
+    """llama-cpp-python's JSON-schema to GBNF converter (llama.cpp's json-schema-to-grammar.py,
+    remote refs not fetched). It ignores keywords it does not know: callers check the schema
+    first (engine.grammar.check_schema)."""
+    try:
+        return llama_grammar.json_schema_to_gbnf(schema)
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise GrammarError(f"The JSON schema cannot be turned into a grammar: {exc}") from None
+
+
 # --- contexts, batches, samplers ---------------------------------------------------------------
 
 
@@ -359,13 +381,28 @@ class Batch:
 class Sampler:
     """A sampler chain as llama-cpp-python's `Llama.generate` builds it (penalties, then greedy at
     temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw), so a seed
-    gives the same text as before. It keeps its own token history for the penalties."""
+    gives the same text as before. It keeps its own token history for the penalties.
+
+    In front of it, as llama.cpp's common sampler (common/sampling.cpp) puts them: a logit bias
+    (token id -> added logit), then a GBNF grammar (rule `root`) that leaves only the tokens the
+    grammar allows; the grammar comes before penalties and truncation, so top-k and greedy choose
+    among allowed tokens only (llama.cpp's grammar_first order, which its rejection shortcut
+    approximates)."""
 
     def __init__(self, n_vocab: int, *, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                 seed: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
+                 seed: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 logit_bias: Mapping[int, float] | None = None, grammar: str | None = None,
+                 vocab: Any = None) -> None:
         sp = llama_cpp.llama_sampler_chain_default_params()
         self.ptr = llama_cpp.llama_sampler_chain_init(sp)
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(logit_bias))()
+            for i, (token, bias) in enumerate(logit_bias.items()):
+                biases[i].token, biases[i].bias = token, bias
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), biases))
+        if grammar is not None:
+            add(self._grammar(vocab, grammar))
         add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat_penalty, frequency_penalty,
                                                    presence_penalty))
         if temperature < 0:
@@ -379,6 +416,16 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
             add(llama_cpp.llama_sampler_init_temp(temperature))
             add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def _grammar(self, vocab: Any, grammar: str) -> Any:
+        if vocab is None:
+            self.close()
+            raise LocalctxError("A grammar needs the model's vocabulary (Sampler(..., vocab=model.vocab)).")
+        smpl = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not smpl:  # llama.cpp logs the parse error (--verbose) and returns NULL
+            self.close()
+            raise GrammarError("llama.cpp could not parse the grammar (run with --verbose to see where).")
+        return smpl
 
     def sample(self, ctx: Context, row: int) -> int:
         """Draw the next token from the logits of the batch's `row` (and record it for penalties)."""
