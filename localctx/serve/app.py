@@ -287,8 +287,8 @@ class _EventStream(Response):
                     events.append(self.queue.get_nowait())
                 chunks: list[Any] = []
                 for kind, value in events:
-                    if kind == "text":
-                        chunks.append(self.shapes.chunk(value))
+                    if kind == "text":  # (text, the logprobs of its tokens or None)
+                        chunks.append(self.shapes.chunk(value[0], logprobs=value[1]))
                     elif kind == "done":
                         self.info["outcome"] = value
                         chunks.append({**self.shapes.chunk(None, value.finish_reason), "localctx": value.details})

@@ -39,6 +39,7 @@ from ..engine import Engine, Run
 from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceError
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
+from .logprobs import Entry, entries
 from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
 
 PARAGRAPH = "\n\n"
@@ -62,6 +63,8 @@ class Job:
     prompt: Prompt | None = None
     pending_text: str = ""
     last_flush: float = 0.0
+    logprobs: list[Entry] = field(default_factory=list)  # when asked: every generated token's
+    sent: int = 0  # how many of them a streamed chunk carried
 
 
 class ModelWorker:
@@ -153,9 +156,15 @@ class ModelWorker:
             if not engine.can_start(len(prompt.tokens), prompt.max_tokens):
                 return False
             s = job.request.sampling
+            try:
+                engine.check_bias(s.logit_bias)
+            except LocalctxError as exc:
+                raise ApiError(str(exc), param="logit_bias", code="invalid_value") from None
             job.run = engine.start(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
                                    top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end,
-                                   mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set())
+                                   mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set(),
+                                   frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+                                   logit_bias=s.logit_bias, grammar=s.grammar, logprobs=s.logprobs)
             job.post(("start", None))
             with self._cv:
                 self._running.append(job)
@@ -187,13 +196,17 @@ class ModelWorker:
         """Post the text as it comes, at most one event per FLUSH_SECONDS after the first (pieces
         in between are sent together): each event wakes the event loop and the client, and on a
         CPU where llama.cpp's threads use every core each wake-up delays a token."""
+        wanted = job.request.sampling.logprobs is not None
+        if wanted:  # token ids to text here, on the model thread
+            job.logprobs += entries(job.run.drain_logprobs(), job.run.piece)
         if not job.request.stream:
             job.run.drain()  # the outcome carries the text: no event per token to wake the loop for
             return
         job.pending_text += "".join(job.run.drain())
-        if job.pending_text and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
-            job.post(("text", job.pending_text))
-            job.pending_text, job.last_flush = "", now
+        ready = job.pending_text or job.logprobs[job.sent:]
+        if ready and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
+            job.post(("text", (job.pending_text, job.logprobs[job.sent:] if wanted else None)))
+            job.pending_text, job.last_flush, job.sent = "", now, len(job.logprobs)
 
     def _finish(self, job: Job) -> None:
         run, prompt = job.run, job.prompt
@@ -204,7 +217,9 @@ class ModelWorker:
         t = gen.timings
         details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
-        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details)))
+        logprobs = job.logprobs if job.request.sampling.logprobs is not None else None
+        job.post(("done", Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details,
+                                  logprobs)))
 
     def prompt(self, request: ApiRequest) -> Prompt:
         """The request's tokens, its document boundary and answer budget; refused (never
