@@ -125,8 +125,8 @@ def test_penalties_are_accepted_and_change_a_repetitive_answer(client: openai.Op
 
 def test_json_object_parses(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Give a JSON object with a cat's name and colour."}], max_tokens=80,
-        temperature=0, response_format={"type": "json_object"})
+        model="m", messages=[{"role": "user", "content": "Give a JSON object with a cat's name and colour."}],
+        max_tokens=80, temperature=0, response_format={"type": "json_object"})
     assert reply.choices[0].finish_reason == "stop", reply
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
@@ -172,7 +172,8 @@ def test_unsupported_schema_part_is_a_400_naming_it(server: Server, schema: dict
     ({"logit_bias": {"5": -101}}, "from -100 to 100", "logit_bias"),
     ({"logit_bias": {"99999999": 5}}, "not in the vocabulary", "logit_bias"),
     ({"response_format": {"type": "xml"}}, "json_object or json_schema", "response_format.type"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "name", "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "name",
+     "response_format.json_schema.name"),
 ])
 def test_bad_sampling_fields_are_400s(server: Server, extra: dict, fragment: str, param: str) -> None:
     body = json.dumps({"messages": CHAT, "max_tokens": 1, **extra})

@@ -57,7 +57,11 @@ def json_schema_grammar(schema: Any) -> str:
     the grammar cannot enforce, never a grammar that ignores it."""
     if not isinstance(schema, dict):
         raise SchemaError("", "schema", "a schema must be a JSON object")
-    return _no_control_chars(schema_to_gbnf(json.dumps(check_schema(schema))))
+    try:
+        checked = check_schema(schema)
+    except RecursionError:
+        raise SchemaError("", "schema", "it is nested too deeply") from None
+    return _no_control_chars(schema_to_gbnf(json.dumps(checked)))
 
 
 def _no_control_chars(grammar: str) -> str:

@@ -4,8 +4,8 @@ touches the model or the network, so every rule can be read (and tested) in one 
 
 Validation is strict on the fields localctx acts on (a wrong type or range is a 400 naming the
 field) and refuses features it does not implement (n > 1, tools, echo) rather than ignoring them
-(the sampling extras, response_format and logprobs: structured.py); fields it has no use for (`user`, `metadata`, vendor extras) are ignored, as clients
-send many of them.
+(penalties, logit_bias, logprobs and response_format are validated in structured.py); fields it
+has no use for (`user`, `metadata`, vendor extras) are ignored, as clients send many of them.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
 
 
 def _sampling(body: dict[str, Any], *, chat: bool) -> Sampling:
-    from . import structured  # it builds on this module's validators
+    from . import structured  # imported here: it builds on this module's validators
 
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
@@ -194,13 +194,15 @@ def _sampling(body: dict[str, Any], *, chat: bool) -> Sampling:
     if n is not None and n != 1:
         raise ApiError(f"'n' must be 1: one model serves one completion per request, not {n}.", param="n",
                        code="invalid_value")
+    frequency_penalty, presence_penalty = structured.penalties(body)
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=_integer(body, "seed", 0, MAX_SEED),
         stop=_stop(body.get("stop")),
-        **dict(zip(("frequency_penalty", "presence_penalty"), structured.penalties(body))),
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         logit_bias=structured.logit_bias(body),
         logprobs=structured.logprobs(body, chat=chat),
         grammar=structured.response_format(body),
