@@ -50,7 +50,7 @@ def test_annotations_are_dropped_and_local_refs_kept() -> None:
 
 def test_engine_grammar_forces_a_tool_call(small_engine: Engine) -> None:
     tokens = small_engine.chat_tokens([{"role": "user", "content": "What is the weather in Paris?"}])
-    gen = small_engine.complete(tokens, max_tokens=32, temperature=0, grammar=json_schema_grammar(TOOL_CALL),
+    gen = small_engine.complete(tokens, max_tokens=64, temperature=0, grammar=json_schema_grammar(TOOL_CALL),
                                 stop=small_engine.chat_stop)
     assert gen.finish_reason == "stop", gen.text
     jsonschema.validate(json.loads(gen.text), TOOL_CALL)
@@ -75,3 +75,16 @@ def test_picks_are_the_log_softmax_of_the_logits(small_engine: Engine) -> None:
     (pick,) = run.picks
     assert pick.token == int(np.argmax(logits)) and pick.logprob == pytest.approx(expected[pick.token], abs=1e-3)
     assert [t for t, _ in pick.top] == list(np.argsort(-expected)[:4])
+
+
+def test_checking_the_chosen_token_first_gives_the_grammar_first_answer(small_engine: Engine,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sampler checks the chain's own pick against the grammar before masking every candidate
+    # (llama.cpp's shortcut); greedy must choose exactly what masking first would.
+    from localctx.engine.backend import Sampler
+
+    tokens = small_engine.chat_tokens([{"role": "user", "content": "What is the weather in Paris?"}])
+    kwargs = dict(max_tokens=16, temperature=0, grammar=json_schema_grammar(TOOL_CALL))
+    shortcut = small_engine.complete(tokens, **kwargs).text
+    monkeypatch.setattr(Sampler, "_allowed", lambda self, token: False)  # always mask first
+    assert small_engine.complete(tokens, **kwargs).text == shortcut
