@@ -6,9 +6,10 @@ overhead: each prompt is also asked without `response_format` (free text), inter
           constrained twin so both see the same load; the generation rate of each (tokens/s, from
           the `localctx` timings of the response) and the ratio constrained / free, in one run.
           Greedy, `--parallel 1`, `--preset native`: one request at a time.
-sampler:  in this process, the engine generating the same constrained answers: the time spent in
-          the sampler chain per token, with the grammar and without it (the same prompts, free,
-          same budget), so the grammar's own cost is seen apart from the decode.
+sampler:  in this process, the engine generating the same constrained answers: the median time
+          spent in Sampler.sample per token with the grammar as applied (the chain's pick checked,
+          all candidates masked only when refused), with every candidate masked first, and free
+          (same prompts and budget), so the grammar's own cost is seen apart from the decode.
 
     flock -x /tmp/localctx-cpu.lock .venv/bin/python benchmarks/bench_structured.py --json benchmarks/results/structured.json
     (--part server or --part sampler: one half; --prompts N: the first N prompts)
@@ -109,12 +110,14 @@ def ask(client: openai.OpenAI, schema: str | None, prompt: str) -> dict[str, Any
 
 
 def sampler_cost(n_prompts: int) -> dict[str, float]:
-    """Milliseconds per token inside Sampler.sample, constrained and free, over the same prompts."""
+    """Milliseconds per token inside Sampler.sample over the same prompts: free, with the grammar
+    as the sampler applies it (the chain's pick checked, masking only when refused), and with
+    every candidate masked first (the check forced to refuse)."""
     from localctx.engine import backend
     from localctx.engine.grammar import json_schema_grammar
 
     spent = {"t": 0.0, "n": 0}
-    original = backend.Sampler.sample
+    original, check = backend.Sampler.sample, backend.Sampler._allowed
 
     def timed(self: Any, ctx: Any, row: int) -> int:
         start = time.perf_counter()
@@ -124,18 +127,25 @@ def sampler_cost(n_prompts: int) -> dict[str, float]:
             spent["t"] += time.perf_counter() - start
             spent["n"] += 1
 
+    def masking(self: Any, token: int) -> bool:
+        return False
+
     backend.Sampler.sample = timed  # type: ignore[method-assign]
-    out: dict[str, list[float]] = {"grammar": [], "free": []}
+    out: dict[str, list[float]] = {"grammar": [], "masked": [], "free": []}
+    texts: dict[str, list[str]] = {"grammar": [], "masked": []}
     with localctx.open_model(preset="native", kv_cache=False) as engine:
         for schema, prompt in PROMPTS[:n_prompts]:
             tokens = engine.chat_tokens([{"role": "user", "content": prompt + " Answer in JSON."}])
-            for label, grammar in (("grammar", json_schema_grammar(SCHEMAS[schema])), ("free", None)):
+            grammar = json_schema_grammar(SCHEMAS[schema])
+            for label, g in (("grammar", grammar), ("masked", grammar), ("free", None)):
+                backend.Sampler._allowed = masking if label == "masked" else check  # type: ignore[method-assign]
                 spent.update(t=0.0, n=0)
-                engine.complete(tokens, max_tokens=MAX_TOKENS, temperature=0, grammar=grammar, stop=engine.chat_stop)
+                gen = engine.complete(tokens, max_tokens=MAX_TOKENS, temperature=0, grammar=g, stop=engine.chat_stop)
                 out[label].append(spent["t"] / spent["n"] * 1000)
-    backend.Sampler.sample = original  # type: ignore[method-assign]
-    return {"grammar_ms_per_token": round(statistics.median(out["grammar"]), 3),
-            "free_ms_per_token": round(statistics.median(out["free"]), 3)}
+                texts.get(label, []).append(gen.text)
+    backend.Sampler.sample, backend.Sampler._allowed = original, check  # type: ignore[method-assign]
+    return {f"{label}_ms_per_token": round(statistics.median(v), 3) for label, v in out.items()} | {
+        "same_greedy_answers": texts["grammar"] == texts["masked"]}
 
 
 def rate(runs: list[dict[str, Any]]) -> float:
