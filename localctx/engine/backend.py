@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llama_cpp
+import numpy as np  # after llama_cpp (see localctx/__init__.py)
+from llama_cpp import llama_grammar
 
 from ..errors import LocalctxError, ResourceError
 from ..params import GPU_BACKENDS, KV_CACHE_TYPES, GpuLayers, RuntimeParams, default_threads
@@ -190,6 +192,27 @@ class Model:
 
     def text(self, token: int) -> str:
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+
+# --- grammars ----------------------------------------------------------------------------------
+
+
+class GrammarError(LocalctxError):
+    """A grammar, or a JSON schema to make one from, that cannot be enforced."""
+
+
+# llama-cpp-python's JSON grammar (from llama.cpp's grammars/json.gbnf): any JSON object.
+JSON_OBJECT_GBNF: str = llama_grammar.JSON_GBNF
+
+
+def schema_to_gbnf(schema: str) -> str:
+    """llama-cpp-python's JSON-schema to GBNF converter (llama.cpp's json-schema-to-grammar.py,
+    remote refs not fetched). It ignores keywords it does not know: callers check the schema
+    first (engine.grammar.check_schema)."""
+    try:
+        return llama_grammar.json_schema_to_gbnf(schema)
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise GrammarError(f"The JSON schema cannot be turned into a grammar: {exc}") from None
 
 
 # --- contexts, batches, samplers ---------------------------------------------------------------
@@ -395,13 +418,30 @@ class Batch:
 class Sampler:
     """A sampler chain as llama-cpp-python's `Llama.generate` builds it (penalties, then greedy at
     temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw), so a seed
-    gives the same text as before. It keeps its own token history for the penalties."""
+    gives the same text as before. It keeps its own token history for the penalties.
+
+    In front of it: a logit bias (token id -> added logit). A GBNF grammar (rule `root`) is kept
+    beside the chain and applied as llama.cpp's common sampler does (common/sampling.cpp,
+    common_sampler_sample): the chain picks a token from the raw candidates; if the grammar allows
+    it, it is taken, else the grammar masks every candidate and the chain picks again. Checking one
+    token is cheap where masking 49K candidates costs about 13 ms a token (RESULTS §14); a greedy
+    choice is the same either way."""
 
     def __init__(self, n_vocab: int, *, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                 seed: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
+                 seed: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 logit_bias: Mapping[int, float] | None = None, grammar: str | None = None,
+                 vocab: Any = None) -> None:
         sp = llama_cpp.llama_sampler_chain_default_params()
         self.ptr = llama_cpp.llama_sampler_chain_init(sp)
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(logit_bias))()
+            for i, (token, bias) in enumerate(logit_bias.items()):
+                biases[i].token, biases[i].bias = token, bias
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), biases))
+        self.grammar = self._grammar(vocab, grammar) if grammar is not None else None
+        self.n_vocab = n_vocab
+        self._cur: Any = None  # candidates for the grammar's two passes, made on first use
         add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat_penalty, frequency_penalty,
                                                    presence_penalty))
         if temperature < 0:
@@ -416,14 +456,62 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(temperature))
             add(llama_cpp.llama_sampler_init_dist(seed))
 
+    def _grammar(self, vocab: Any, grammar: str) -> Any:
+        if vocab is None:
+            self.close()
+            raise LocalctxError("A grammar needs the model's vocabulary (Sampler(..., vocab=model.vocab)).")
+        smpl = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not smpl:  # llama.cpp logs the parse error (--verbose) and returns NULL
+            self.close()
+            raise GrammarError("llama.cpp could not parse the grammar (run with --verbose to see where).")
+        return smpl
+
     def sample(self, ctx: Context, row: int) -> int:
         """Draw the next token from the logits of the batch's `row` (and record it for penalties)."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row))
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row))
+        cur = self._candidates(ctx, row)
+        token = self._pick(cur)
+        if not self._allowed(token):
+            cur = self._candidates(ctx, row)
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            token = self._pick(cur)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+        return token
+
+    def _candidates(self, ctx: Context, row: int) -> Any:
+        """Every token with its raw logit, as llama_sampler_sample builds them (the chain sorts
+        and truncates them in place, so they are filled again for each pass)."""
+        if self._cur is None:
+            self._data = (llama_cpp.llama_token_data * self.n_vocab)()
+            self._view = np.ctypeslib.as_array(self._data)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+            self._cur = llama_cpp.llama_token_data_array(self._data, self.n_vocab, -1, False)
+        self._view["id"] = self._ids
+        self._view["logit"] = np.ctypeslib.as_array(ctx.logits(row), shape=(self.n_vocab,))
+        self._view["p"] = 0.0
+        cur = self._cur
+        cur.data, cur.size, cur.selected, cur.sorted = self._data, self.n_vocab, -1, False
+        return cur
+
+    def _pick(self, cur: Any) -> int:
+        llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        return int(cur.data[cur.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        arr = llama_cpp.llama_token_data_array(one, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return bool(np.isfinite(one[0].logit))
 
     def close(self) -> None:
         if self.ptr:
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
+        if getattr(self, "grammar", None):
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
 
     def __del__(self) -> None:
         self.close()

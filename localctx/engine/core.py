@@ -155,12 +155,20 @@ class Engine(TextMethods):
                 f"but preset {self.params.preset} gives {window} of {self.max_ctx:,}. Nothing was truncated.{hint}"
             )
 
+    def check_bias(self, logit_bias: Mapping[int, float] | None) -> None:
+        """Token ids of a logit bias must be in the vocabulary (llama.cpp would index past it)."""
+        for token in logit_bias or {}:
+            if not 0 <= token < self.n_vocab:
+                raise LocalctxError(f"Token id {token} in the logit bias is not in the vocabulary "
+                                    f"(0 to {self.n_vocab - 1:,}).")
+
     def start(self, tokens: Sequence[int], *, seq: int | None = None, max_tokens: int = 256,
               temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (), top_k: int = 40,
               top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
               frequency_penalty: float = 0.0, presence_penalty: float = 0.0, document_end: int | None = None,
               head_end: int | None = None, mixed: bool = False,
-              should_stop: Callable[[], bool] | None = None) -> Run:
+              should_stop: Callable[[], bool] | None = None, logit_bias: Mapping[int, float] | None = None,
+              grammar: str | None = None, logprobs: int | None = None) -> Run:
         """Prepare a completion of `tokens` on a free sequence and add it to the scheduler; `step`
         runs it beside the others. The slot's cells are reused for any prefix it holds, so a
         growing chat or a fixed instruction prefix is evaluated once. `document_end`: the prompt's
@@ -168,14 +176,24 @@ class Engine(TextMethods):
         evaluated and saved as one. `head_end`: the prompt's tokens up to there are a fixed head
         (an instruction), evaluated alone from the first token (or kept when cached) and the rest
         after it, whatever ran before. `mixed`: the prefill may share batches with other runs (the
-        server); otherwise it is decoded alone, so the answer does not depend on what ran beside it."""
+        server); otherwise it is decoded alone, so the answer does not depend on what ran beside it.
+        `logit_bias`: token id -> a value added to its logit. `grammar`: GBNF text (rule `root`) the
+        answer must follow (engine.grammar makes one for JSON or a JSON schema). `logprobs`: record
+        each generated token's log-probability and this many most likely alternatives
+        (Run.picks; engine.logprobs)."""
         tokens = list(tokens)
         self.check_fits(len(tokens), max_tokens)
+        self.check_bias(logit_bias)
         self.use_window(len(tokens) + max_tokens)
         lane = self.lane
         slot = lane.slots[seq] if seq is not None else lane.free_slots()[0]  # can_start: one is free
         if seed is not None:
             self._seed = seed
+        # Made first: a grammar llama.cpp refuses fails here, before the slot is touched.
+        sampler = Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                          presence_penalty=presence_penalty, seed=self._seed, logit_bias=logit_bias,
+                          grammar=grammar, vocab=self.model.vocab)
         gen = Generation(iter(()), window=lane.ctx.n_ctx, params=lane.params)
         t = gen.timings
         t.prompt_tokens = len(tokens)
@@ -193,11 +211,8 @@ class Engine(TextMethods):
         # slot's last use), less a document evaluated just now (its cells are this prompt's own work).
         evaluated = split if split is not None and held < split and not t.restored_tokens else 0
         t.cached_tokens = max(0, start - evaluated)
-        sampler = Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                          presence_penalty=presence_penalty, seed=self._seed)
         run = Run(slot, pending, sampler, max_tokens=max_tokens, stop=list(stop), is_eog=self.is_eog,
-                  piece=self.model.piece, gen=gen, mixed=mixed, should_stop=should_stop)
+                  piece=self.model.piece, gen=gen, mixed=mixed, should_stop=should_stop, logprobs=logprobs)
         lane.scheduler.add(run)
         return run
 

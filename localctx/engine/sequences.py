@@ -18,6 +18,7 @@ from ..errors import Cancelled, LocalctxError
 from ..gguf_meta import ModelFacts
 from ..params import RuntimeParams
 from .backend import Batch, Context, Sampler
+from .logprobs import TokenLogprob, token_logprob
 from .positions import Positions
 
 
@@ -196,8 +197,13 @@ class Run:
 
     def __init__(self, slot: Slot, pending: list[int], sampler: Sampler, *, max_tokens: int,
                  stop: Sequence[str], is_eog: Callable[[int], bool], piece: Callable[[int], bytes],
-                 gen: Generation, mixed: bool, should_stop: Callable[[], bool] | None = None) -> None:
+                 gen: Generation, mixed: bool, should_stop: Callable[[], bool] | None = None,
+                 logprobs: int | None = None) -> None:
         self.slot, self.sampler, self.gen = slot, sampler, gen
+        # logprobs: record each generated token's log-probability and this many alternatives
+        # (None: none are computed); `picks` holds them until drained, as `out` the text.
+        self.logprobs = logprobs
+        self.picks: list[TokenLogprob] = []
         self.pending = pending  # prompt tokens still to evaluate (at least the last, for its logits)
         self.max_tokens, self.is_eog, self.piece = max_tokens, is_eog, piece
         self.stops = Stops(list(stop))
@@ -216,6 +222,18 @@ class Run:
     def drain(self) -> list[str]:
         out, self.out = self.out, []
         return out
+
+    def drain_logprobs(self) -> list[TokenLogprob]:
+        picks, self.picks = self.picks, []
+        return picks
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Draw the next token from the batch's `row`, with its log-probability when asked (read
+        here, before the next decode overwrites the row)."""
+        token = self.sampler.sample(ctx, row)
+        if self.logprobs is not None and not self.is_eog(token):
+            self.picks.append(token_logprob(ctx.logits(row), ctx.model.n_vocab, token, self.logprobs))
+        return token
 
     def cancelled(self) -> bool:
         return self.should_stop is not None and self.should_stop()
@@ -328,7 +346,7 @@ class Scheduler:
             run.slot.tokens += chunk
         for run, row in sample:
             try:
-                run.accept(run.sampler.sample(self.ctx, row))
+                run.accept(run.sample(self.ctx, row))
             except LocalctxError as exc:
                 run.end(error=exc)
 

@@ -192,7 +192,7 @@ class MessageShapes:
     def sse_open(self) -> list[str]:
         return [_sse("message_start", {"message": self._message([], None, {"input_tokens": 0, "output_tokens": 0})})]
 
-    def sse_text(self, text: str) -> list[str]:
+    def sse_text(self, text: str, logprobs: Any = None) -> list[str]:  # no logprobs in Anthropic's API
         events = []
         if not self.text_open:
             self.block += 1

@@ -347,8 +347,8 @@ class _EventStream(Response):
                 for kind, value in events:
                     if kind == "start":
                         continue  # the stream began before it (it waited over a ping interval)
-                    if kind == "text":
-                        chunks += self.shapes.sse_text(value)
+                    if kind == "text":  # (text, the logprobs of its tokens or None)
+                        chunks += self.shapes.sse_text(*value)
                     elif kind == "done":
                         self.info["outcome"] = value
                         chunks += self.shapes.sse_done(value)

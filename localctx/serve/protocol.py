@@ -3,9 +3,9 @@ chunk and error objects built from results. Pure functions of JSON-like data: no
 touches the model or the network, so every rule can be read (and tested) in one place.
 
 Validation is strict on the fields localctx acts on (a wrong type or range is a 400 naming the
-field) and refuses features it does not implement (n > 1, tools, logprobs, penalties) rather than
-ignoring them; fields it has no use for (`user`, `metadata`, vendor extras) are ignored, as clients
-send many of them.
+field) and refuses features it does not implement (n > 1, tools, echo) rather than ignoring them
+(penalties, logit_bias, logprobs and response_format are validated in structured.py); fields it
+has no use for (`user`, `metadata`, vendor extras) are ignored, as clients send many of them.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..params import MAX_SEED
+from .logprobs import Entry, chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
     from .tools import ToolRequest
@@ -52,6 +53,11 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias
+    logprobs: int | None = None  # alternatives per token (0: only the token's own); None: no logprobs
+    grammar: str | None = None  # GBNF from response_format
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,8 @@ def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
 
 
 def _sampling(body: dict[str, Any], *, chat: bool) -> Sampling:
+    from . import structured  # imported here: it builds on this module's validators
+
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
     for name in names:  # chat: max_completion_tokens (the current name) wins over max_tokens
@@ -199,12 +207,18 @@ def _sampling(body: dict[str, Any], *, chat: bool) -> Sampling:
     if n is not None and n != 1:
         raise ApiError(f"'n' must be 1: one model serves one completion per request, not {n}.", param="n",
                        code="invalid_value")
+    frequency_penalty, presence_penalty = structured.penalties(body)
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=_integer(body, "seed", 0, MAX_SEED),
         stop=_stop(body.get("stop")),
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=structured.logit_bias(body),
+        logprobs=structured.logprobs(body, chat=chat),
+        grammar=structured.response_format(body),
     )
 
 
@@ -241,24 +255,8 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 def _unsupported(body: dict[str, Any], *, chat: bool) -> None:
     """Features that would change the answer and are not implemented: refused, never ignored."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise _wrong(name, "a number", value)
-        if value:
-            raise ApiError(f"'{name}' is not supported (only 0).", param=name, code="unsupported_parameter")
-    if body.get("logit_bias"):
-        raise ApiError("'logit_bias' is not supported.", param="logit_bias", code="unsupported_parameter")
     if chat:
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise ApiError("'logprobs' is not supported.", param="logprobs", code="unsupported_parameter")
-        fmt = body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise ApiError("'response_format' other than {\"type\": \"text\"} is not supported.",
-                           param="response_format", code="unsupported_parameter")
         return
-    if body.get("logprobs") is not None:
-        raise ApiError("'logprobs' is not supported.", param="logprobs", code="unsupported_parameter")
     if body.get("echo"):
         raise ApiError("'echo' is not supported.", param="echo", code="unsupported_parameter")
     if body.get("suffix"):
@@ -283,6 +281,7 @@ class Outcome:
     tool_calls: tuple[Any, ...] = ()  # tools.Call: then `text` is the text outside the calls
     held: str = ""  # text a stream withheld while it could have been a call, and that was not one
     cached_tokens: int = 0  # prompt tokens not evaluated again: kept in the sequence's cells or restored
+    logprobs: list[Entry] | None = None  # when asked: one entry per generated token
 
     def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -301,6 +300,16 @@ class Shapes:
         self.request, self.model = request, model
         self.id, self.created = new_id(request.kind), int(time.time())
         self.chat = request.kind == "chat"
+        self.offset = len(request.prompt)  # completions' text_offset: where the next token starts
+
+    def _logprobs(self, items: list[Entry] | None) -> dict[str, Any] | None:
+        if items is None or self.request.sampling.logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(items)
+        shaped = completion_logprobs(items, self.offset)
+        self.offset += sum(len(e.token) for e in items)
+        return shaped
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -311,22 +320,26 @@ class Shapes:
             if out.tool_calls:
                 message = {"role": "assistant", "content": out.text or None,
                            "tool_calls": [c.openai() for c in out.tool_calls]}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
+            choice = {"index": 0, "message": message, "logprobs": self._logprobs(out.logprobs),
+                      "finish_reason": out.finish_reason}
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.logprobs),
+                      "finish_reason": out.finish_reason}
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": out.usage(), "localctx": out.details}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False,
+              logprobs: list[Entry] | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
             obj = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs),
+                      "finish_reason": finish_reason}
             obj = self._head("text_completion")
         obj["choices"] = [choice]
         if self.request.include_usage:
@@ -356,8 +369,8 @@ class Shapes:
     def sse_open(self) -> list[str]:
         return [_sse(self.chunk(None, first=True))]
 
-    def sse_text(self, text: str) -> list[str]:
-        return [_sse(self.chunk(text))]
+    def sse_text(self, text: str, logprobs: list[Entry] | None = None) -> list[str]:
+        return [_sse(self.chunk(text, logprobs=logprobs))]
 
     def sse_done(self, out: Outcome) -> list[str]:
         """What is left of the text (withheld while it could have been a call), the calls, the

@@ -39,6 +39,7 @@ from ..engine import Engine, Run
 from ..errors import Cancelled, ContextOverflowError, LocalctxError, ResourceError
 from ..generate import common_prefix
 from ..kvcache import snapshot_threshold
+from .logprobs import Entry, entries
 from .protocol import DEFAULT_MAX_TOKENS, ApiError, ApiRequest, Outcome
 from .tool_grammar import call_grammar
 from .tools import ToolSession, family_of, render_input
@@ -65,6 +66,8 @@ class Job:
     pending_text: str = ""
     last_flush: float = 0.0
     tools: ToolSession | None = None  # the tools the model may call: its stream gate and parser
+    logprobs: list[Entry] = field(default_factory=list)  # when asked: every generated token's
+    sent: int = 0  # how many of them a streamed chunk carried
 
 
 class ModelWorker:
@@ -172,11 +175,16 @@ class ModelWorker:
             if not engine.can_start(len(prompt.tokens), prompt.max_tokens):
                 return False
             s = job.request.sampling
+            try:
+                engine.check_bias(s.logit_bias)
+            except LocalctxError as exc:
+                raise ApiError(str(exc), param="logit_bias", code="invalid_value") from None
             job.tools = self._tool_session(job.request)
             job.run = engine.start(prompt.tokens, max_tokens=prompt.max_tokens, temperature=s.temperature,
                                    top_p=s.top_p, seed=s.seed, stop=prompt.stop, document_end=prompt.document_end,
                                    mixed=True, should_stop=lambda: job.cancel.is_set() or self.stopping.is_set(),
-                                   **_constraint(job))
+                                   frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+                                   logit_bias=s.logit_bias, grammar=_grammar(job), logprobs=s.logprobs)
             job.post(("start", None))
             with self._cv:
                 self._running.append(job)
@@ -208,14 +216,18 @@ class ModelWorker:
         """Post the text as it comes, at most one event per FLUSH_SECONDS after the first (pieces
         in between are sent together): each event wakes the event loop and the client, and on a
         CPU where llama.cpp's threads use every core each wake-up delays a token."""
+        wanted = job.request.sampling.logprobs is not None
+        if wanted:  # token ids to text here, on the model thread
+            job.logprobs += entries(job.run.drain_logprobs(), job.run.piece)
         if not job.request.stream:
             job.run.drain()  # the outcome carries the text: no event per token to wake the loop for
             return
         text = "".join(job.run.drain())
         job.pending_text += job.tools.feed(text) if job.tools is not None else text
-        if job.pending_text and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
-            job.post(("text", job.pending_text))
-            job.pending_text, job.last_flush = "", now
+        ready = job.pending_text or job.logprobs[job.sent:]
+        if ready and (job.run.done or now - job.last_flush >= FLUSH_SECONDS):
+            job.post(("text", (job.pending_text, job.logprobs[job.sent:] if wanted else None)))
+            job.pending_text, job.last_flush, job.sent = "", now, len(job.logprobs)
 
     def _finish(self, job: Job) -> None:
         run, prompt = job.run, job.prompt
@@ -226,8 +238,9 @@ class ModelWorker:
         t = gen.timings
         details = {"window": gen.window, "scaling": gen.params.scaling, "max_tokens": prompt.max_tokens,
                    "document_tokens": prompt.document_end or 0, **t.to_dict()}
+        logprobs = job.logprobs if job.request.sampling.logprobs is not None else None
         out = Outcome(gen.text, gen.finish_reason, len(prompt.tokens), t.generated_tokens, details,
-                      cached_tokens=t.cached_tokens)
+                      cached_tokens=t.cached_tokens, logprobs=logprobs)
         if job.tools is not None:
             reply, held = job.tools.finish(gen.text)
             if reply.calls:
@@ -301,19 +314,21 @@ class ModelWorker:
         return end if end >= threshold else None
 
 
-def _constraint(job: Job) -> dict[str, Any]:
-    """What constrains a run's sampling: the grammar of a call to one of the offered tools when
-    tool_choice is "required" or names one (serve/tool_grammar.py)."""
+def _grammar(job: Job) -> str | None:
+    """What constrains a run's sampling: `response_format`'s JSON grammar, or a call to one of the
+    offered tools when tool_choice is "required" or names one (serve/tool_grammar.py); not both."""
+    fmt = job.request.sampling.grammar
     if job.tools is None:
-        return {}
+        return fmt
     try:
-        grammar = call_grammar(job.tools.request, job.tools.family)
+        call = call_grammar(job.tools.request, job.tools.family)
     except Exception as exc:  # the converter's own limits (a schema feature it cannot express)
         raise ApiError(f"The tools' schemas cannot be turned into a grammar for tool_choice: {exc}",
                        param="tools") from None
-    # Engine.start takes no `grammar` on this branch (built anyway, so that a schema the converter
-    # cannot express is refused already). At merge: `return {} if grammar is None else {"grammar": grammar}`.
-    return {}
+    if call is not None and fmt is not None:
+        raise ApiError("'response_format' and a tool_choice that requires a call cannot both be enforced: "
+                       "send one of them.", param="response_format", code="unsupported_parameter")
+    return call if call is not None else fmt
 
 
 def status_of(exc: BaseException) -> ApiError:
