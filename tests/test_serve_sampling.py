@@ -8,7 +8,6 @@ import json
 import math
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import openai

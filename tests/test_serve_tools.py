@@ -193,3 +193,29 @@ def test_messages_errors_through_the_client(server: Server, claude: anthropic.An
     assert info.value.body["error"]["type"] == "authentication_error"
     status, body = raw(server, "GET", "/v1/messages")
     assert status == 405 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+
+
+def test_required_forces_a_call_whose_arguments_match_the_schema(client: openai.OpenAI) -> None:  # noqa: F811
+    """Under `auto` the default model answers ASK with text (it echoes the schema); `required` and a
+    named function constrain sampling to a call, streamed or not, then the tool's result comes back
+    through the template and the model answers."""
+    auto = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="auto", max_tokens=48,
+                                          temperature=0)
+    assert auto.choices[0].finish_reason != "tool_calls"  # what the grammar changes
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        reply = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=48, temperature=0)
+        c = reply.choices[0]
+        assert c.finish_reason == "tool_calls", c.message.content
+        call = c.message.tool_calls[0]
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+        if isinstance(choice, dict):
+            assert call.function.name == "get_time"
+    stream = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            max_tokens=48, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=8,
+                                       response_format={"type": "json_object"})
