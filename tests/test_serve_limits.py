@@ -162,6 +162,23 @@ def test_a_flood_of_bad_connections_logs_a_few_lines(server: Server) -> None:
     assert any(re.search(r"\(\d+ more like this suppressed\)", ln) for ln in lines), "\n".join(lines)
 
 
+def test_a_flood_of_health_checks_logs_a_line_a_second(server: Server) -> None:
+    before = len(server.log_text().splitlines())
+    start = time.monotonic()
+    for _ in range(300):  # valid requests, as fast as one client sends them
+        with connect(server) as sock:
+            assert request(sock, "/health")[0] == 200
+    seconds = time.monotonic() - start
+    time.sleep(1.1)
+    with connect(server) as sock:  # a second later: its line counts those held back
+        assert request(sock, "/health")[0] == 200
+    time.sleep(0.2)
+    lines = [ln for ln in server.log_text().splitlines()[before:] if "GET /health" in ln]
+    assert 1 <= len(lines) <= seconds + 3, "\n".join(lines)
+    held = sum(int(m.group(1)) for ln in lines if (m := re.search(r"\((\d+) more like this suppressed\)", ln)))
+    assert held >= 300 - len(lines), "\n".join(lines)
+
+
 def test_cli_defaults_are_the_library_defaults() -> None:
     from localctx.commands import serve as command
     from localctx.serve.limits import Limits

@@ -139,13 +139,16 @@ class _Guard:
             self._log(scope, info, time.perf_counter() - start)
 
     def _log(self, scope: Scope, info: dict[str, Any], seconds: float) -> None:
-        """One line per request; refusals (4xx, 5xx) at most one a second per status, so a flood of
-        bad requests cannot fill the disk."""
+        """One line per model request (as many as the model answers); any other request at most one
+        line a second per route (health checks, model lists) or per status (refusals), so a flood
+        of requests cannot fill the disk."""
         line = _log_line(scope, info, seconds)
         status = info["status"]
         self.state.metrics.record(scope["path"], status, info.get("outcome"))
-        if status < 400 or info.get("outcome") is not None or info.get("disconnected"):
+        if info.get("outcome") is not None or info.get("disconnected"):
             self.events.write(line)
+        elif status < 400:  # a route that exists: a bounded set of kinds
+            self.events.event(f"{scope['method']} {scope['path']}", line)
         else:
             self.events.event(f"status {status}", line)
 
