@@ -308,6 +308,6 @@ def test_windows_scored_together_get_the_logits_each_gets_alone(text: str) -> No
         alone = [e.logits_at(t, p) for t, p in requests]
     with open_engine(spec, workload=Workload("score", 3, exact=True)) as e:
         together = e.logits_many(requests)
-        assert [s.tokens for s in e._slots] == [t for t, _ in requests]  # left for reuse, as logits_at
+        assert [s.tokens for s in e.lane.slots] == [t for t, _ in requests]  # left for reuse, as logits_at
     for a, b in zip(alone, together):
         assert np.array_equal(a, b), float(np.abs(a - b).max())
