@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +19,8 @@ from pathlib import Path
 
 import jsonschema
 import openai
+from bench_parallel import Server  # a server process on a free port, ready when /health answers
 
-REPO = Path(__file__).resolve().parent.parent
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city.",
@@ -34,24 +31,6 @@ TOOLS = [
 RESULTS = {"get_weather": lambda a: f"Sunny, 24 degrees Celsius in {a.get('city')}.",
            "get_time": lambda a: f"It is 14:05 in {a.get('city')}."}
 QUESTION = "What is the weather in Paris, and what time is it in Rome? Use the tools."
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    log = home / "serve.log"
-    env = {**os.environ, "LOCALCTX_HOME": str(home)}
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "localctx", "serve", "--port", "0", "--parallel", "1"],
-                                stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        found = re.search(r" on (http://\S+?:\d+)", log.read_text(errors="replace"))
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            sys.exit(f"localctx serve exited:\n{log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit("localctx serve did not start")
 
 
 def conversation(client: openai.OpenAI, choices: list[str]) -> list[dict]:
@@ -88,14 +67,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(Path(tmp))
+        server = Server("localctx", [sys.executable, "-m", "localctx", "serve", "--port", "0", "--parallel", "1"],
+                        Path(tmp))
         try:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+            client = server.client
             out = {"required": conversation(client, ["required", "auto", "none"]),
                    "auto": conversation(client, ["auto", "auto", "none"])}
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            server.stop()
     for name, turns in out.items():
         print(f"tool_choice {name}:")
         for t in turns:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def start_server(home: Path, *args: str, preexec_fn: Callable[[], None] | None =
         time.sleep(0.1)
     proc.kill()
     pytest.fail(f"localctx serve did not start in {STARTUP} s:\n{log.read_text()}")
+
+
+@contextmanager
+def serving(home: Path, *args: str) -> Iterator[Server]:
+    """A server for a module's tests, stopped by Ctrl-C at the end: it must exit 0 and never have
+    printed a traceback."""
+    srv = start_server(home, *args)
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            try:
+                assert srv.stop(signal.SIGINT) == 0, srv.log_text()
+            finally:
+                if srv.proc.poll() is None:
+                    srv.proc.kill()
+        assert "Traceback" not in srv.log_text(), srv.log_text()
 
 
 @pytest.fixture(scope="module")

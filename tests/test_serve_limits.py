@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from test_serve import KEY, Server, start_server
+from test_serve import KEY, Server, start_server, serving
 
 MAX_CONNECTIONS = 4
 HEADER_TIMEOUT = 3.0
@@ -23,19 +23,10 @@ BODY_TIMEOUT = 3.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("limits-home"), "--api-key", KEY,
+    with serving(tmp_path_factory.mktemp("limits-home"), "--api-key", KEY,
                        "--max-connections", str(MAX_CONNECTIONS), "--header-timeout", str(HEADER_TIMEOUT),
-                       "--body-timeout", str(BODY_TIMEOUT))
-    try:
+                       "--body-timeout", str(BODY_TIMEOUT)) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            try:
-                assert srv.stop(signal.SIGINT) == 0, srv.log_text()
-            finally:
-                if srv.proc.poll() is None:
-                    srv.proc.kill()
-        assert "Traceback" not in srv.log_text(), srv.log_text()
 
 
 def connect(server: Server) -> socket.socket:

@@ -10,13 +10,12 @@ import re
 import socket
 import threading
 import time
-import signal
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from test_serve import KEY, Server, start_server
+from test_serve import KEY, Server, serving
 
 PING = 0.2
 DOC = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls." for i in range(12))  # > 64 tokens
@@ -24,18 +23,9 @@ DOC = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls." for i i
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("metrics-home"), "--api-key", KEY, "--parallel", "1",
-                       "--sse-ping-interval", str(PING))
-    try:
+    with serving(tmp_path_factory.mktemp("metrics-home"), "--api-key", KEY, "--parallel", "1",
+                       "--sse-ping-interval", str(PING)) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            try:
-                assert srv.stop(signal.SIGINT) == 0, srv.log_text()
-            finally:
-                if srv.proc.poll() is None:
-                    srv.proc.kill()
-        assert "Traceback" not in srv.log_text(), srv.log_text()
 
 
 @pytest.fixture(scope="module")

@@ -515,11 +515,3 @@ class Sampler:
 
     def __del__(self) -> None:
         self.close()
-
-
-def json_schema_grammar(schema: str) -> str:
-    """GBNF text for JSON matching `schema` (a JSON schema as text), by llama-cpp-python's own
-    converter: grammar text is all that leaves this module, for a sampler to compile later."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # pure Python, on the already-loaded package
-
-    return json_schema_to_gbnf(schema)

@@ -3,10 +3,9 @@ tool_choice "required" or a named function: GBNF text, in the call syntax of the
 family (serve/tools.py), for the engine's grammar-constrained sampling."""
 from __future__ import annotations
 
-import json
 import re
 
-from ..engine.backend import json_schema_grammar
+from ..engine.grammar import json_schema_grammar
 from .tools import HERMES, LLAMA3, MISTRAL, ToolRequest
 
 CALL_RULE = "localctx-call"  # no rule the converter writes has this name (it names rules after properties)
@@ -19,7 +18,7 @@ def call_grammar(request: ToolRequest, family: str) -> str | None:
     key = "parameters" if family == LLAMA3 else "arguments"  # the key each family's own calls use
     schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
                          "required": ["name", key]} for t in request.offered()]}
-    rules = re.sub(r"^root ::=", f"{CALL_RULE} ::=", json_schema_grammar(json.dumps(schema)), flags=re.M)
+    rules = re.sub(r"^root ::=", f"{CALL_RULE} ::=", json_schema_grammar(schema), flags=re.M)
     return f"root ::= {_root(family, request.parallel)}\n{rules}"
 
 
