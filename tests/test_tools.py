@@ -18,7 +18,7 @@ from localctx.errors import InputError
 from localctx.serve.anthropic import MessageShapes
 from localctx.serve.protocol import ApiError, Outcome, Shapes, parse_chat
 from localctx.serve.tool_grammar import call_grammar
-from localctx.serve.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, Reply, StreamGate, ToolSession, family_of,
+from localctx.serve.tools import (parse_tools, GENERIC, HERMES, LLAMA3, MISTRAL, Reply, StreamGate, ToolSession, family_of,
                                   parse_reply, render_input)
 
 WEATHER = {"type": "function", "function": {
@@ -268,6 +268,15 @@ def test_required_and_named_choices_have_a_grammar() -> None:
     g = call_grammar(request(tool_choice={"type": "function", "function": {"name": "get_time"}},
                              parallel_tool_calls=False).tools, LLAMA3)
     assert g.startswith("root ::= localctx-call\n") and "get_weather" not in g and '"\\"parameters\\""' in g
+
+
+def test_a_tool_schema_part_the_grammar_cannot_enforce_is_refused_under_required() -> None:
+    from localctx.engine.grammar import SchemaError
+
+    bounded = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}, "required": ["n"]}}}
+    with pytest.raises(SchemaError, match="'minimum' at .*/properties/n cannot be enforced"):
+        call_grammar(parse_tools({"tools": [bounded], "tool_choice": "required"}), HERMES)
 
 
 def test_tools_in_template_text_may_not_carry_control_tokens(small_engine) -> None:
