@@ -11,8 +11,8 @@ measure what it costs.
         chat = localctx.start_chat(model, temperature=0)
         print(chat.ask("What is the capital of Italy?"))
 
-Batches scale out on Ray (`pip install "localctx[ray]"`): `summarize_files`, `evaluate_perplexity`
-and `evaluate_passkey` take `workers=N` (a local Ray runtime of N worker processes) or
+Batches scale out on Ray (`pip install "localctx[ray]"`): `summarize_files`, `evaluate_perplexity`,
+`evaluate_passkey` and `evaluate_ruler` take `workers=N` (a local Ray runtime of N worker processes) or
 `ray_address="HOST:PORT"` / "auto" (an existing cluster whose nodes see the model file), with the
 same results, store and resumability as one process (see docs/distributed.md).
 
@@ -34,11 +34,11 @@ _EXPORTS = {
     # the functions a program calls
     "open_model": "api", "read_model_facts": "api", "resolve_preset": "api", "generate_text": "api",
     "start_chat": "api", "convert_model": "api", "summarize_files": "api", "evaluate_perplexity": "api",
-    "evaluate_passkey": "api", "estimate_memory": "api", "kv_snapshots": "api", "clear_kv_snapshots": "api",
+    "evaluate_passkey": "api", "evaluate_ruler": "api", "estimate_memory": "api", "kv_snapshots": "api", "clear_kv_snapshots": "api",
     # what they take and return
     "Engine": "engine", "Generation": "engine", "Timings": "engine", "ChatSession": "chat",
     "ModelFacts": "gguf_meta", "RuntimeParams": "params", "RunSpec": "runtime", "SummarizeOptions": "summarize",
-    "BatchResult": "summarize", "ConversionResult": "convert", "EvalResult": "evaluate",
+    "BatchResult": "summarize", "ConversionResult": "convert", "EvalResult": "evaluate", "Summary": "evaluate",
     "MemoryEstimate": "memory", "KVStore": "kvcache", "Cluster": "cluster",
     # errors: every one a LocalctxError whose message a user can act on
     "LocalctxError": "errors", "ModelFileError": "errors", "PresetError": "errors", "ResourceError": "errors",

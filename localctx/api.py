@@ -6,7 +6,7 @@ Run options, wherever a function loads a model (`**run` below): `ctx`, `cache_ty
 "all" or None), `threads`, `force` (skip the memory refusal), `verbose` (llama.cpp's log).
 
 Scale-out, wherever a function runs a batch (`summarize_files`, `evaluate_perplexity`,
-`evaluate_passkey`): `workers=N` runs it on N worker processes of a local Ray runtime (the CPU
+`evaluate_passkey`, `evaluate_ruler`): `workers=N` runs it on N worker processes of a local Ray runtime (the CPU
 threads shared between them), `ray_address="HOST:PORT"` (or "auto": $RAY_ADDRESS) on an existing
 Ray cluster whose nodes see the model file. This process alone writes the store, the output and
 the cache; the results are the same as in one process. Needs `pip install "localctx[ray]"`.
@@ -24,7 +24,8 @@ from .cluster import Cluster
 from .convert import ConversionResult, convert
 from .engine import Engine, Generation
 from .errors import InputError
-from .evaluate import CellCache, EvalResult, PasskeyRequest, PplRequest, load_text, parse_depths, parse_lengths, run_passkey, run_ppl
+from .evaluate import (CellCache, EvalResult, PasskeyRequest, PplRequest, RulerRequest, Summary, load_text, parse_depths,
+                       parse_lengths, parse_tasks, run_passkey, run_ppl, run_ruler, summarize)
 from .executor import Executor
 from .gguf_meta import ModelFacts
 from .kvcache import Entry, KVStore
@@ -173,6 +174,30 @@ def evaluate_passkey(presets: Sequence[str], lengths: Sequence[int | str],
     request = PasskeyRequest(list(presets), _lengths(lengths), depths, trials, seed, parallel)
     return run_passkey(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
                        progress=progress or _quiet, executor=executor)
+
+
+def evaluate_ruler(presets: Sequence[str], lengths: Sequence[int | str], *, tasks: Sequence[str] | str = "all",
+                   samples: int = 5, depths: Sequence[float] | None = None, seed: int = 0, prompt_format: str = "auto",
+                   text: str | os.PathLike[str] | None = None, threshold: float = 0.85, parallel: int = 1,
+                   model: ModelRef = None, use_cache: bool = True, compute: bool = True,
+                   progress: Callable[[str], None] | None = None, workers: int | None = None,
+                   ray_address: str | None = None, **run: Any) -> tuple[EvalResult, Summary]:
+    """RULER-style tasks (needle retrieval, variable tracking, word extraction, long-document QA;
+    `tasks` as names, "niah" or "all") at each length, `samples` per task, length and depth
+    (`depths` None: a random depth per sample, as RULER). Returns the cells and their summary:
+    mean scores, each preset's effective length (against `native` at the shortest length, kept
+    to `threshold`), retrieval, QA and short-text scores. Cached and run on Ray like the others;
+    `compute=False` only reports what is cached (`localctx eval report`)."""
+    if not 0 < threshold <= 1:
+        raise InputError(f"threshold must be in (0, 1], not {threshold}.")
+    executor = executor_for(workers, ray_address)
+    names = parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    depths = None if depths is None else parse_depths(",".join(str(d) for d in depths))
+    request = RulerRequest(list(presets), _lengths(lengths), load_text(text), names, samples, depths, seed,
+                           prompt_format, parallel, threshold)
+    result = run_ruler(request, RunSpec(model=_model(model), **run), cache=CellCache(enabled=use_cache),
+                       progress=progress or _quiet, compute=compute, executor=executor)
+    return result, summarize(result, threshold)
 
 
 def kv_snapshots() -> list[Entry]:

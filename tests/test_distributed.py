@@ -24,7 +24,8 @@ from localctx.cluster import Cluster
 from localctx.distributed import (CellTask, Done, EvaluateJob, Failed, PlanTask, RayExecutor, RequestTask,
                                   SummarizeJob, running_pool)
 from localctx.errors import InputError, Interrupted
-from localctx.evaluate import CellCache, PasskeyRequest, PplRequest, load_text, run_passkey, run_ppl
+from localctx.evaluate import (CellCache, PasskeyRequest, PplRequest, RulerRequest, load_text, run_passkey, run_ppl,
+                               run_ruler)
 from localctx.evaluate.passkey import Passkey
 from localctx.identity import model_identity
 from localctx.runtime import RunSpec, resolve_spec
@@ -185,6 +186,20 @@ def test_eval_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
         run_passkey(passkey, spec, cache=CellCache(directory), executor=executor)
     assert len(_cells(here)) == 4 + 2
     assert _cells(there) == _cells(here)
+
+
+@pytest.mark.slow
+def test_ruler_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
+    """RULER-style cells (a needle task with a depth, one without) on two workers: the same cache
+    files as one process, and a rerun over the workers computes nothing."""
+    request = RulerRequest(["native"], [512], load_text(corpus / "alice.txt"), ["niah_single_2", "vt"], samples=2)
+    here, there = tmp_path / "here", tmp_path / "there"
+    spec = RunSpec(threads=1)
+    for directory, executor in ((here, None), (there, TWO)):
+        run_ruler(request, spec, cache=CellCache(directory), executor=executor)
+    assert len(_cells(here)) == 4
+    assert _cells(there) == _cells(here)
+    assert run_ruler(request, spec, cache=CellCache(there), executor=TWO).computed == 0
 
 
 class Calls(Reporter):

@@ -14,12 +14,32 @@ from ..runtime import RunSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_PRESETS = "extrapolate-32k,linear-32k,ntk-32k,yarn-32k"
+RULER_PRESETS = "native,yarn-16k,yarn-32k,ntk-32k,self-extend-32k,auto"
 
 
 def eval_options(f: F) -> F:
-    """Options shared by both evaluations; the model and run options are gathered into `spec`."""
-    options = [
-        click.option("--presets", default=DEFAULT_PRESETS, show_default=True, help="Comma-separated presets to compare."),
+    """Options shared by the evaluations; the model and run options are gathered into `spec`."""
+    return grid_options(DEFAULT_PRESETS)(f)
+
+
+def grid_options(presets: str, compute: bool = True) -> Callable[[F], F]:
+    """The grid's options, with `presets` as the default list; without `compute`, only what
+    names the cells and how to show them (a report computes nothing)."""
+    def decorate(f: F) -> F:
+        for option in reversed(_grid_options(presets, compute)):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _grid_options(presets: str, compute: bool) -> list[Callable[[F], F]]:
+    if not compute:
+        return [click.option("--presets", default=presets, show_default=True, help="Comma-separated presets to compare."),
+                click.option("--lengths", default="2k,4k,8k,16k,32k", show_default=True,
+                             help="Comma-separated context lengths in tokens (k = 1024)."),
+                run_options(preset=False, ctx=False), json_option]
+    return [
+        click.option("--presets", default=presets, show_default=True, help="Comma-separated presets to compare."),
         click.option("--lengths", default="2k,4k,8k,16k,32k", show_default=True,
                      help="Comma-separated context lengths in tokens (k = 1024)."),
         run_options(preset=False, ctx=False),
@@ -31,9 +51,6 @@ def eval_options(f: F) -> F:
         click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
                      help="Also draw the results to this image (needs matplotlib)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def _progress(message: str) -> None:
@@ -48,11 +65,12 @@ def _check_plot(plot_file: Path | None) -> None:
         check_plot_path(plot_file)
 
 
-def _render(result: Any, table: Callable[[Any], str], as_json: bool, as_csv: bool, plot_file: Path | None) -> None:
+def _render(result: Any, table: Callable[[Any], str], as_json: bool, as_csv: bool, plot_file: Path | None,
+            extra: dict[str, Any] | None = None) -> None:
     from ..evaluate import plot, to_csv
 
     if as_json:
-        echo_json(result.to_dict())
+        echo_json({**result.to_dict(), **(extra or {})})
     elif as_csv:
         click.echo(to_csv(result), nl=False)
     else:
@@ -64,7 +82,7 @@ def _render(result: Any, table: Callable[[Any], str], as_json: bool, as_csv: boo
 
 @click.group("eval")
 def eval_group() -> None:
-    """Measure how each context-extension preset works on a model: perplexity and passkey.
+    """Measure how each context-extension preset works on a model: perplexity, passkey, RULER-style tasks.
 
     Finished cells are cached per model, preset, length and text, so an interrupted run resumes
     where it stopped and a repeated one is instant.
@@ -73,6 +91,8 @@ def eval_group() -> None:
     Examples:
       localctx eval ppl --presets native,yarn-32k --lengths 2k,8k,32k --plot ppl.png
       localctx eval passkey --presets yarn-32k --lengths 8k,16k --depths 0,0.5,1
+      localctx eval ruler --presets native,yarn-32k --lengths 2k,8k,16k --summary
+      localctx eval report
     """
 
 
@@ -147,6 +167,105 @@ def passkey(spec: RunSpec, executor: Executor | None, presets: str, lengths: str
     result = run_passkey(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
                          compute=not cached_only, executor=executor)
     _render(result, passkey_table, as_json, as_csv, plot_file)
+
+
+def ruler_task_options(f: F) -> F:
+    """What names a RULER-style cell besides its preset and length (shared by `ruler` and `report`)."""
+    options = [
+        click.option("--tasks", default="all", show_default=True,
+                     help="Comma-separated tasks, 'niah' for the needle tasks, or 'all': "
+                          "niah_single_1/2/3, niah_single_word, niah_multikey_1/2/3, niah_multivalue, "
+                          "niah_multiquery, vt, cwe, fwe, qa."),
+        click.option("--samples", type=click.IntRange(1), default=5, show_default=True,
+                     help="Samples per task, length and depth."),
+        click.option("--depths", default="random", show_default=True,
+                     help="Where the needle (and the QA fact) goes: 'random' (one of RULER's 40 depths per "
+                          "sample) or fractions, 0 = start of the text, 1 = its end."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Chooses keys, values and texts."),
+        click.option("--format", "prompt_format", type=click.Choice(["auto", "chat", "raw"]), default="auto",
+                     show_default=True, help="auto: the model's chat template when it has one, else raw text."),
+        click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
+                     help="The haystack text [default: ../shared/corpus/pride_and_prejudice.txt in a checkout]."),
+        click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.85, show_default=True,
+                     help="Effective length: the longest length whose mean score, and every shorter one's, is at "
+                          "least this share of native's at the shortest length."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _ruler_request(presets: str, lengths: str, tasks: str, samples: int, depths: str, seed: int, prompt_format: str,
+                   text_file: Path | None, threshold: float, parallel: int = 1) -> Any:
+    from ..evaluate import RulerRequest, load_text, parse_depths, parse_lengths, parse_presets, parse_tasks
+
+    return RulerRequest(parse_presets(presets), parse_lengths(lengths), load_text(text_file), parse_tasks(tasks),
+                        samples, None if depths.strip() == "random" else parse_depths(depths), seed, prompt_format,
+                        parallel, threshold)
+
+
+@eval_group.command("ruler")
+@grid_options(RULER_PRESETS)
+@ruler_task_options
+@click.option("--summary", is_flag=True, help="Also print the comparison table (as `localctx eval report`).")
+@parallel_option(1, "Samples of one window", "The same answers as one at a time. With --workers / --ray: on each worker.")
+def ruler(spec: RunSpec, executor: Executor | None, presets: str, lengths: str, no_cache: bool, cached_only: bool,
+          as_json: bool, as_csv: bool, plot_file: Path | None, tasks: str, samples: int, depths: str, seed: int,
+          prompt_format: str, text_file: Path | None, threshold: float, summary: bool, parallel: int) -> None:
+    """RULER-style tasks: how far does each preset really reach?
+
+    Needle retrieval (single, multi-key with distractors, multi-value, multi-query), variable
+    tracking, common- and frequent-word extraction (NVIDIA/RULER's synthetic tasks) and
+    long-document QA, built from the given text and seeded random values, at exact lengths.
+    Scored as RULER scores them (the share of expected strings in the answer; QA: token F1).
+    The table gives each preset's mean per task family and length, and its effective length:
+    the longest length whose mean stays at least THRESHOLD x native's at the shortest length.
+
+    \b
+    Examples:
+      localctx eval ruler --lengths 2k,4k,8k --samples 5 --summary
+      localctx eval ruler --presets native,yarn-32k --lengths 2k,16k --tasks niah,qa --plot ruler.png
+      localctx eval ruler --presets native --lengths 1k --tasks qa --depths 0,0.5,1 --samples 3
+      localctx eval ruler --presets yarn-32k --lengths 16k,32k --workers 2
+    """
+    from ..evaluate import CellCache, report_table, ruler_table, run_ruler, summarize
+
+    _check_plot(plot_file)
+    request = _ruler_request(presets, lengths, tasks, samples, depths, seed, prompt_format, text_file, threshold,
+                             parallel)
+    result = run_ruler(request, spec, cache=CellCache(enabled=not no_cache), progress=_progress,
+                       compute=not cached_only, executor=executor)
+    found = summarize(result, threshold)
+    table = (lambda r: ruler_table(r, threshold) + "\n\n" + report_table(found)) if summary else \
+        (lambda r: ruler_table(r, threshold))
+    _render(result, table, as_json, as_csv, plot_file, {"summary": found.to_dict()})
+
+
+@eval_group.command("report")
+@grid_options(RULER_PRESETS, compute=False)
+@ruler_task_options
+def report(spec: RunSpec, presets: str, lengths: str, as_json: bool, tasks: str, samples: int, depths: str,
+           seed: int, prompt_format: str, text_file: Path | None, threshold: float) -> None:
+    """The comparison table of `eval ruler`'s cached cells: per preset, retrieval, long-document QA,
+    the short-text score beside native's, and the effective length. Computes nothing: a cell not
+    run yet is '-'. Give the grid as `eval ruler` was given it.
+
+    \b
+    Examples:
+      localctx eval report
+      localctx eval report --presets native,yarn-32k --lengths 2k,4k,8k --json
+    """
+    from ..evaluate import CellCache, report_table, run_ruler, summarize
+
+    request = _ruler_request(presets, lengths, tasks, samples, depths, seed, prompt_format, text_file, threshold)
+    result = run_ruler(request, spec, cache=CellCache(), compute=False)
+    found = summarize(result, threshold)
+    if as_json:
+        echo_json({"model": result.model, "settings": result.settings, "summary": found.to_dict()})
+    else:
+        click.echo(report_table(found))
+    done = sum(c["status"] == "ok" for c in result.cells)
+    click.echo(f"{done} of {len(result.cells)} cell(s) cached", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -66,7 +66,7 @@ def same_step_groups(engine: EvalEngine, jobs: list[Any], n: int) -> Iterator[li
 
 @dataclass
 class EvalResult:
-    kind: str  # "ppl" | "passkey"
+    kind: str  # "ppl" | "passkey" | "ruler"
     model: str
     settings: dict[str, Any]
     cells: list[Cell] = field(default_factory=list)
@@ -98,6 +98,9 @@ class Evaluation(Protocol):
 
 
 def label(cell: Cell) -> str:
+    if "task" in cell:
+        depth = "" if cell["depth"] is None else f" depth {cell['depth']:g}"
+        return f"{cell['preset']} {cell['length']:,} {cell['task']}{depth} sample {cell['sample']}"
     where = f" depth {cell['depth']:g} trial {cell['trial']}" if "depth" in cell else ""
     return f"{cell['preset']} {cell['length']:,}{where}"
 

@@ -14,6 +14,7 @@ from ..errors import LocalctxError
 from ..fsutil import atomic_write, name_max, probe_writable
 from .grid import EvalResult
 from .passkey import passkey_accuracy
+from .summary import summarize
 
 
 def _absent(cell: dict[str, Any]) -> str:
@@ -63,6 +64,8 @@ CSV_FIELDS = {
             "chunks", "seconds", "tokens_per_second", "reason"],
     "passkey": ["preset", "method", "window", "length", "depth", "trial", "status", "key", "found", "correct",
                 "prompt_tokens", "key_token", "seconds", "answer", "reason"],
+    "ruler": ["preset", "method", "window", "length", "task", "depth", "sample", "status", "score", "em", "match",
+              "prompt_tokens", "seconds", "answer", "answers", "reason"],
 }
 
 
@@ -129,7 +132,7 @@ def plot(result: EvalResult, path: str | os.PathLike[str]) -> Path:
     a temp file beside `path`, synced and renamed; any failure removes the temp file and raises."""
     path = check_plot_path(path)
     plt = _pyplot()
-    fig = _plot_ppl(plt, result) if result.kind == "ppl" else _plot_passkey(plt, result)
+    fig = {"ppl": _plot_ppl, "passkey": _plot_passkey, "ruler": _plot_ruler}[result.kind](plt, result)
     image = io.BytesIO()
     try:
         fig.savefig(image, format=path.suffix.lower().lstrip("."), dpi=120, bbox_inches="tight")
@@ -188,4 +191,27 @@ def _plot_passkey(plt: Any, result: EvalResult) -> Any:
     axes[0][0].set_ylabel("context length")
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
     fig.suptitle(f"{Path(result.model).name}: passkey retrieval")
+    return fig
+
+
+def _plot_ruler(plt: Any, result: EvalResult) -> Any:
+    """The mean score over the tasks against length, one line per preset, and the bar a length
+    must clear to count in the effective length."""
+    summary = summarize(result, result.settings.get("threshold", 0.85))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in summary.presets:
+        points = [(n, s) for n, s in sorted(p.scores.items()) if s is not None]
+        if points:
+            ax.plot([n for n, _ in points], [s for _, s in points], marker="o", label=p.preset)
+    if summary.bar is not None:
+        ax.axhline(summary.bar, color="grey", linestyle="--", linewidth=1,
+                   label=f"{summary.threshold:g} x native at {_length_label(summary.lengths[0])}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(summary.lengths, [_length_label(n) for n in summary.lengths])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"mean score over {len(result.settings['tasks'])} task(s)")
+    ax.set_title(f"{Path(result.model).name}: RULER-style tasks")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     return fig
