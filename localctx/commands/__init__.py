@@ -5,7 +5,7 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from . import cache, chat, convert, core, evaluate, serve, summarize
+    from . import cache, chat, convert, core, evaluate, serve, summarize, tune
 
-    for module in (core, chat, convert, summarize, evaluate, cache, serve):
+    for module in (core, chat, convert, summarize, evaluate, tune, cache, serve):
         module.register(group)

@@ -1,0 +1,259 @@
+"""Search a model's own YaRN parameters for one target length, on the user's text, and write the
+winner as a preset (`--preset tuned-NAME`).
+
+Objective: perplexity at the target length (eval ppl's fixed span), subject to retrieval (needle
+tasks of eval ruler at the target) not falling below the default YaRN's. The search is Optuna's
+TPE sampler with that constraint; the first trial is the default. Every trial is made of eval
+cells, cached by their parameters, and the study is an Optuna journal file: an interrupted search
+resumes, and a repeated one computes nothing. Trials are evaluated `batch` at a time as one grid,
+so with an executor (Ray workers) they run in parallel.
+
+What is searched, and why not more: beta_fast, beta_slow (where YaRN's ramp between interpolated
+and extrapolated dimensions sits), ext_factor (how much of the ramp applies) and the scale (the
+window, as a multiple of the target). Not the attention factor: llama.cpp (0.3.36, llama-context.cpp)
+overwrites a requested yarn_attn_factor whenever ext_factor is not 0, so it has no effect at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, LocalctxError
+from .evaluate import CellCache, PplRequest, RulerRequest, Text, run_ppl, run_ruler
+from .evaluate.tasks import RETRIEVAL
+from .executor import Executor
+from .fsutil import atomic_write
+from .paths import cache_dir, user_presets_dir
+from .presets import YARN_BETA_FAST, YARN_BETA_SLOW
+from .runtime import RunSpec, resolve_spec
+
+METHODS = ("yarn",)
+DEFAULT_RETRIEVAL = ("niah_single_2", "niah_multikey_1")
+DEFAULTS = {"beta_fast": float(YARN_BETA_FAST), "beta_slow": float(YARN_BETA_SLOW), "ext_factor": 1.0, "scale": 1.0}
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    target: int  # the length to tune for (tokens)
+    text: Text  # perplexity and the haystack of the retrieval tasks
+    method: str = "yarn"
+    trials: int = 24  # including the default, trial 0
+    name: str | None = None  # the preset is tuned-NAME [default: <model>-<method>-<target>]
+    seed: int = 0
+    span: int = 256  # perplexity: tokens scored at the end of the target length
+    retrieval: Sequence[str] = DEFAULT_RETRIEVAL  # needle tasks that must not get worse
+    samples: int = 3  # per retrieval task
+    batch: int = 1  # trials evaluated at once (their cells form one grid: parallel on an executor)
+
+
+@dataclass
+class Trial:
+    number: int
+    values: dict[str, float]
+    ppl: float | None = None
+    retrieval: float | None = None
+    feasible: bool = False
+    preset: str = ""  # the trial's preset file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TuneResult:
+    name: str
+    preset_path: Path
+    default: Trial
+    best: Trial
+    trials: list[Trial] = field(default_factory=list)
+    computed: int = 0  # cells computed in this run
+    seconds: float = 0.0
+
+    @property
+    def gain(self) -> float | None:
+        """How much lower the best trial's perplexity is than the default's (0.1 = 10 %)."""
+        if self.default.ppl is None or self.best.ppl is None:
+            return None
+        return 1 - self.best.ppl / self.default.ppl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "preset": str(self.preset_path), "default": self.default.to_dict(),
+                "best": self.best.to_dict(), "gain": self.gain, "computed": self.computed,
+                "seconds": round(self.seconds, 1), "trials": [t.to_dict() for t in self.trials]}
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise LocalctxError("localctx tune needs Optuna: pip install 'localctx[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # stderr stays ours
+    return optuna
+
+
+def check_request(request: TuneRequest, trained: int) -> None:
+    if request.method not in METHODS:
+        raise InputError(f"Unknown method {request.method!r}; choose from {', '.join(METHODS)}.")
+    if request.target <= trained:
+        raise InputError(f"The target {request.target:,} is not beyond the model's trained context of {trained:,} "
+                         "tokens: there is nothing to extend. Give a longer --target.")
+    if request.trials < 1 or request.batch < 1 or request.samples < 1:
+        raise InputError("trials, batch and samples must be at least 1.")
+    unknown = [t for t in request.retrieval if t not in RETRIEVAL]
+    if unknown:
+        raise InputError(f"Retrieval tasks are needle tasks ({', '.join(RETRIEVAL)}), not {unknown[0]!r}.")
+
+
+def suggest(trial: Any) -> dict[str, float]:
+    """The search space: around YaRN's published defaults, wide enough to leave them."""
+    return {"beta_fast": trial.suggest_float("beta_fast", 4.0, 128.0, log=True),
+            "beta_slow": trial.suggest_float("beta_slow", 0.125, 8.0, log=True),
+            "ext_factor": trial.suggest_float("ext_factor", 0.25, 1.0),
+            "scale": trial.suggest_float("scale", 1.0, 1.5)}
+
+
+def preset_text(values: dict[str, float], target: int, description: str, notes: Sequence[str] = ()) -> str:
+    """A YaRN preset: the window is the target times `scale`, so the scale factor grows with it."""
+    window = math.ceil(target * values["scale"] / 256) * 256
+    lines = [f"# {n}" for n in notes] + [
+        f"description = {json.dumps(description)}",
+        'method = "yarn"',
+        f"target_ctx = {window}",
+        "",
+        "[yarn]",
+        f"beta_fast = {values['beta_fast']:.6g}",
+        f"beta_slow = {values['beta_slow']:.6g}",
+    ]
+    if values["ext_factor"] != DEFAULTS["ext_factor"]:  # llama.cpp's own default for YaRN: left unset
+        lines.append(f"ext_factor = {values['ext_factor']:.6g}")
+    return "\n".join(lines + [""])
+
+
+def _trial_preset(folder: Path, values: dict[str, float], target: int) -> Path:
+    text = preset_text(values, target, "a localctx tune trial")
+    path = folder / f"trial-{hashlib.sha256(text.encode()).hexdigest()[:12]}.toml"
+    if not path.exists():
+        atomic_write(path, text.encode())
+    return path
+
+
+class Study:
+    """The search's state: an Optuna study in a journal file beside its trial presets."""
+
+    def __init__(self, request: TuneRequest, name: str, folder: Path) -> None:
+        optuna = _optuna()
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        self.optuna, self.request, self.folder = optuna, request, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+        self.study = optuna.create_study(study_name=name, storage=storage, sampler=self._sampler(0),
+                                         direction="minimize", load_if_exists=True)
+        states = optuna.trial.TrialState
+        for t in self.study.trials:  # an interrupted run's trial in flight: its cells are cached, ask again
+            if t.state == states.RUNNING:
+                self.study.tell(t.number, state=states.FAIL)
+        trials = self.study.trials
+        if not any(t.state == states.WAITING or (t.state == states.COMPLETE and t.params == DEFAULTS) for t in trials):
+            self.study.enqueue_trial(DEFAULTS)  # the default first: the baseline every trial is held to
+
+    def done(self) -> list[Any]:
+        """The finished trials (a failed one, cut short by an interrupt, is not counted)."""
+        return [t for t in self.study.trials if t.state == self.optuna.trial.TrialState.COMPLETE]
+
+    def _sampler(self, number: int) -> Any:
+        # Seeded by the trial's number, not once per process: a resumed search draws what an
+        # uninterrupted one would, instead of repeating its first draws.
+        return self.optuna.samplers.TPESampler(seed=self.request.seed * 100_003 + number,
+                                               n_startup_trials=min(8, self.request.trials))
+
+    def ask(self, n: int) -> list[tuple[Any, dict[str, float]]]:
+        asked = []
+        for _ in range(n):
+            self.study.sampler = self._sampler(len(self.study.trials))
+            trial = self.study.ask()
+            asked.append((trial, suggest(trial)))
+        return asked
+
+    def tell(self, trial: Any, ppl: float, retrieval: float, baseline: float) -> None:
+        trial.set_user_attr("retrieval", retrieval)
+        trial.set_constraint("retrieval_shortfall", baseline - retrieval)  # <= 0: feasible, for TPE
+        self.study.tell(trial, ppl)
+
+
+def tune(request: TuneRequest, spec: RunSpec = RunSpec(), *, cache: CellCache | None = None,
+         progress: Progress = lambda _: None, executor: Executor | None = None) -> TuneResult:
+    """Run (or resume) the search and write the best feasible trial as preset tuned-NAME."""
+    start = time.perf_counter()
+    resolved = resolve_spec(spec)
+    check_request(request, resolved.facts.trained_context)
+    name = request.name or f"{Path(resolved.facts.path).stem.lower()}-{request.method}-{request.target // 1024}k"
+    folder = cache_dir() / "tune" / name
+    study = Study(request, name, folder)
+    cache = cache or CellCache()
+    computed = 0
+
+    def evaluate(values: list[dict[str, float]]) -> list[tuple[float, float, Path]]:
+        nonlocal computed
+        presets = [str(_trial_preset(folder, v, request.target)) for v in values]
+        ppl = run_ppl(PplRequest(presets, [request.target], request.text, span=request.span), spec,
+                      cache=cache, progress=progress, executor=executor)
+        hits = run_ruler(RulerRequest(presets, [request.target], request.text, list(request.retrieval),
+                                      samples=request.samples, seed=request.seed), spec,
+                         cache=cache, progress=progress, executor=executor)
+        computed += ppl.computed + hits.computed
+        out = []
+        for p in presets:
+            scores = [c["score"] for c in hits.cells if c["preset"] == p]
+            out.append((next(c["ppl"] for c in ppl.cells if c["preset"] == p), sum(scores) / len(scores), Path(p)))
+        return out
+
+    (base_ppl, baseline, _), = evaluate([DEFAULTS])
+    progress(f"default YaRN: ppl {base_ppl:.3f}, retrieval {baseline:.2f}")
+    while len(study.done()) < request.trials:
+        asked = study.ask(min(request.batch, request.trials - len(study.done())))
+        for (trial, values), (ppl, hit, _) in zip(asked, evaluate([v for _, v in asked])):
+            study.tell(trial, ppl, hit, baseline)
+            progress(f"trial {trial.number + 1}/{request.trials}: ppl {ppl:.3f}, retrieval {hit:.2f}"
+                     f"{'' if hit >= baseline else ' (below the default: not eligible)'}")
+    trials = _trials(study, folder, request.target, baseline)
+    default = next(t for t in trials if t.values == DEFAULTS)
+    best = min((t for t in trials if t.feasible), key=lambda t: t.ppl or math.inf, default=default)
+    result = TuneResult(name, user_presets_dir() / f"tuned-{name}.toml", default, best, trials, computed,
+                        time.perf_counter() - start)
+    write_tuned(result, request, resolved.facts.trained_context)
+    return result
+
+
+def _trials(study: Study, folder: Path, target: int, baseline: float) -> list[Trial]:
+    out = []
+    for t in study.done():
+        values = {k: float(v) for k, v in t.params.items()} or dict(DEFAULTS)
+        retrieval = float(t.user_attrs.get("retrieval", 0.0))
+        out.append(Trial(t.number, values, float(t.value), retrieval, retrieval >= baseline,
+                         str(_trial_preset(folder, values, target))))
+    return out
+
+
+def write_tuned(result: TuneResult, request: TuneRequest, trained: int) -> None:
+    """The winner as a user preset, its provenance in comments, every trial in a JSON beside it."""
+    best, default = result.best, result.default
+    notes = [f"tuned by localctx tune: method {request.method}, target {request.target}, model trained on {trained}",
+             f"text {request.text.path.name} (sha256 {request.text.sha}), {len(result.trials)} trials, seed {request.seed}",
+             f"objective: perplexity at {request.target} ({request.span} tokens) {best.ppl:.4f} "
+             f"against the default's {default.ppl:.4f}",
+             f"retrieval ({', '.join(request.retrieval)}, {request.samples} samples): {best.retrieval:.2f} "
+             f"against the default's {default.retrieval:.2f}",
+             f"all trials: tuned-{result.name}.json"]
+    text = preset_text(best.values, request.target, f"YaRN tuned for {request.target // 1024}K on "
+                       f"{request.text.path.name} (trial {best.number} of {len(result.trials)})", notes)
+    atomic_write(result.preset_path, text.encode())
+    atomic_write(result.preset_path.with_suffix(".json"), (json.dumps(result.to_dict(), indent=2) + "\n").encode())

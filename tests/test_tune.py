@@ -1,0 +1,81 @@
+"""`localctx tune`: a tiny real search (the default model under a 1,024-token header, target 2K),
+its preset, resuming, and the clean errors."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from localctx.errors import InputError
+from localctx.evaluate import load_text
+from localctx.paths import cache_dir, user_presets_dir
+from localctx.runtime import RunSpec, resolve_spec
+from localctx.tune import DEFAULTS, Study, TuneRequest, tune
+
+from conftest import assert_clean_error
+
+
+def _request(corpus: Path, trials: int, **kw) -> TuneRequest:
+    return TuneRequest(2048, load_text(corpus / "alice.txt"), trials=trials, name="t", span=32,
+                       retrieval=("niah_single_2",), samples=1, **kw)
+
+
+def test_a_tiny_search_writes_a_preset_and_resumes(short_model, corpus):
+    spec = RunSpec(model=str(short_model))
+    first = tune(_request(corpus, 2), spec)
+    assert [t.number for t in first.trials] == [0, 1] and first.trials[0].values == DEFAULTS
+    assert first.default.ppl is not None and first.best.ppl <= first.default.ppl
+    assert first.best.feasible and first.best.retrieval >= first.default.retrieval
+    assert first.computed == 2 * 2  # a perplexity and a retrieval cell per trial
+    preset = user_presets_dir() / "tuned-t.toml"
+    assert first.preset_path == preset
+    text = preset.read_text()
+    assert "# tuned by localctx tune: method yarn, target 2048, model trained on 1024" in text
+    assert f"sha256 {load_text(corpus / 'alice.txt').sha}" in text and "2 trials" in text
+    data = tomllib.loads(text)
+    assert data["method"] == "yarn" and data["yarn"]["beta_fast"] == pytest.approx(first.best.values["beta_fast"], rel=1e-5)
+    sidecar = json.loads(preset.with_suffix(".json").read_text())
+    assert [t["number"] for t in sidecar["trials"]] == [0, 1]
+    # Usable as any preset: resolved by its name.
+    params = resolve_spec(RunSpec(model=str(short_model), preset="tuned-t")).params
+    assert params.method == "yarn" and params.n_ctx >= 2048
+    assert params.yarn_beta_fast == pytest.approx(first.best.values["beta_fast"], rel=1e-5)
+    # A rerun computes nothing; one more trial computes only its own cells.
+    again = tune(_request(corpus, 2), spec)
+    assert again.computed == 0 and again.best.values == first.best.values
+    more = tune(_request(corpus, 3), spec)
+    assert len(more.trials) == 3 and more.computed == 2
+
+
+def test_a_trial_cut_short_is_asked_again(short_model, corpus):
+    """A run killed mid-trial leaves it running in the journal: the next run fails it and goes on."""
+    spec = RunSpec(model=str(short_model))
+    request = _request(corpus, 1)
+    study = Study(request, "t", cache_dir() / "tune" / "t")
+    study.ask(1)  # the default, asked and never told
+    result = tune(request, spec)
+    assert [t.values for t in result.trials] == [DEFAULTS]
+
+
+def test_bad_inputs_are_clean_errors(short_model, corpus, tmp_path, cli):
+    spec = RunSpec(model=str(short_model))
+    with pytest.raises(InputError, match="not beyond the model's trained context of 1,024"):
+        tune(TuneRequest(1024, load_text(corpus / "alice.txt")), spec)
+    with pytest.raises(InputError, match="Unknown method 'rope'"):
+        tune(TuneRequest(2048, load_text(corpus / "alice.txt"), method="rope"), spec)
+    with pytest.raises(InputError, match="needle tasks"):
+        tune(TuneRequest(2048, load_text(corpus / "alice.txt"), retrieval=("cwe",)), spec)
+    short = tmp_path / "short.txt"
+    short.write_text("A short text. " * 40)
+    assert_clean_error(cli("tune", "--model", str(short_model), "--target", "2k", "--trials", "1",
+                           "--text", str(short)), "longer --text")
+    assert_clean_error(cli("tune", "--model", str(short_model), "--target", "512"), "not beyond")
+    bad = cli("tune", "--target", "32k", "--method", "nope")
+    assert bad.returncode == 2 and "Invalid value for '--method'" in bad.stderr
+
+
+def test_cli_tune_help_has_examples(cli):
+    result = cli("tune", "--help")
+    assert result.returncode == 0 and "Example" in result.stdout
