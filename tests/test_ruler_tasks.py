@@ -12,8 +12,9 @@ import pytest
 
 from localctx.errors import InputError
 from localctx.evaluate.haystack import MIN_HAYSTACK, NOISE, TooShort, essay_units, fill, haystack, nearest, place, sentences
-from localctx.evaluate.tasks import (FACTS, RETRIEVAL, TASKS, Build, Frame, exact_match, first_line, normalize_answer,
-                                     parse_tasks, sample_rng, string_match_all, string_match_part, token_f1, vocabulary)
+from localctx.evaluate.answers import (exact_match, first_line, normalize_answer, string_match_all, string_match_part,
+                                       token_f1)
+from localctx.evaluate.tasks import FACTS, RETRIEVAL, TASKS, Build, Frame, parse_tasks, sample_rng, vocabulary
 
 BOS = [1]  # a control token: tokenizing text never yields it, so a frame's tokens are easy to find
 NEEDLE = "One of the special magic numbers for {key} is: {value}."

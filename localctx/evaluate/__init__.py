@@ -5,7 +5,7 @@
 - grid:    the one per-preset loop both evaluations run in, and EvalResult
 - ppl:     perplexity against context length (fixed span, or llama-perplexity's windows)
 - passkey: passkey retrieval at exact lengths and depths
-- haystack, tasks: RULER's synthetic tasks and long-document QA, as prompts of exact lengths and scorers
+- haystack, tasks, draws, answers: RULER's synthetic tasks and long-document QA, as prompts of exact lengths, the values they hide, and the scorers
 - ruler:   those tasks over the grid; summary: effective length and the comparison table
 - render:  tables, CSV and plots
 

@@ -21,86 +21,14 @@ import math
 import random
 import re
 import string
-import uuid
-from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from .answers import exact_match, first_line, string_match_all, string_match_part, token_f1
+from .draws import ADJECTIVES, NOUNS, VALUES, invented, number
 from .haystack import NOISE, RANDOM_DEPTHS, Placed, Tokenize, TooShort, essay_units, haystack, line_units
-
-ADJECTIVES = ("amber", "ancient", "bitter", "brave", "bright", "calm", "clever", "crimson", "curious", "daring",
-              "distant", "dusty", "eager", "early", "fancy", "fierce", "frozen", "gentle", "giant", "golden",
-              "hollow", "humble", "hungry", "icy", "jolly", "lazy", "little", "lively", "lonely", "lucky",
-              "misty", "modern", "narrow", "noisy", "odd", "patient", "polite", "proud", "quiet", "rapid",
-              "rusty", "shiny", "silent", "silver", "sleepy", "smooth", "spicy", "steady", "sturdy", "tender",
-              "tidy", "velvet", "wild", "wise", "wooden", "yellow")
-NOUNS = ("anchor", "apron", "badger", "basket", "beacon", "blanket", "bottle", "bucket", "cabinet", "candle",
-         "canyon", "carpet", "castle", "cellar", "chimney", "compass", "cottage", "crayon", "dolphin", "drum",
-         "falcon", "feather", "fiddle", "garden", "glacier", "harbor", "helmet", "island", "jacket", "kettle",
-         "ladder", "lantern", "meadow", "mirror", "needle", "orchard", "otter", "paddle", "pebble", "pillow",
-         "pocket", "puzzle", "rabbit", "ribbon", "saddle", "shovel", "spoon", "teapot", "thimble", "tunnel",
-         "violin", "wagon", "walnut", "window")
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["bri", "dra", "kel", "mor", "thal", "ven", "quin"]
-
-
-def number(rng: random.Random, digits: int = 7) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
-
-
-def word_pair(rng: random.Random) -> str:
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-
-
-def uuid4(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def invented(rng: random.Random, syllables: int = 3) -> str:
-    """A name no model has seen: it cannot be guessed, only read."""
-    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
-
-
-VALUES: dict[str, Callable[[random.Random], str]] = {"numbers": number, "words": word_pair, "uuids": uuid4}
-
-
-# --- scoring (RULER's eval/synthetic/constants.py, and SQuAD's answer normalization) ------------
-
-def string_match_all(prediction: str, references: Sequence[str]) -> float:
-    """The share of references found in the prediction (case-insensitive): partial credit."""
-    pred = prediction.lower()
-    return sum(r.lower() in pred for r in references) / len(references)
-
-
-def string_match_part(prediction: str, references: Sequence[str]) -> float:
-    """1 when any reference is found in the prediction."""
-    pred = prediction.lower()
-    return float(any(r.lower() in pred for r in references))
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not common:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
 
 # --- prompts ------------------------------------------------------------------------------------
 
