@@ -67,6 +67,16 @@ step speed $PY benchmarks/bench_self_extend.py --json "$OUT/self_extend.json"
 # machine), and what the window-sized sliding cache costs when a cache is reused.
 step quality $PY benchmarks/bench_memory.py --validate --json "$OUT/memory.json"
 step speed $PY benchmarks/bench_swa_reuse.py --json "$OUT/swa_reuse.json"
+# Issue 25: RULER-style tasks, every task, 5 samples per task and length (deterministic: cells may
+# share the machine); 2K for every preset first (the short-text column), then longer lengths.
+RULER=native,yarn-16k,yarn-32k,ntk-32k,self-extend-32k,auto
+step quality $LC eval ruler --presets $RULER --lengths 2k
+step quality $LC eval ruler --presets native,yarn-32k,self-extend-32k --lengths 4k
+step quality $LC eval ruler --presets ntk-32k,yarn-16k,auto --lengths 4k
+step quality $LC eval ruler --presets native,yarn-32k,self-extend-32k,ntk-32k,yarn-16k,auto --lengths 8k
+step quality $LC eval ruler --presets yarn-32k,ntk-32k,self-extend-32k,yarn-16k,auto --lengths 16k
+step quality $LC eval ruler --presets yarn-32k,ntk-32k,self-extend-32k,auto --lengths 32k
+step speed $PY benchmarks/bench_ruler.py --presets $RULER --lengths 2k,4k,8k,16k,32k --parallel 4 --json "$OUT/ruler.json"
 echo "== end of budgeted steps $(date -Is)" >&2
 
 # The tables: everything finished so far, from the cache ('-' marks cells not run).
@@ -82,4 +92,5 @@ $LC eval passkey --presets native,$P4 --lengths 1k,2k,4k,8k,16k,32k --depths 0,0
 $LC eval passkey --presets yarn-32k,auto --lengths 2k,4k,8k,16k --depths 0,0.5,1 --cached-only > "$OUT/passkey_auto.txt"
 $LC eval passkey --presets self-extend-32k,yarn-32k,ntk-32k --lengths 8k,16k,32k --depths 0,0.5,1 --cached-only \
   > "$OUT/passkey_self_extend.txt"
-cat "$OUT/ppl.txt" "$OUT/passkey.txt" "$OUT/passkey_auto.txt" "$OUT/passkey_self_extend.txt"
+$LC eval ruler --presets $RULER --lengths 2k,4k,8k,16k,32k --cached-only --summary --plot "$OUT/ruler.png" > "$OUT/ruler.txt"
+cat "$OUT/ppl.txt" "$OUT/passkey.txt" "$OUT/passkey_auto.txt" "$OUT/passkey_self_extend.txt" "$OUT/ruler.txt"
