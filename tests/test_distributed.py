@@ -28,9 +28,11 @@ from localctx.evaluate import (CellCache, PasskeyRequest, PplRequest, RulerReque
                                run_ruler)
 from localctx.evaluate.passkey import Passkey
 from localctx.identity import model_identity
+from localctx.paths import USER_DIR_ENV
 from localctx.runtime import RunSpec, resolve_spec
 from localctx.summarize import (Reporter, SummarizeOptions, expand_inputs, fingerprint, read_documents,
                                 summarize_batch, summary_flow)
+from localctx.tune import TuneRequest, tune
 
 # A 512-token window: three short documents fit it (one pass), the fourth is map-reduced.
 SPEC = RunSpec(preset="native", ctx=512, threads=1)  # llama.cpp's results depend on the thread count
@@ -200,6 +202,21 @@ def test_ruler_grid_over_two_workers_fills_the_same_cells(corpus, tmp_path):
     assert len(_cells(here)) == 4
     assert _cells(there) == _cells(here)
     assert run_ruler(request, spec, cache=CellCache(there), executor=TWO).computed == 0
+
+
+@pytest.mark.slow
+def test_tune_evaluates_a_batch_of_trials_on_two_workers(short_model, corpus, tmp_path, monkeypatch):
+    """Two trials asked at once, their cells on two workers: the same trials, perplexities and
+    retrieval as in one process."""
+    request = TuneRequest(2048, load_text(corpus / "alice.txt"), trials=2, name="w", span=32,
+                          retrieval=("niah_single_2",), samples=1, batch=2)
+    spec = RunSpec(model=str(short_model), threads=1)
+    found = []
+    for home, executor in (("here", None), ("there", TWO)):
+        monkeypatch.setenv(USER_DIR_ENV, str(tmp_path / home))
+        result = tune(request, spec, executor=executor)
+        found.append([(t.values, t.ppl, t.retrieval) for t in result.trials])
+    assert len(found[0]) == 2 and found[1] == found[0]
 
 
 class Calls(Reporter):
