@@ -172,8 +172,20 @@ def test_summary_baseline_short_text_and_winners():
     assert native.retrieval == (8192, 0.8) and yarn.retrieval == (16384, 0.6) and yarn.qa == (16384, 0.0)
     assert summary.winners() == {2048: ["native"], 8192: ["native"], 16384: ["yarn-32k"]}
     text = report_table(summary)
-    assert "0.80 @ 8K" in text and "(-0.10)" in text and "best at each length: 2K native" in text
+    assert "0.80 @ 8K" in text and "(-0.100)" in text and "best at each length: 2K native" in text
     assert ruler_table(result).splitlines()[0].split() == ["preset", "length", "single", "qa", "mean"]
+
+
+def test_a_preset_not_measured_has_no_effective_length_yet():
+    tasks = ["niah_single_1", "qa"]
+    result = _result({("native", 2048): [1.0, 0.6], ("yarn-32k", 2048): [None, None]}, tasks)
+    for cell in result.cells:
+        if cell["preset"] == "yarn-32k":
+            cell["status"] = "not run"
+    text = report_table(summarize(result))
+    assert "yarn-32k below" not in text and "yarn-32k -" in text
+    row = next(line for line in text.splitlines() if line.startswith("yarn-32k"))
+    assert row.split()[4] == "-"  # effective: not measured, not "<2K"
 
 
 def test_summary_without_native_says_what_is_missing():

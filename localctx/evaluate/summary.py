@@ -163,9 +163,15 @@ def effective_lines(summary: Summary) -> str:
                 "(add native to --presets)")
     head = (f"effective length (mean >= {summary.threshold:g} x native's {summary.baseline:.2f} at "
             f"{_k(summary.lengths[0])} = {summary.bar:.2f}):")
-    parts = [f"{p.preset} {_k(p.effective) if p.effective else 'below ' + _k(summary.lengths[0])}"
-             for p in summary.presets]
+    parts = [f"{p.preset} {_effective(summary, p, 'below ')}" for p in summary.presets]
     return head + " " + ", ".join(parts)
+
+
+def _effective(summary: Summary, p: PresetSummary, below: str) -> str:
+    """The effective length; '-' while the shortest length is not measured (not a failure)."""
+    if summary.baseline is None or p.short is None:
+        return "-"
+    return _k(p.effective) if p.effective else below + _k(summary.lengths[0])
 
 
 def report_table(summary: Summary) -> str:
@@ -176,8 +182,8 @@ def report_table(summary: Summary) -> str:
     lines = [head]
     for p in summary.presets:
         at = lambda x: "-" if x is None else f"{x[1]:.2f} @ {_k(x[0])}"  # noqa: E731
-        short = "-" if p.short is None else f"{p.short:.2f}" + ("" if p.short_delta is None else f" ({p.short_delta:+.2f})")
-        eff = "-" if summary.baseline is None else (_k(p.effective) if p.effective else f"<{_k(summary.lengths[0])}")
+        short = "-" if p.short is None else f"{p.short:.2f}" + ("" if p.short_delta is None else f" ({p.short_delta:+.3f})")
+        eff = _effective(summary, p, "<")
         lines.append(f"{p.preset:<{width}}{at(p.retrieval):>14}{at(p.qa):>14}{short:>16}{eff:>11}{'no':>13}")
     lines.append("")
     lines.append("retrieval: the needle tasks' mean, QA: token F1, each at the preset's longest complete length; "
