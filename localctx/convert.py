@@ -1,10 +1,13 @@
 """Bake a resolved preset into a new GGUF: plan the metadata change, stream an atomic copy, verify.
 
-The output differs from the input only in a handful of metadata entries: every other key-value is
-copied as its raw bytes, the tensor-info block is copied unchanged, and the tensor data is streamed
-byte for byte in bounded pieces (tensor offsets are relative to the data section, so they stay
-valid once the data section starts on an aligned boundary again). The new file appears under its
-final name only after it is complete and fsynced, so an interrupted run never leaves a partial OUT.
+The output differs from the input only in a handful of metadata entries and, for per-dimension
+RoPE factors (a [rope_freqs] preset, or YaRN with tuned betas or factors), in one small tensor,
+rope_freqs.weight, added at the end of the data, replaced in place, or removed. Every other
+key-value is copied as its raw bytes, every other tensor-info entry is kept as it was, and the
+tensor data is streamed byte for byte in bounded pieces (tensor offsets are relative to the data
+section, so they stay valid once the data section starts on an aligned boundary again). The new
+file appears under its final name only after it is complete and fsynced, so an interrupted run
+never leaves a partial OUT.
 """
 from __future__ import annotations
 
@@ -22,16 +25,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from gguf import GGUFValueType, Keys
+from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
 from .errors import ConversionError
 from .gguf_meta import (
     _SCALAR_FORMATS,
     PROV_METHOD,
+    PROV_ORIG_ATTN_FACTOR,
     PROV_ORIG_BASE,
     PROV_ORIG_CTX,
+    PROV_ORIG_ROPE_FREQS,
     PROV_ORIG_SCALING,
     PROV_PRESET,
     PROV_SOURCE,
@@ -41,6 +46,7 @@ from .gguf_meta import (
     GGUFHeader,
     ModelFacts,
     RopeScaling,
+    TensorInfo,
     arch_key,
     facts_from_header,
     read_header,
@@ -50,6 +56,7 @@ from .memory import human
 from .paths import resolve_model_path
 from .params import RuntimeParams
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW, Ladder, file_params, load_preset, resolve
+from . import rope_freqs
 from .version import __version__
 
 # The context the file said before any conversion, when it differs from the trained context (a model
@@ -61,6 +68,11 @@ COPY_CHUNK = 64 * 2**20  # bytes per in-kernel copy step (copy_file_range: no us
 BUFFER_CHUNK = 8 * 2**20  # the one buffer of the fallback copy (across filesystems): bounds peak RSS
 SPACE_MARGIN = 16 * 2**20
 DEFAULT_TOLERANCE = 1e-3
+# A bake of tuned YaRN into rope_freqs passes --verify when its logits differ from the preset's by at
+# most this many times what a one-step (float32) change of the frequency scale does to them. Measured
+# in docs/convert.md: the bake differs by 0.8-1.1x that noise floor on the Q4_1 default model and 2.0x
+# on an F32 copy of it, where a YaRN with other betas differs by 33-43x.
+NOISE_MULTIPLE = 4.0
 VERIFY_EXTRA_TOKENS = 256  # how far past the trained context --verify runs
 
 _INT_TYPES = {
@@ -91,6 +103,25 @@ class Original:
     file_context: int
     freq_base: float | None
     scaling: str  # "type:factor:orig_ctx" or "none" (the PROV_ORIG_SCALING format)
+    rope_freqs: tuple[float, ...] | None = None  # its rope_freqs.weight (None: it had none)
+    attn_factor: float | None = None  # its {arch}.rope.scaling.attn_factor (None: absent)
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """The one tensor a conversion may change: rope_freqs.weight, float32 values."""
+
+    name: str
+    old: tuple[float, ...] | None  # in IN (None: absent, so the tensor is added at the end)
+    new: tuple[float, ...] | None  # None: removed
+    info: TensorInfo | None  # IN's entry, when it has the tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "old": _listed(self.old), "new": _listed(self.new)}
+
+
+def _listed(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,9 @@ class Plan:
     params: RuntimeParams
     updates: dict[str, tuple[GGUFValueType, Any] | None]  # key → (type, value), or None to remove
     changes: tuple[Change, ...]
+    tensor: TensorEdit | None = None
+    notes: tuple[str, ...] = ()
+    baked_yarn: bool = False  # tuned YaRN written as rope_freqs: --verify measures a noise floor
 
     @property
     def data_bytes(self) -> int:
@@ -125,27 +159,55 @@ def parse_scaling(text: str) -> RopeScaling | None:
 def original_of(header: GGUFHeader, facts: ModelFacts) -> Original:
     """The pre-conversion metadata: from provenance when localctx wrote this file, else the file."""
     p = facts.provenance
+    freqs, attn = _original_freqs(header, facts)
     if p is None:
         return Original(facts.trained_context, facts.context_length, facts.rope_freq_base,
-                        scaling_string(facts.scaling))
+                        scaling_string(facts.scaling), freqs, attn)
     file_ctx = header.get(PROV_ORIG_FILE_CTX)
     return Original(p.original_context, int(file_ctx) if isinstance(file_ctx, int) else p.original_context,
-                    p.original_freq_base, p.original_scaling)
+                    p.original_freq_base, p.original_scaling, freqs, attn)
 
 
-def _target_rope_state(facts: ModelFacts, params: RuntimeParams, header: GGUFHeader) -> dict[str, Any]:
-    """The RoPE keys (arch-qualified) as the preset needs them; None means absent."""
+def _original_freqs(header: GGUFHeader, facts: ModelFacts) -> tuple[tuple[float, ...] | None, float | None]:
+    """The original rope_freqs.weight and attention factor: recorded in provenance when a conversion
+    changed them, else what the file holds now."""
+    attn_key = arch_key(Keys.Rope.SCALING_ATTN_FACTOR, facts.architecture)
+    pairs = _pairs(facts)
+    if PROV_ORIG_ROPE_FREQS not in header.kvs:
+        return rope_freqs.read_factors(header, pairs), _positive_float(header, attn_key)
+    kv = header.kvs[PROV_ORIG_ROPE_FREQS]
+    if (kv.type != GGUFValueType.ARRAY or kv.item_type != GGUFValueType.FLOAT32 or kv.value is None
+            or (kv.value and len(kv.value) != pairs)):
+        raise ConversionError(f"Unreadable provenance {PROV_ORIG_ROPE_FREQS} in {header.path}; convert the "
+                              "original file instead.")
+    return (tuple(kv.value) or None), _positive_float(header, PROV_ORIG_ATTN_FACTOR)
+
+
+def _positive_float(header: GGUFHeader, key: str) -> float | None:
+    kv = header.kvs.get(key)
+    if kv is None:
+        return None
+    if kv.type not in _FLOAT_TYPES or not (math.isfinite(kv.value) and kv.value > 0):
+        raise ConversionError(f"{header.path}: {key} = {kv.value!r} is not a positive number; the file is damaged: "
+                              "download or convert it again.")
+    return float(kv.value)
+
+
+def _target_rope_state(facts: ModelFacts, params: RuntimeParams, header: GGUFHeader, baked: bool) -> dict[str, Any]:
+    """The RoPE keys (arch-qualified) as the preset needs them; None means absent. `baked`: YaRN
+    goes into rope_freqs.weight, so the file says no scaling at all."""
     arch = facts.architecture
     kt, kf, ko = (arch_key(t, arch) for t in (Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN))
     state: dict[str, Any] = {arch_key(Keys.Rope.FREQ_BASE, arch): params.rope_freq_base}
-    if params.rope_scaling_type in ("linear", "yarn"):
+    if params.rope_scaling_type in ("linear", "yarn") and not baked:
         state[kt] = params.rope_scaling_type
         state[kf] = params.scale
         # llama.cpp takes YaRN's original context from this key, else from context_length (wrong here).
         state[ko] = params.yarn_orig_ctx if params.rope_scaling_type == "yarn" else None
     else:
-        # An explicit "none" neutralises a type key left by the model or an earlier conversion.
-        state[kt] = "none" if kt in header.kvs else None
+        # An explicit "none" neutralises a type key left by the model or an earlier conversion, and
+        # says plainly that a baked YaRN is not scaling the runtime should apply again.
+        state[kt] = "none" if kt in header.kvs or baked else None
         state[kf] = None
         state[ko] = None
     return state
@@ -174,11 +236,12 @@ def _provenance_state(header: GGUFHeader, facts: ModelFacts, params: RuntimePara
     return state
 
 
-def _check_yarn_overrides(params: RuntimeParams) -> None:
-    """Non-default YaRN betas/factors would need extra keys that not every runtime reads: refuse
-    rather than write a file that silently behaves differently from `--preset`."""
+def yarn_overrides(params: RuntimeParams) -> list[str]:
+    """YaRN settings a preset tunes away from llama.cpp's defaults. The standard keys cannot carry
+    them, and the llama architecture's loader ignores the `rope.scaling.yarn_*` keys (only grok and
+    mistral3 read them), so such a preset is baked as per-dimension factors (rope_freqs)."""
     if params.rope_scaling_type != "yarn":
-        return
+        return []
     odd = []
     if params.yarn_beta_fast not in (-1.0, YARN_BETA_FAST):
         odd.append(f"beta_fast={params.yarn_beta_fast:g}")
@@ -188,12 +251,7 @@ def _check_yarn_overrides(params: RuntimeParams) -> None:
         odd.append(f"ext_factor={params.yarn_ext_factor:g}")
     if params.yarn_attn_factor >= 0:
         odd.append(f"attn_factor={params.yarn_attn_factor:g}")
-    if odd:
-        raise ConversionError(
-            f"Preset {params.preset!r} overrides YaRN's {', '.join(odd)}; the converter only writes the "
-            "standard YaRN keys (type, factor, original context). Use a preset with the default [yarn] "
-            "values, or keep this one as a runtime preset (`localctx presets show` prints its flags)."
-        )
+    return odd
 
 
 def plan_conversion(source: str | os.PathLike[str], preset: str, ctx: int | None = None) -> Plan:
@@ -208,23 +266,87 @@ def plan_conversion(source: str | os.PathLike[str], preset: str, ctx: int | None
             "moves older tokens to grouped positions in the KV cache), not metadata a GGUF can carry. Run the "
             f"model with --preset {preset} instead; nothing was written."
         )
-    _check_yarn_overrides(params)
+    tuned = yarn_overrides(params)
+    if tuned:
+        rope_freqs.check_arch(facts.architecture, f"Preset {params.preset!r} tunes YaRN ({', '.join(tuned)}), which",
+                              "Run it with --preset instead (`localctx presets show` prints its llama.cpp flags), "
+                              "or convert with a preset of default [yarn] values.")
+    if params.rope_freqs:
+        rope_freqs.check_arch(facts.architecture, f"Preset {params.preset!r} sets per-dimension factors, which",
+                              "This model cannot use such a preset.")
     orig = original_of(header, facts)
     arch = facts.architecture
-    if params.method == "none":
+    if params.method == "none" and not params.rope_freqs:
         # Restore the model exactly as it was before localctx touched it; provenance goes too.
         target = _restored_state(facts, orig)
         target.update({key: None for key in header.kvs if key.startswith(PROVENANCE_PREFIX)})
     else:
         target = {arch_key(Keys.LLM.CONTEXT_LENGTH, arch): params.n_ctx}
         if facts.positions == "rope":
-            target.update(_target_rope_state(facts, params, header))
+            target.update(_target_rope_state(facts, params, header, baked=bool(tuned)))
         target.update(_provenance_state(header, facts, params, orig))
+    freqs, attn, notes = _target_freqs(facts, params, orig, bool(tuned))
+    target.update(_freqs_state(facts, orig, freqs, attn))
     base_key = arch_key(Keys.Rope.FREQ_BASE, arch)
     if base_key not in header.kvs and target.get(base_key) == facts.rope_freq_base:
         target.pop(base_key)  # absent means llama.cpp's default, which is already the value wanted
     updates, changes = _diff(header, target)
-    return Plan(header.path, header, facts, params, updates, tuple(changes))
+    tensor = _tensor_edit(header, facts, freqs)
+    return Plan(header.path, header, facts, params, updates, tuple(changes), tensor, tuple(notes), bool(tuned))
+
+
+def _target_freqs(facts: ModelFacts, params: RuntimeParams, orig: Original,
+                  tuned: bool) -> tuple[tuple[float, ...] | None, float | None, list[str]]:
+    """The rope_freqs.weight values and attention factor the output needs (float32), and notes for
+    the plan. Factors are relative to the original model: a file's own factors (Llama 3.1's) are
+    multiplied by the preset's, as llama.cpp composes YaRN with them at run time."""
+    if params.rope_freqs:
+        new, attn = params.rope_freqs, params.rope_attn_factor
+    elif tuned:
+        new, attn = rope_freqs.yarn_factors(params, facts.rope_dims or 0), rope_freqs.yarn_attention(params)
+    else:
+        return orig.rope_freqs, orig.attn_factor, []
+    notes = []
+    if tuned and rope_freqs.attn_factor_ignored(params):
+        notes.append(f"llama.cpp ignores YaRN's attn_factor while ext_factor is not 0 (it uses 1 + 0.1·ln s, "
+                     f"here {attn:.6g}); the file reproduces what llama.cpp runs")
+    own = orig.rope_freqs
+    if own is not None:  # as long as `new`: read_factors checked it against the rotary pairs
+        notes.append(f"{facts.path.name} has its own {rope_freqs.ROPE_FREQS_TENSOR} (per-dimension factors, as Llama "
+                     "3.1's): the new factors multiply them, as llama.cpp applies both at run time")
+        new = tuple(a * b for a, b in zip(own, new))
+    combined = (orig.attn_factor or 1.0) * attn
+    # A factor of 1 on a file without the key leaves the key out, as the file had it.
+    return rope_freqs.as_float32(new), (None if orig.attn_factor is None and combined == 1.0 else combined), notes
+
+
+def _freqs_state(facts: ModelFacts, orig: Original, freqs: tuple[float, ...] | None,
+                 attn: float | None) -> dict[str, Any]:
+    """The attention-factor key, and provenance of the original factors when they change."""
+    changed = (freqs, _f32(attn)) != (orig.rope_freqs, _f32(orig.attn_factor))
+    return {
+        arch_key(Keys.Rope.SCALING_ATTN_FACTOR, facts.architecture): attn,
+        PROV_ORIG_ROPE_FREQS: list(orig.rope_freqs or ()) if changed else None,
+        PROV_ORIG_ATTN_FACTOR: orig.attn_factor if changed else None,
+    }
+
+
+def _f32(value: float | None) -> float | None:
+    return None if value is None else struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _tensor_edit(header: GGUFHeader, facts: ModelFacts, freqs: tuple[float, ...] | None) -> TensorEdit | None:
+    """How rope_freqs.weight must change from IN to hold `freqs` (None: nothing to do). Both have
+    one factor per rotary pair, so a replacement fits the old tensor's place exactly."""
+    current = rope_freqs.read_factors(header, _pairs(facts))
+    if current == freqs:
+        return None
+    return TensorEdit(rope_freqs.ROPE_FREQS_TENSOR, current, freqs, rope_freqs.find_tensor(header))
+
+
+def _pairs(facts: ModelFacts) -> int | None:
+    """Rotary pairs, the length llama.cpp requires of rope_freqs.weight (None: not a RoPE model)."""
+    return facts.rope_dims // 2 if facts.positions == "rope" and facts.rope_dims else None
 
 
 def _diff(header: GGUFHeader, target: dict[str, Any]) -> tuple[dict[str, tuple[GGUFValueType, Any] | None], list[Change]]:
@@ -247,7 +369,12 @@ def _diff(header: GGUFHeader, target: dict[str, Any]) -> tuple[dict[str, tuple[G
 
 
 def _value_type(key: str, existing: GGUFValueType | None, value: Any) -> GGUFValueType:
-    """An existing key keeps its GGUF type; a new one gets the type gguf-py's writer would use."""
+    """An existing key keeps its GGUF type; a new one gets the type gguf-py's writer would use.
+    Lists are float32 arrays (the only array the converter writes: PROV_ORIG_ROPE_FREQS)."""
+    if isinstance(value, list):
+        if existing not in (None, GGUFValueType.ARRAY):
+            raise ConversionError(f"{key} is a {existing.name} in this file, not an array; convert the original file.")
+        return GGUFValueType.ARRAY
     if existing is not None:
         if existing == GGUFValueType.ARRAY:
             raise ConversionError(f"{key} is an array in this file; the converter only rewrites scalar keys.")
@@ -261,6 +388,8 @@ def _value_type(key: str, existing: GGUFValueType | None, value: Any) -> GGUFVal
 
 def _as_stored(vtype: GGUFValueType, value: Any, key: str) -> Any:
     """The value as it reads back from the file (float32 rounding included), so diffs are honest."""
+    if vtype == GGUFValueType.ARRAY:
+        return list(rope_freqs.as_float32(tuple(value)))
     if vtype == GGUFValueType.STRING:
         if not isinstance(value, str):
             raise ConversionError(f"{key} holds a string in this file, cannot store {value!r} in it.")
@@ -289,10 +418,12 @@ def _encode_string(text: str) -> bytes:
 
 
 def encode_kv(key: str, vtype: GGUFValueType, value: Any) -> bytes:
-    """One GGUF key-value entry (scalars and strings) as it is laid out in a file."""
+    """One GGUF key-value entry (scalars, strings, float32 arrays) as it is laid out in a file."""
     head = _encode_string(key) + struct.pack("<I", int(vtype))
     if vtype == GGUFValueType.STRING:
         return head + _encode_string(value)
+    if vtype == GGUFValueType.ARRAY:
+        return head + struct.pack("<IQ", int(GGUFValueType.FLOAT32), len(value)) + rope_freqs.to_bytes(tuple(value))
     return head + struct.pack(_SCALAR_FORMATS[vtype], value)
 
 
@@ -311,14 +442,79 @@ def build_header(plan: Plan, raw: bytes) -> bytes:
             start, end = kv.span
             entries.append(raw[start:end])
     entries += [encode_kv(key, *u) for key, u in plan.updates.items() if key not in h.kvs and u is not None]
-    start, end = h.tensor_info_span
+    infos, n_tensors = tensor_infos(plan, raw)
     out = bytearray(raw[:8])  # magic and version, as they were
-    out += struct.pack("<QQ", len(h.tensors), len(entries))
+    out += struct.pack("<QQ", n_tensors, len(entries))
     for entry in entries:
         out += entry
-    out += raw[start:end]
+    out += infos
     out += b"\0" * (-len(out) % h.alignment)
     return bytes(out)
+
+
+# The output's data section, in order: (offset in IN's data section, length) to copy, or bytes.
+Piece = Union[tuple[int, int], bytes]
+
+
+def tensor_infos(plan: Plan, raw: bytes) -> tuple[bytes, int]:
+    """The output's tensor-info block and tensor count: IN's entries as their raw bytes, with the
+    rope_freqs.weight entry appended or dropped (replaced in place, it keeps its entry)."""
+    h, edit = plan.header, plan.tensor
+    start, end = h.tensor_info_span
+    block = raw[start:end]
+    if edit is None or (edit.old is not None and edit.new is not None):
+        return block, len(h.tensors)
+    if edit.new is not None:
+        return block + _encode_tensor_info(edit.name, len(edit.new), _appended_offset(plan)), len(h.tensors) + 1
+    assert edit.info is not None
+    first, last = _info_span(h, edit.info, raw)
+    return block[: first - start] + block[last - start:], len(h.tensors) - 1
+
+
+def _encode_tensor_info(name: str, n: int, offset: int) -> bytes:
+    # name, one dimension of n, F32, offset in the data section (the GGUF tensor-info layout)
+    return _encode_string(name) + struct.pack("<IQIQ", 1, n, int(GGMLQuantizationType.F32), offset)
+
+
+def _info_span(h: GGUFHeader, info: TensorInfo, raw: bytes) -> tuple[int, int]:
+    """Where `info`'s entry lies in the tensor-info block: entries are laid out in order, each its
+    name, dimension count, dimensions, type and offset."""
+    pos = h.tensor_info_span[0]
+    for t in h.tensors:
+        (name_len,) = struct.unpack_from("<Q", raw, pos)
+        size = 8 + name_len + 4 + 8 * len(t.shape) + 4 + 8
+        if t is info:
+            return pos, pos + size
+        pos += size
+    raise ConversionError(f"{info.name} is not among the tensors of {h.path}.")  # unreachable: info is one of them
+
+
+def _appended_offset(plan: Plan) -> int:
+    return -(-plan.data_bytes // plan.header.alignment) * plan.header.alignment
+
+
+def data_pieces(plan: Plan) -> list[Piece]:
+    """The output's data section: IN's data streamed unchanged around the one tensor edit. An
+    added tensor goes after everything, aligned and padded as gguf writers pad each tensor; a
+    removed one that ends the data is cut off (one followed by others stays, unreferenced)."""
+    n, edit = plan.data_bytes, plan.tensor
+    if edit is None:
+        return [(0, n)]
+    align = plan.header.alignment
+    if edit.new is None:
+        assert edit.info is not None
+        last = all(t.offset <= edit.info.offset for t in plan.header.tensors)
+        return [(0, edit.info.offset if last else n)]
+    data = rope_freqs.to_bytes(edit.new)
+    if edit.info is None:
+        start = _appended_offset(plan)
+        return [(0, n), b"\0" * (start - n) + data + b"\0" * (-len(data) % align)]
+    at, size = edit.info.offset, edit.info.nbytes
+    return [(0, at), data, (at + size, n - at - size)]
+
+
+def pieces_bytes(pieces: list[Piece]) -> int:
+    return sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
 
 
 # --- Writing -----------------------------------------------------------------------------------
@@ -443,13 +639,14 @@ def write_converted(plan: Plan, out: Path, *, force: bool = False,
         raw = _read_exact(src, plan.header.tensor_info_span[1], plan.source)
         header = build_header(plan, raw)
         del raw
-        total = len(header) + plan.data_bytes
+        pieces = data_pieces(plan)
+        total = len(header) + pieces_bytes(pieces)
         check_space(out.parent, total)
         start = time.perf_counter()
         tmp = out.parent / f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
         with _sigterm_as_interrupt():
             try:
-                _write_temp(src, tmp, header, plan, progress)
+                _write_temp(src, tmp, header, pieces, plan, progress)
                 if before_publish is not None:
                     before_publish(tmp)
                 _publish(tmp, out, force)
@@ -466,7 +663,8 @@ def _read_exact(fh: Any, n: int, path: Path) -> bytes:
     return data
 
 
-def _write_temp(src: Any, tmp: Path, header: bytes, plan: Plan, progress: Callable[[int, int], None] | None) -> None:
+def _write_temp(src: Any, tmp: Path, header: bytes, pieces: list[Piece], plan: Plan,
+                progress: Callable[[int, int], None] | None) -> None:
     if os.fstat(src.fileno()).st_size != plan.header.file_size:
         raise ConversionError(f"{plan.source} changed size since its header was read; try again.")
     try:
@@ -476,7 +674,7 @@ def _write_temp(src: Any, tmp: Path, header: bytes, plan: Plan, progress: Callab
     try:
         try:
             _write_all(fd, header)
-            copy_range(src.fileno(), fd, plan.header.data_offset, plan.data_bytes, progress)
+            _write_pieces(src.fileno(), fd, plan.header.data_offset, pieces, progress)
             os.fsync(fd)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -485,6 +683,23 @@ def _write_temp(src: Any, tmp: Path, header: bytes, plan: Plan, progress: Callab
             raise ConversionError(f"Writing {tmp} failed: {exc}; nothing was written to the output.") from None
     finally:
         os.close(fd)
+
+
+def _write_pieces(src_fd: int, dst_fd: int, data_offset: int, pieces: list[Piece],
+                  progress: Callable[[int, int], None] | None) -> None:
+    """The data section: IN's ranges streamed (copy_range), the new tensor's bytes written."""
+    total, done = pieces_bytes(pieces), 0
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            offset, length = piece
+            report = None if progress is None else (lambda n, _, base=done: progress(base + n, total))
+            copy_range(src_fd, dst_fd, data_offset + offset, length, report)
+            done += length
+        else:
+            _write_all(dst_fd, piece)
+            done += len(piece)
+            if progress is not None:
+                progress(done, total)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -552,14 +767,21 @@ class VerifyResult:
     max_abs_diff: float
     tolerance: float
     seconds: float
+    noise_floor: float | None = None  # measured for bakes through rope_freqs (see verify_conversion)
+
+    @property
+    def threshold(self) -> float:
+        """The largest difference accepted: the tolerance, or NOISE_MULTIPLE times the noise floor."""
+        return self.tolerance if self.noise_floor is None else max(self.tolerance, NOISE_MULTIPLE * self.noise_floor)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return self.max_abs_diff <= self.threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "positions": list(self.positions), "max_abs_diff": self.max_abs_diff,
-                "tolerance": self.tolerance, "passed": self.passed, "seconds": round(self.seconds, 2)}
+                "tolerance": self.tolerance, "noise_floor": self.noise_floor, "threshold": self.threshold,
+                "passed": self.passed, "seconds": round(self.seconds, 2)}
 
 
 FALLBACK_TEXT = (
@@ -568,25 +790,66 @@ FALLBACK_TEXT = (
 )
 
 
+def check_verifiable(plan: Plan) -> None:
+    """--verify runs IN under the preset's runtime settings as the reference: refuse where none
+    can stand for the file (per-dimension factors have no runtime setting), before writing."""
+    p, prov = plan.params, plan.facts.provenance
+    if p.rope_freqs:
+        raise ConversionError(
+            f"--verify compares OUT with IN run under the preset's llama.cpp settings, and preset {p.preset!r}'s "
+            "per-dimension factors have none; nothing was written. Convert without --verify (the factors are "
+            "written exactly as the preset gives them)."
+        )
+    if prov is not None and prov.baked_freqs:
+        raise ConversionError(
+            f"{plan.source.name} carries per-dimension RoPE factors an earlier conversion baked in (preset "
+            f"{prov.preset}), which no runtime setting removes, so it cannot stand for the original model in "
+            f"--verify; nothing was written. Convert and verify from the original file ({prov.source_file})."
+        )
+
+
 def verify_conversion(original: Path, converted: Path, params: RuntimeParams, *, text: str | None = None,
                       n_tokens: int | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                      threads: int | None = None) -> VerifyResult:
+                      threads: int | None = None, noise_probe: bool = False) -> VerifyResult:
     """Run one prompt longer than the trained context through the original (with the preset's
-    runtime parameters) and the converted file (with none), and compare the logits."""
+    runtime parameters) and the converted file (with none), and compare the logits.
+
+    `noise_probe` (bakes of YaRN into rope_freqs, whose angles come from other float operations than
+    the runtime's, so never bit-exact): also run the original with the frequency scale one float32
+    step away, and accept differences up to NOISE_MULTIPLE times the difference that step makes."""
+    start = time.perf_counter()
+    n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
+    tokens, positions, expected = _reference_logits(original, params, text, n, threads)
+    noise = None
+    if noise_probe:
+        _, _, nudged = _reference_logits(original, replace(params, rope_freq_scale=_next_float32(params.rope_freq_scale)),
+                                         text, n, threads)
+        noise = _max_diff(expected, nudged)
+    got = logits_from_file(converted, params, tokens, positions, threads=threads)
+    return VerifyResult(len(tokens), tuple(positions), _max_diff(expected, got), tolerance,
+                        time.perf_counter() - start, noise)
+
+
+def _reference_logits(original: Path, params: RuntimeParams, text: str | None, n: int,
+                      threads: int | None) -> tuple[list[int], list[int], Any]:
     from .runtime import Resolved, RunSpec, open_engine  # loads llama_cpp: only --verify needs it
 
-    start = time.perf_counter()
     facts = facts_from_header(read_header(original))
-    n = min(params.n_ctx, n_tokens or params.trained_ctx + VERIFY_EXTRA_TOKENS)
     with open_engine(Resolved(RunSpec(model=original, threads=threads), facts, Ladder((params,)))) as engine:
         tokens = prompt_tokens(engine, text, n)
         positions = verify_positions(len(tokens), params.trained_ctx)
-        expected = engine.logits_at(tokens, positions)
-    got = logits_from_file(converted, params, tokens, positions, threads=threads)
-    diff = float(abs(expected.astype("float64") - got.astype("float64")).max())
-    if math.isnan(diff):
-        diff = math.inf
-    return VerifyResult(len(tokens), tuple(positions), diff, tolerance, time.perf_counter() - start)
+        return tokens, positions, engine.logits_at(tokens, positions)
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    diff = float(abs(a.astype("float64") - b.astype("float64")).max())
+    return math.inf if math.isnan(diff) else diff
+
+
+def _next_float32(value: float) -> float:
+    """The float32 just above `value` (llama.cpp holds the frequency scale as a C float)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
 
 
 def logits_from_file(converted: Path, params: RuntimeParams, tokens: list[int], positions: list[int], *,
@@ -636,6 +899,8 @@ class ConversionResult:
             "method": self.plan.params.method,
             "params": self.plan.params.to_dict(),
             "changes": [c.to_dict() for c in self.plan.changes],
+            "tensor": self.plan.tensor.to_dict() if self.plan.tensor else None,
+            "notes": list(self.plan.notes),
             "dry_run": not self.written,
             "written": self.written,
             "bytes": self.stats.bytes if self.stats else None,
@@ -655,6 +920,8 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], preset:
     if dry_run and verify:
         raise ConversionError("--verify needs the converted file; drop --dry-run to convert and verify.")
     plan = plan_conversion(source, preset, ctx)
+    if verify:
+        check_verifiable(plan)
     if dry_run:
         check_output(plan.source, out, force, probe=False)  # a dry run writes nothing, not even a probe
         return ConversionResult(plan, out, False, None, None)
@@ -662,12 +929,12 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], preset:
 
     def check(tmp: Path) -> None:
         result = verify_conversion(plan.source, tmp, plan.params, text=verify_text, n_tokens=verify_tokens,
-                                   tolerance=tolerance, threads=threads)
+                                   tolerance=tolerance, threads=threads, noise_probe=plan.baked_yarn)
         results.append(result)
         if not result.passed:
             raise ConversionError(
                 f"Verification failed: the converted file's logits differ from the original's with preset "
-                f"{plan.params.preset} by up to {result.max_abs_diff:.3g} (tolerance {tolerance:g}) over "
+                f"{plan.params.preset} by up to {result.max_abs_diff:.3g} (accepted: {result.threshold:.3g}) over "
                 f"{result.tokens:,} tokens; {out} was not written."
             )
 

@@ -287,6 +287,11 @@ PROV_SOURCE = PROVENANCE_PREFIX + "source_file"
 PROV_ORIG_CTX = PROVENANCE_PREFIX + "original.context_length"
 PROV_ORIG_BASE = PROVENANCE_PREFIX + "original.rope.freq_base"
 PROV_ORIG_SCALING = PROVENANCE_PREFIX + "original.rope.scaling"  # "type:factor:orig_ctx" or "none"
+# Written only when a conversion changed the per-dimension RoPE factors (rope_freqs.weight) or the
+# attention factor: the original factors (a float32 array, empty when there was no tensor) and the
+# original attention factor (absent when the file had none).
+PROV_ORIG_ROPE_FREQS = PROVENANCE_PREFIX + "original.rope_freqs"
+PROV_ORIG_ATTN_FACTOR = PROVENANCE_PREFIX + "original.rope.attn_factor"
 
 ALIBI_ARCHS = frozenset({"bloom", "mpt", "jais", "refact"})
 NO_POSITION_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv7", "rwkv6qwen2", "rwkv7qwen"})
@@ -344,6 +349,7 @@ class Provenance:
     original_context: int
     original_freq_base: float | None
     original_scaling: str
+    baked_freqs: bool = False  # the conversion wrote per-dimension factors (PROV_ORIG_ROPE_FREQS)
 
 
 @dataclass(frozen=True)
@@ -706,6 +712,7 @@ def _provenance(f: _Fields) -> Provenance | None:
         original_context=f.integer(PROV_ORIG_CTX, 1, U32_MAX, required=True) or 0,
         original_freq_base=f.number(PROV_ORIG_BASE),
         original_scaling=original_scaling,
+        baked_freqs=PROV_ORIG_ROPE_FREQS in f.header.kvs,
     )
 
 

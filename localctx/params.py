@@ -74,6 +74,11 @@ class RuntimeParams:
     # micro-batch), as llama.cpp's own tools do; True sizes it for the whole context, as
     # llama-cpp-python does by default. It changes memory, never results (see memory.py).
     swa_full: bool = False
+    # Per-dimension-pair RoPE factors (a preset's [rope_freqs]; () none) and the attention factor
+    # that goes with them. llama.cpp takes these only from a GGUF (the rope_freqs.weight tensor and
+    # {arch}.rope.scaling.attn_factor), never from a context parameter: only `convert` can use them.
+    rope_freqs: tuple[float, ...] = ()
+    rope_attn_factor: float = 1.0
 
     @property
     def self_extend(self) -> bool:
@@ -88,6 +93,10 @@ class RuntimeParams:
             del data["group_size"], data["neighbor_window"]
         if not self.swa_full:  # likewise, and it does not change results
             del data["swa_full"]
+        if not self.rope_freqs:  # likewise: every key written before [rope_freqs] stays the same
+            del data["rope_freqs"], data["rope_attn_factor"]
+        else:
+            data["rope_freqs"] = list(self.rope_freqs)
         return data
 
     @property

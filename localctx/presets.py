@@ -81,6 +81,21 @@ def self_extend_reach(trained: int, group: int, window: int) -> int:
 
 
 @dataclass(frozen=True)
+class RopeFreqsSettings:
+    """Per-dimension RoPE factors: pair i rotates at its trained frequency divided by factors[i]
+    (ggml's freq_factors), and attention logits are scaled by attn_factor. llama.cpp reads them
+    only from a GGUF, so such a preset is baked by `localctx convert`, never run with --preset."""
+
+    factors: tuple[float, ...] = ()
+    attn_factor: float = 1.0
+
+
+# The methods [rope_freqs] combines with: RoPE otherwise as trained, so the factors alone say how
+# positions rotate (YaRN, linear and NTK would rescale on top of them).
+ROPE_FREQS_METHODS = ("none", "extrapolate")
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     method: str
@@ -91,6 +106,7 @@ class Preset:
     source: str = "built-in"
     auto: AutoSettings = field(default_factory=AutoSettings)
     self_extend: SelfExtendSettings = field(default_factory=SelfExtendSettings)
+    rope_freqs: RopeFreqsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,9 @@ def file_params(facts: ModelFacts, n_ctx: int | None = None) -> RuntimeParams:
 
 # --- Loading ---------------------------------------------------------------------------------
 
-_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn", "auto", "self_extend"}
+_TOP_KEYS = {"description", "method", "target_ctx", "context", "yarn", "auto", "self_extend", "rope_freqs"}
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+MAX_ROPE_FREQS = 4096  # factors in one [rope_freqs]: a head of 8192 rotary dimensions; none is near it
 
 
 def _check_type(value: Any, expected: type | tuple[type, ...], where: str) -> Any:
@@ -201,8 +219,35 @@ def parse_preset(data: dict[str, Any], name: str, source: str) -> Preset:
             raise PresetError(f"{where}: yarn.{attr} must be a finite number of at least 0, not {value!r}")
     auto = _auto_settings(data, method, where)
     self_extend = _self_extend_settings(data, method, where)
+    rope_freqs = _rope_freqs_settings(data, method, where)
     description = _check_type(data.get("description", ""), str, f"{where}: description")
-    return Preset(name, method, target, description, context, yarn, source, auto, self_extend)
+    return Preset(name, method, target, description, context, yarn, source, auto, self_extend, rope_freqs)
+
+
+def _rope_freqs_settings(data: dict[str, Any], method: str, where: str) -> RopeFreqsSettings | None:
+    if data.get("rope_freqs") is None:
+        return None
+    if method not in ROPE_FREQS_METHODS:
+        raise PresetError(f"{where}: [rope_freqs] goes with method = 'none' or 'extrapolate' (RoPE otherwise as "
+                          f"trained), not {method!r}: the factors alone set each dimension's frequency")
+    raw = _section(data, "rope_freqs", dict, {"factors": list, "attn_factor": (int, float)}, where)
+    factors = raw.get("factors")
+    if factors is None:
+        raise PresetError(f"{where}: [rope_freqs] needs factors = [...], one per pair of rotary dimensions")
+    for value in factors:
+        _check_type(value, (int, float), f"{where}: each of rope_freqs.factors")
+    if not 1 <= len(factors) <= MAX_ROPE_FREQS or not all(_positive(v) for v in factors):
+        raise PresetError(f"{where}: rope_freqs.factors must be 1 to {MAX_ROPE_FREQS} finite numbers above 0 "
+                          f"(they divide each pair's frequency), not {factors[:8]!r}{'...' if len(factors) > 8 else ''}")
+    attn = raw.get("attn_factor", 1.0)
+    if not _positive(attn):
+        raise PresetError(f"{where}: rope_freqs.attn_factor must be a finite number above 0, not {attn!r}")
+    return RopeFreqsSettings(tuple(float(v) for v in factors), float(attn))
+
+
+def _positive(value: float) -> bool:
+    # llama.cpp keeps these as C floats and divides by the factors: neither 0 nor inf once stored.
+    return math.isfinite(value) and FLOAT32_MIN_NORMAL <= value <= FLOAT32_MAX
 
 
 def _self_extend_settings(data: dict[str, Any], method: str, where: str) -> SelfExtendSettings:
@@ -350,7 +395,8 @@ def resolve(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Runtim
         method = "extrapolate"
     if target <= trained and preset.method in ROPE_METHODS:
         notes.append(f"target {target} fits the trained context {trained}: no scaling applied")
-    return _build(preset, facts, method, target, trained, scale if target > trained else 1.0, notes)
+    params = _build(preset, facts, method, target, trained, scale if target > trained else 1.0, notes)
+    return _with_rope_freqs(preset, facts, params) if preset.rope_freqs else params
 
 
 def resolve_ladder(preset: Preset, facts: ModelFacts, ctx: int | None = None) -> Ladder:
@@ -428,6 +474,25 @@ def _build(preset: Preset, facts: ModelFacts, method: str, target: int, trained:
     )
 
 
+def _with_rope_freqs(preset: Preset, facts: ModelFacts, params: RuntimeParams) -> RuntimeParams:
+    """A [rope_freqs] preset's factors, checked against this model: one per pair of rotary dimensions."""
+    settings = preset.rope_freqs
+    assert settings is not None
+    if facts.positions != "rope":
+        raise PresetError(f"Preset {preset.name!r} sets RoPE factors ([rope_freqs]), and {facts.name} "
+                          f"({facts.architecture}) has {facts.positions} positions, not RoPE.")
+    dims = facts.rope_dims or facts.head_dim_k
+    if len(settings.factors) != dims // 2:
+        raise PresetError(
+            f"Preset {preset.name!r}: [rope_freqs] has {len(settings.factors)} factors, but {facts.name} rotates "
+            f"{dims} dimensions per head, that is {dims // 2} pairs: give exactly {dims // 2} factors, one per pair."
+        )
+    note = (f"per-dimension factors ([rope_freqs]) have no llama.cpp flag: `localctx convert MODEL OUT.gguf --preset "
+            f"{preset.name}` bakes them into OUT, then run OUT with --preset native")
+    return replace(params, rope_freqs=settings.factors, rope_attn_factor=settings.attn_factor,
+                   notes=params.notes + (note,))
+
+
 def _self_extend(preset: Preset, facts: ModelFacts, target: int, trained: int, notes: list[str]) -> RuntimeParams:
     """RoPE unscaled at a window past the trained context; the engine groups positions as it goes."""
     g, w = preset.self_extend.group, preset.self_extend.window
@@ -485,6 +550,8 @@ def applicable(preset: Preset, facts: ModelFacts) -> tuple[bool, str]:
     except PresetError as exc:
         return False, str(exc).split(". ")[0]  # the first sentence (a path's dots are not its end)
     first, top = ladder.bottom, ladder.top
+    if top.rope_freqs:
+        return True, f"{top.method} to {top.n_ctx} with per-dimension factors, once baked by `localctx convert`"
     if ladder.adaptive:
         return True, f"{first.method} to {first.n_ctx}, then {top.method} in steps to {top.n_ctx}"
     return True, f"{top.method} to {top.n_ctx}"
@@ -496,7 +563,7 @@ def best_preset(facts: ModelFacts, accept: Callable[[Preset, RuntimeParams], boo
     it has no size of its own), the name of the accepted one ranked highest (the first on a tie)."""
     candidates = []
     for preset in list_presets():
-        if preset.method == "auto":
+        if preset.method == "auto" or preset.rope_freqs:  # rope_freqs: runs only once converted
             continue
         try:
             params = resolve(preset, facts)

@@ -18,7 +18,7 @@ from .gguf_meta import ModelFacts, read_facts
 from .memory import SCORE, Workload, check_memory
 from .params import C_INT_MAX, DEVICES, KV_CACHE_TYPES, MAX_CTX, MIN_CTX, GpuLayers, RuntimeParams
 from .paths import resolve_model_path
-from .presets import Ladder, load_preset, resolve_ladder, suggest_preset
+from .presets import ROPE_METHODS, Ladder, load_preset, resolve_ladder, suggest_preset
 
 if TYPE_CHECKING:  # llama_cpp is slow to import, and only loading a model needs it
     from .engine import Engine
@@ -121,6 +121,7 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0, *, workload: Workload
     from .kvcache import KVStore, snapshot_threshold
 
     resolved = target if isinstance(target, Resolved) else resolve_spec(target)
+    check_runnable(resolved)
     spec, facts = resolved.spec, resolved.facts
     store = KVStore() if spec.kv_cache else None
     # A malformed LOCALCTX_KV_CACHE_* is an error now, not mid-answer (the threshold also decides,
@@ -133,6 +134,26 @@ def open_engine(target: RunSpec | Resolved, seed: int = 0, *, workload: Workload
     ladder = planned_ladder(resolved, gpu_layers, workload=workload)
     return Engine.load(facts, ladder, gpu_layers=gpu_layers, threads=spec.threads, verbose=spec.verbose, seed=seed,
                        workload=workload, kv_store=store, overflow_hint=lambda needed: suggest_preset(facts, needed))
+
+
+def check_runnable(resolved: Resolved) -> None:
+    """Refuse what llama.cpp cannot run from context parameters: a preset's per-dimension RoPE
+    factors, and RoPE rescaled on top of factors a conversion baked into the file."""
+    facts, steps, top = resolved.facts, resolved.ladder.steps, resolved.ladder.top
+    if any(step.rope_freqs for step in steps):
+        raise PresetError(
+            f"Preset {top.preset!r} sets per-dimension RoPE factors ([rope_freqs]), which llama.cpp reads only from "
+            "a GGUF's rope_freqs.weight tensor: no runtime setting applies them. Bake them first with "
+            f"`localctx convert {facts.path.name} OUT.gguf --preset {resolved.spec.preset}`, then run OUT.gguf with "
+            "--preset native (add --ctx N for a window past the trained one)."
+        )
+    prov = facts.provenance
+    if prov is not None and prov.baked_freqs and any(step.method in ROPE_METHODS for step in steps):
+        raise PresetError(
+            f"{facts.path.name} carries per-dimension RoPE factors baked in by `localctx convert` (preset "
+            f"{prov.preset}), and preset {top.preset!r} would rescale RoPE on top of them. Run it with --preset "
+            f"native (add --ctx N for a window past the trained one), or run the original file with {top.preset!r}."
+        )
 
 
 def planned_ladder(resolved: Resolved, gpu_layers: int, available: Callable[[], int] | None = None,

@@ -25,10 +25,12 @@ class V:
 
 
 def write_gguf(path: Path, kvs: Mapping[str, V | None], tensors: Mapping[str, np.ndarray],
-               arch: str = "llama") -> Path:
+               arch: str = "llama", alignment: int | None = None) -> Path:
     """Write these key-values in this order (None: left out, e.g. the `general.architecture` the
-    writer adds itself) and these tensors."""
+    writer adds itself) and these tensors (aligned to `alignment`, written as general.alignment)."""
     w = gguf.GGUFWriter(str(path), arch)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     for key, v in kvs.items():
         if v is None:
             w.kv_data[0].pop(key, None)
@@ -47,7 +49,8 @@ def write_model(path: Path, arch: str = "llama", *, context: int = 4096, n_embd:
                 n_head_kv: int | None = None, n_layer: int = 2, rope_base: float | None = 10000.0,
                 scaling: tuple[str, float, int] | None = None, learned_positions: bool = False,
                 alibi_bias: float | None = None, extra_kv: dict[str, object] | None = None,
-                tensor_bytes: int = 0) -> Path:
+                tensor_bytes: int = 0, extra_tensors: Mapping[str, np.ndarray] | None = None,
+                alignment: int | None = None) -> Path:
     """A header-complete GGUF with tiny f32 tensors (not runnable by llama.cpp, enough for metadata)."""
     k = lambda template: template.format(arch=arch)  # noqa: E731
     kvs: dict[str, V | None] = {
@@ -75,4 +78,5 @@ def write_model(path: Path, arch: str = "llama", *, context: int = 4096, n_embd:
         tensors["position_embd.weight"] = np.ones((context, n_embd), dtype=np.float32)
     if tensor_bytes:
         tensors["blob.weight"] = np.zeros(tensor_bytes // 4, dtype=np.float32)
-    return write_gguf(path, kvs, tensors, arch)
+    tensors.update(extra_tensors or {})
+    return write_gguf(path, kvs, tensors, arch, alignment)

@@ -219,12 +219,15 @@ def test_standalone_script(small: Path, tmp_path: Path) -> None:
     assert usage.startswith("Usage: convert_gguf.py convert [OPTIONS] IN OUT") and "--verify" in usage
 
 
-def test_non_default_yarn_overrides_refused(small: Path, tmp_path: Path, isolated_home: Path) -> None:
+def test_non_default_yarn_overrides_baked_not_as_keys(small: Path, tmp_path: Path, isolated_home: Path) -> None:
+    """llama's loader ignores rope.scaling.yarn_* keys: tuned YaRN goes into rope_freqs.weight
+    (test_convert_rope_freqs.py), and the file says no scaling."""
     (isolated_home / "presets").mkdir(parents=True, exist_ok=True)
     (isolated_home / "presets" / "yarn-odd.toml").write_text('method = "yarn"\ntarget_ctx = 16384\n[yarn]\nbeta_fast = 16\n')
-    with pytest.raises(ConversionError, match="beta_fast=16"):
-        convert(small, tmp_path / "o.gguf", "yarn-odd")
-    assert not (tmp_path / "o.gguf").exists()
+    convert(small, tmp_path / "o.gguf", "yarn-odd")
+    m = metadata(tmp_path / "o.gguf")
+    assert m[STYPE][1] == "none" and SFACTOR not in m and SORIG not in m and m[CTX][1] == 16384
+    assert "rope_freqs.weight" in [t.name for t in read_header(tmp_path / "o.gguf").tensors]
 
 
 # --- Refusals --------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ def convert(source: Path, out: Path, preset: str, ctx: int | None, dry_run: bool
 
     Sets {arch}.context_length to the target (runtimes cap the window there) and the RoPE keys
     (YaRN: scaling type, factor, original context; linear: type and factor; NTK: freq_base).
-    Every other key and every tensor byte is copied unchanged. Converting a converted file is
+    Per-dimension factors (a [rope_freqs] preset, or YaRN with tuned [yarn] values) go into the
+    rope_freqs.weight tensor instead, on architectures whose llama.cpp loader applies it. Every
+    other key and every other tensor byte is copied unchanged. Converting a converted file is
     relative to the original; `--preset native` restores the original metadata. The copy is
     atomic: an interrupted run leaves no OUT (a SIGKILLed run may leave `.OUT.localctx-tmp-*`,
     removed by the next conversion to OUT).
@@ -68,18 +70,33 @@ def render(r: dict[str, Any]) -> None:
         click.echo(f"  {'key':<{width}}  {'old':<14}  new")
     for c in r["changes"]:
         click.echo(f"  {c['key']:<{width}}  {_show(c['old']):<14}  {_show(c['new'])}")
+    t = r["tensor"]
+    if t:
+        click.echo(f"  tensor {t['name']}: {_show_factors(t['old'])} → {_show_factors(t['new'])}")
+    for note in r["notes"]:
+        click.echo(f"  note: {note}")
     if r["written"]:
         click.echo(f"wrote {r['output']} ({r['bytes']:,} bytes in {r['seconds']:.2f} s)")
     else:
         click.echo("dry run: nothing written")
     v = r["verify"]
     if v:
+        accepted = (f"tolerance {v['tolerance']:g}" if v["noise_floor"] is None else
+                    f"accepted up to {v['threshold']:.3g}, from a noise floor of {v['noise_floor']:.3g}")
         click.echo(f"verified: max |Δlogit| = {v['max_abs_diff']:.3g} at positions {v['positions']} of "
-                   f"{v['tokens']:,} tokens (tolerance {v['tolerance']:g})")
+                   f"{v['tokens']:,} tokens ({accepted})")
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{len(value)} values]"
     return "-" if value is None else (f"{value:.10g}" if isinstance(value, float) else str(value))
+
+
+def _show_factors(values: list[float] | None) -> str:
+    if values is None:
+        return "absent"
+    return f"{len(values)} F32 factors, {min(values):.4g} to {max(values):.4g}"
 
 
 def _progress_printer():  # -> Callable[[int, int], None] | None
