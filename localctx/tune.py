@@ -1,5 +1,5 @@
-"""Search a model's own YaRN parameters for one target length, on the user's text, and write the
-winner as a preset (`--preset tuned-NAME`).
+"""Search a model's own extension parameters for one target length, on the user's text, and write
+the winner as a preset (`--preset tuned-NAME`; a rope-freqs winner is baked by `convert`).
 
 Objective: perplexity at the target length (eval ppl's fixed span), subject to retrieval (needle
 tasks of eval ruler at the target) not falling below the default YaRN's. The search is Optuna's
@@ -8,10 +8,15 @@ cells, cached by their parameters, and the study is an Optuna journal file: an i
 resumes, and a repeated one computes nothing. Trials are evaluated `batch` at a time as one grid,
 so with an executor (Ray workers) they run in parallel.
 
-What is searched, and why not more: beta_fast, beta_slow (where YaRN's ramp between interpolated
-and extrapolated dimensions sits), ext_factor (how much of the ramp applies) and the scale (the
-window, as a multiple of the target). Not the attention factor: llama.cpp (0.3.36, llama-context.cpp)
-overwrites a requested yarn_attn_factor whenever ext_factor is not 0, so it has no effect at run time.
+What is searched, and why not more. yarn: beta_fast, beta_slow (where YaRN's ramp between
+interpolated and extrapolated dimensions sits), ext_factor (how much of the ramp applies) and the
+scale (the window, as a multiple of the target). Not the attention factor: llama.cpp (0.3.36,
+llama-context.cpp) overwrites a requested yarn_attn_factor whenever ext_factor is not 0, so it has
+no effect at run time. rope-freqs: per-dimension factors (LongRoPE's form, compactly: a monotone
+curve from 1 for the fastest-rotating pairs to lambda_max for the slowest, placed by start and
+width, shaped by power) and an attention factor; llama.cpp applies such factors only from a GGUF's
+rope_freqs.weight, so each trial is a converted copy of the model, and the default YaRN (run as
+usual) is the baseline the trials are held to.
 """
 from __future__ import annotations
 
@@ -20,20 +25,23 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, LocalctxError
+from .convert import convert
 from .evaluate import CellCache, PplRequest, RulerRequest, Text, run_ppl, run_ruler
 from .evaluate.tasks import RETRIEVAL
 from .executor import Executor
 from .fsutil import atomic_write
 from .paths import cache_dir, user_presets_dir
+from .gguf_meta import ModelFacts
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW
+from .rope_freqs import check_arch
 from .runtime import RunSpec, resolve_spec
 
-METHODS = ("yarn",)
+METHODS = ("yarn", "rope-freqs")
 DEFAULT_RETRIEVAL = ("niah_single_2", "niah_multikey_1")
 DEFAULTS = {"beta_fast": float(YARN_BETA_FAST), "beta_slow": float(YARN_BETA_SLOW), "ext_factor": 1.0, "scale": 1.0}
 Progress = Callable[[str], None]
@@ -98,9 +106,12 @@ def _optuna() -> Any:
     return optuna
 
 
-def check_request(request: TuneRequest, trained: int) -> None:
+def check_request(request: TuneRequest, facts: ModelFacts) -> None:
+    trained = facts.trained_context
     if request.method not in METHODS:
         raise InputError(f"Unknown method {request.method!r}; choose from {', '.join(METHODS)}.")
+    if request.method == "rope-freqs":
+        check_arch(facts.architecture, "A rope-freqs search", "Search --method yarn instead.")
     if request.target <= trained:
         raise InputError(f"The target {request.target:,} is not beyond the model's trained context of {trained:,} "
                          "tokens: there is nothing to extend. Give a longer --target.")
@@ -111,8 +122,15 @@ def check_request(request: TuneRequest, trained: int) -> None:
         raise InputError(f"Retrieval tasks are needle tasks ({', '.join(RETRIEVAL)}), not {unknown[0]!r}.")
 
 
-def suggest(trial: Any) -> dict[str, float]:
-    """The search space: around YaRN's published defaults, wide enough to leave them."""
+def suggest(trial: Any, method: str = "yarn") -> dict[str, float]:
+    """The search space: around YaRN's published defaults, wide enough to leave them; for
+    rope-freqs, the factor curve and the attention factor."""
+    if method == "rope-freqs":
+        return {"lambda_max": trial.suggest_float("lambda_max", 1.0, 16.0, log=True),
+                "start": trial.suggest_float("start", 0.0, 0.8),
+                "width": trial.suggest_float("width", 0.05, 1.0),
+                "power": trial.suggest_float("power", 0.5, 3.0, log=True),
+                "attn_factor": trial.suggest_float("attn_factor", 1.0, 1.3)}
     return {"beta_fast": trial.suggest_float("beta_fast", 4.0, 128.0, log=True),
             "beta_slow": trial.suggest_float("beta_slow", 0.125, 8.0, log=True),
             "ext_factor": trial.suggest_float("ext_factor", 0.25, 1.0),
@@ -136,8 +154,44 @@ def preset_text(values: dict[str, float], target: int, description: str, notes: 
     return "\n".join(lines + [""])
 
 
-def _trial_preset(folder: Path, values: dict[str, float], target: int) -> Path:
-    text = preset_text(values, target, "a localctx tune trial")
+def curve(values: dict[str, float], pairs: int) -> list[float]:
+    """Pair i's factor: 1 up to `start` of the pairs, rising to lambda_max over `width` (shaped
+    by `power`), lambda_max after; monotone, as LongRoPE's searched factors are."""
+    out = []
+    for i in range(pairs):
+        x = min(max((i / max(pairs - 1, 1) - values["start"]) / values["width"], 0.0), 1.0)
+        out.append(round(1.0 + (values["lambda_max"] - 1.0) * x ** values["power"], 6))
+    return out
+
+
+def freqs_preset_text(values: dict[str, float], target: int, pairs: int, description: str,
+                      notes: Sequence[str] = ()) -> str:
+    """A preset of per-dimension factors over the target window (baked by `convert`)."""
+    return "\n".join([f"# {n}" for n in notes] + [
+        f"description = {json.dumps(description)}",
+        'method = "extrapolate"',
+        f"target_ctx = {math.ceil(target / 256) * 256}",
+        "",
+        "[rope_freqs]",
+        f"factors = [{', '.join(f'{f:g}' for f in curve(values, pairs))}]",
+        f"attn_factor = {values['attn_factor']:.6g}",
+        "",
+    ])
+
+
+def _is_yarn(values: dict[str, float]) -> bool:
+    return "beta_fast" in values
+
+
+def _preset_text(values: dict[str, float], target: int, pairs: int, description: str,
+                 notes: Sequence[str] = ()) -> str:
+    if _is_yarn(values):
+        return preset_text(values, target, description, notes)
+    return freqs_preset_text(values, target, pairs, description, notes)
+
+
+def _trial_preset(folder: Path, values: dict[str, float], target: int, pairs: int = 0) -> Path:
+    text = _preset_text(values, target, pairs, "a localctx tune trial")
     path = folder / f"trial-{hashlib.sha256(text.encode()).hexdigest()[:12]}.toml"
     if not path.exists():
         atomic_write(path, text.encode())
@@ -162,7 +216,8 @@ class Study:
             if t.state == states.RUNNING:
                 self.study.tell(t.number, state=states.FAIL)
         trials = self.study.trials
-        if not any(t.state == states.WAITING or (t.state == states.COMPLETE and t.params == DEFAULTS) for t in trials):
+        if request.method == "yarn" and not any(
+                t.state == states.WAITING or (t.state == states.COMPLETE and t.params == DEFAULTS) for t in trials):
             self.study.enqueue_trial(DEFAULTS)  # the default first: the baseline every trial is held to
 
     def done(self) -> list[Any]:
@@ -180,7 +235,7 @@ class Study:
         for _ in range(n):
             self.study.sampler = self._sampler(len(self.study.trials))
             trial = self.study.ask()
-            asked.append((trial, suggest(trial)))
+            asked.append((trial, suggest(trial, self.request.method)))
         return asked
 
     def tell(self, trial: Any, ppl: float, retrieval: float, baseline: float) -> None:
@@ -194,56 +249,95 @@ def tune(request: TuneRequest, spec: RunSpec = RunSpec(), *, cache: CellCache | 
     """Run (or resume) the search and write the best feasible trial as preset tuned-NAME."""
     start = time.perf_counter()
     resolved = resolve_spec(spec)
-    check_request(request, resolved.facts.trained_context)
-    name = request.name or f"{Path(resolved.facts.path).stem.lower()}-{request.method}-{request.target // 1024}k"
+    facts = resolved.facts
+    check_request(request, facts)
+    name = request.name or f"{Path(facts.path).stem.lower()}-{request.method}-{request.target // 1024}k"
     folder = cache_dir() / "tune" / name
     study = Study(request, name, folder)
-    cache = cache or CellCache()
-    computed = 0
-
-    def evaluate(values: list[dict[str, float]]) -> list[tuple[float, float, Path]]:
-        nonlocal computed
-        presets = [str(_trial_preset(folder, v, request.target)) for v in values]
-        ppl = run_ppl(PplRequest(presets, [request.target], request.text, span=request.span), spec,
-                      cache=cache, progress=progress, executor=executor)
-        hits = run_ruler(RulerRequest(presets, [request.target], request.text, list(request.retrieval),
-                                      samples=request.samples, seed=request.seed), spec,
-                         cache=cache, progress=progress, executor=executor)
-        computed += ppl.computed + hits.computed
-        out = []
-        for p in presets:
-            scores = [c["score"] for c in hits.cells if c["preset"] == p]
-            out.append((next(c["ppl"] for c in ppl.cells if c["preset"] == p), sum(scores) / len(scores), Path(p)))
-        return out
-
-    (base_ppl, baseline, _), = evaluate([DEFAULTS])
+    pairs = (facts.rope_dims or facts.head_dim_k) // 2
+    trials = Trials(request, spec, folder, pairs, cache or CellCache(), progress, executor)
+    base_ppl, baseline = trials.measure([DEFAULTS])[0]
     progress(f"default YaRN: ppl {base_ppl:.3f}, retrieval {baseline:.2f}")
     while len(study.done()) < request.trials:
         asked = study.ask(min(request.batch, request.trials - len(study.done())))
-        for (trial, values), (ppl, hit, _) in zip(asked, evaluate([v for _, v in asked])):
+        for (trial, values), (ppl, hit) in zip(asked, trials.measure([v for _, v in asked])):
             study.tell(trial, ppl, hit, baseline)
             progress(f"trial {trial.number + 1}/{request.trials}: ppl {ppl:.3f}, retrieval {hit:.2f}"
                      f"{'' if hit >= baseline else ' (below the default: not eligible)'}")
-    trials = _trials(study, folder, request.target, baseline)
-    default = next(t for t in trials if t.values == DEFAULTS)
-    best = min((t for t in trials if t.feasible), key=lambda t: t.ppl or math.inf, default=default)
-    result = TuneResult(name, user_presets_dir() / f"tuned-{name}.toml", default, best, trials, computed,
+    done = _trials(study, folder, request.target, pairs, baseline)
+    default = next((t for t in done if t.values == DEFAULTS), None) or Trial(
+        -1, dict(DEFAULTS), base_ppl, baseline, True, str(_trial_preset(folder, DEFAULTS, request.target)))
+    best = min((t for t in done + [default] if t.feasible and not (request.method == "rope-freqs" and t is default)),
+               key=lambda t: t.ppl or math.inf, default=default)
+    result = TuneResult(name, user_presets_dir() / f"tuned-{name}.toml", default, best, done, trials.computed,
                         time.perf_counter() - start)
-    write_tuned(result, request, resolved.facts.trained_context)
+    write_tuned(result, request, facts.trained_context, pairs)
     return result
 
 
-def _trials(study: Study, folder: Path, target: int, baseline: float) -> list[Trial]:
+class Trials:
+    """Measures trials: perplexity and retrieval at the target, as eval cells (cached). YaRN trials
+    run as runtime presets, all of a batch in one grid; rope-freqs trials as converted copies of
+    the model (llama.cpp reads per-dimension factors only from a file), one at a time."""
+
+    def __init__(self, request: TuneRequest, spec: RunSpec, folder: Path, pairs: int, cache: CellCache,
+                 progress: Progress, executor: Executor | None) -> None:
+        self.request, self.spec, self.folder, self.pairs = request, spec, folder, pairs
+        self.cache, self.progress, self.executor = cache, progress, executor
+        self.computed = 0
+
+    def measure(self, batch: list[dict[str, float]]) -> list[tuple[float, float]]:
+        yarn = [v for v in batch if _is_yarn(v)]
+        found = dict(zip(map(_key, yarn), self._grid([str(_trial_preset(self.folder, v, self.request.target))
+                                                       for v in yarn], self.spec)))
+        for values in batch:
+            if not _is_yarn(values):
+                found[_key(values)] = self._baked(values)
+        return [found[_key(v)] for v in batch]
+
+    def _baked(self, values: dict[str, float]) -> tuple[float, float]:
+        r = self.request
+        preset = _trial_preset(self.folder, values, r.target, self.pairs)
+        model = preset.with_suffix(".gguf")
+        model_path = self.spec.model or str(resolve_spec(self.spec).facts.path)
+        convert(model_path, model, str(preset), force=True)  # a byte-identical file on a resume: its cells are cached
+        try:
+            spec = replace(self.spec, model=str(model), ctx=math.ceil(r.target / 256) * 256)
+            return self._grid(["native"], spec)[0]
+        finally:
+            model.unlink(missing_ok=True)  # a model's size per trial: not kept
+
+    def _grid(self, presets: list[str], spec: RunSpec) -> list[tuple[float, float]]:
+        if not presets:
+            return []
+        r = self.request
+        ppl = run_ppl(PplRequest(presets, [r.target], r.text, span=r.span), spec, cache=self.cache,
+                      progress=self.progress, executor=self.executor)
+        hits = run_ruler(RulerRequest(presets, [r.target], r.text, list(r.retrieval), samples=r.samples, seed=r.seed),
+                         spec, cache=self.cache, progress=self.progress, executor=self.executor)
+        self.computed += ppl.computed + hits.computed
+        out = []
+        for p in presets:
+            scores = [c["score"] for c in hits.cells if c["preset"] == p]
+            out.append((next(c["ppl"] for c in ppl.cells if c["preset"] == p), sum(scores) / len(scores)))
+        return out
+
+
+def _key(values: dict[str, float]) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+def _trials(study: Study, folder: Path, target: int, pairs: int, baseline: float) -> list[Trial]:
     out = []
     for t in study.done():
         values = {k: float(v) for k, v in t.params.items()} or dict(DEFAULTS)
         retrieval = float(t.user_attrs.get("retrieval", 0.0))
         out.append(Trial(t.number, values, float(t.value), retrieval, retrieval >= baseline,
-                         str(_trial_preset(folder, values, target))))
+                         str(_trial_preset(folder, values, target, pairs))))
     return out
 
 
-def write_tuned(result: TuneResult, request: TuneRequest, trained: int) -> None:
+def write_tuned(result: TuneResult, request: TuneRequest, trained: int, pairs: int) -> None:
     """The winner as a user preset, its provenance in comments, every trial in a JSON beside it."""
     best, default = result.best, result.default
     notes = [f"tuned by localctx tune: method {request.method}, target {request.target}, model trained on {trained}",
@@ -253,7 +347,8 @@ def write_tuned(result: TuneResult, request: TuneRequest, trained: int) -> None:
              f"retrieval ({', '.join(request.retrieval)}, {request.samples} samples): {best.retrieval:.2f} "
              f"against the default's {default.retrieval:.2f}",
              f"all trials: tuned-{result.name}.json"]
-    text = preset_text(best.values, request.target, f"YaRN tuned for {request.target // 1024}K on "
-                       f"{request.text.path.name} (trial {best.number} of {len(result.trials)})", notes)
+    kind = "YaRN" if _is_yarn(best.values) else "Per-dimension RoPE factors (bake with localctx convert)"
+    text = _preset_text(best.values, request.target, pairs, f"{kind} tuned for {request.target // 1024}K on "
+                        f"{request.text.path.name} (trial {best.number} of {len(result.trials)})", notes)
     atomic_write(result.preset_path, text.encode())
     atomic_write(result.preset_path.with_suffix(".json"), (json.dumps(result.to_dict(), indent=2) + "\n").encode())

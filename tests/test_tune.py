@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from localctx.errors import InputError
-from localctx.evaluate import load_text
+from localctx.convert import convert
+from localctx.errors import ConversionError, InputError
+from localctx.evaluate import CellCache, PplRequest, load_text, run_ppl
 from localctx.paths import cache_dir, user_presets_dir
 from localctx.runtime import RunSpec, resolve_spec
 from localctx.tune import DEFAULTS, Study, TuneRequest, tune
 
 from conftest import assert_clean_error
+from gguf_factory import write_model
 
 
 def _request(corpus: Path, trials: int, **kw) -> TuneRequest:
@@ -49,6 +51,32 @@ def test_a_tiny_search_writes_a_preset_and_resumes(short_model, corpus):
     assert len(more.trials) == 3 and more.computed == 2
 
 
+def test_the_tuned_yarn_preset_bakes_and_verifies(short_model, corpus, tmp_path):
+    """The winner converts like any preset, and the file alone gives the preset's logits."""
+    tune(_request(corpus, 2), RunSpec(model=str(short_model)))
+    result = convert(short_model, tmp_path / "tuned.gguf", "tuned-t", verify=True)
+    assert result.verify is not None and result.verify.passed
+
+
+def test_a_rope_freqs_search_writes_factors_that_bake_to_the_trials_model(short_model, corpus, tmp_path):
+    """Per-dimension factors: each trial a converted copy; the winner's preset, baked again, scores
+    the perplexity its trial scored (recomputed, not from the cache)."""
+    spec = RunSpec(model=str(short_model))
+    result = tune(_request(corpus, 1, method="rope-freqs"), spec)
+    assert result.default.number == -1 and result.default.values == DEFAULTS  # the default YaRN, run as usual
+    assert result.best.number == 0 and set(result.best.values) == {"lambda_max", "start", "width", "power",
+                                                                     "attn_factor"}
+    data = tomllib.loads(result.preset_path.read_text())
+    factors = data["rope_freqs"]["factors"]
+    assert len(factors) == 32 and factors == sorted(factors) and factors[0] == 1.0  # head dim 64: 32 pairs
+    assert not list((cache_dir() / "tune" / "t").glob("*.gguf"))  # trial copies are not kept
+    out = tmp_path / "tuned.gguf"
+    convert(short_model, out, "tuned-t")
+    again = run_ppl(PplRequest(["native"], [2048], load_text(corpus / "alice.txt"), span=32),
+                    RunSpec(model=str(out), ctx=2048), cache=CellCache(enabled=False))
+    assert again.cells[0]["ppl"] == result.best.ppl
+
+
 def test_a_trial_cut_short_is_asked_again(short_model, corpus):
     """A run killed mid-trial leaves it running in the journal: the next run fails it and goes on."""
     spec = RunSpec(model=str(short_model))
@@ -67,6 +95,9 @@ def test_bad_inputs_are_clean_errors(short_model, corpus, tmp_path, cli):
         tune(TuneRequest(2048, load_text(corpus / "alice.txt"), method="rope"), spec)
     with pytest.raises(InputError, match="needle tasks"):
         tune(TuneRequest(2048, load_text(corpus / "alice.txt"), retrieval=("cwe",)), spec)
+    phi = write_model(tmp_path / "phi.gguf", arch="phi2")
+    with pytest.raises(ConversionError, match="phi2's llama.cpp loader ignores rope_freqs.weight"):
+        tune(TuneRequest(4096, load_text(corpus / "alice.txt"), method="rope-freqs"), RunSpec(model=str(phi)))
     short = tmp_path / "short.txt"
     short.write_text("A short text. " * 40)
     assert_clean_error(cli("tune", "--model", str(short_model), "--target", "2k", "--trials", "1",

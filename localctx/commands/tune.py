@@ -14,8 +14,9 @@ from ..runtime import RunSpec
 
 @click.command("tune")
 @click.option("--target", required=True, metavar="LENGTH", help="The length to tune for: tokens, or 16k, 32k (k = 1024).")
-@click.option("--method", type=click.Choice(["yarn"]), default="yarn", show_default=True,
-              help="What is searched: YaRN's beta_fast, beta_slow, ext_factor and scale.")
+@click.option("--method", type=click.Choice(["yarn", "rope-freqs"]), default="yarn", show_default=True,
+              help="yarn: YaRN's beta_fast, beta_slow, ext_factor and scale. rope-freqs: per-dimension RoPE "
+                   "factors (a monotone curve) and an attention factor, each trial a converted copy of the model.")
 @click.option("--trials", type=click.IntRange(1), default=24, show_default=True,
               help="Trials in all, the default YaRN first; a rerun resumes or, when done, computes nothing.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
@@ -34,8 +35,9 @@ from ..runtime import RunSpec
 def tune(spec: RunSpec, executor: Executor | None, target: str, method: str, trials: int, text_file: Path | None,
          name: str | None, seed: int, span: int, retrieval: str, samples: int, batch: int | None,
          as_json: bool) -> None:
-    """Search YaRN's parameters for one target length on your model and text; write the best as
-    preset tuned-NAME (use it as --preset tuned-NAME).
+    """Search YaRN's parameters (or per-dimension RoPE factors) for one target length on your model
+    and text; write the best as preset tuned-NAME (YaRN: use it as --preset tuned-NAME; factors:
+    bake them with `localctx convert MODEL OUT --preset tuned-NAME`).
 
     Objective: perplexity at the target on the text (the last SPAN tokens), among the trials whose
     needle retrieval at the target is at least the default YaRN's. Optuna's TPE sampler proposes
@@ -47,6 +49,7 @@ def tune(spec: RunSpec, executor: Executor | None, target: str, method: str, tri
       localctx tune --target 32k --trials 24
       localctx tune --target 16k --trials 12 --text book.txt --name book-16k
       localctx tune --target 32k --trials 24 --workers 2
+      localctx tune --target 32k --method rope-freqs --trials 24
     """
     from ..evaluate import load_text, parse_lengths, parse_tasks
     from ..tune import TuneRequest
@@ -65,17 +68,21 @@ def tune(spec: RunSpec, executor: Executor | None, target: str, method: str, tri
 
 
 def render(r: dict[str, Any]) -> None:
-    click.echo(f"{'trial':>5} {'beta_fast':>10} {'beta_slow':>10} {'ext':>6} {'scale':>6} {'ppl':>9} {'retrieval':>10}")
+    names = list(r["trials"][0]["values"]) if r["trials"] else []
+    click.echo(f"{'trial':>5}" + "".join(f"{n:>12}" for n in names) + f"{'ppl':>10}{'retrieval':>10}")
     for t in r["trials"]:
-        v = t["values"]
         mark = "" if t["feasible"] else "  below the default's retrieval"
-        click.echo(f"{t['number']:>5} {v['beta_fast']:>10.3g} {v['beta_slow']:>10.3g} {v['ext_factor']:>6.2f} "
-                   f"{v['scale']:>6.2f} {t['ppl']:>9.3f} {t['retrieval']:>10.2f}{mark}")
+        click.echo(f"{t['number']:>5}" + "".join(f"{t['values'][n]:>12.4g}" for n in names)
+                   + f"{t['ppl']:>10.3f}{t['retrieval']:>10.2f}{mark}")
     best, default, gain = r["best"], r["default"], r["gain"]
     change = "no better than the default" if not gain else f"{abs(gain):.1%} {'lower' if gain > 0 else 'higher'}"
     click.echo(f"best: trial {best['number']}, ppl {best['ppl']:.3f} against the default's {default['ppl']:.3f} "
                f"({change}), retrieval {best['retrieval']:.2f} against {default['retrieval']:.2f}")
-    click.echo(f"preset: {r['preset']} (--preset tuned-{r['name']})")
+    if "beta_fast" in best["values"]:
+        click.echo(f"preset: {r['preset']} (--preset tuned-{r['name']})")
+    else:
+        click.echo(f"preset: {r['preset']} (per-dimension factors: bake them with "
+                   f"`localctx convert MODEL OUT.gguf --preset tuned-{r['name']}`)")
 
 
 def register(group: click.Group) -> None:
