@@ -85,6 +85,15 @@ def test_a_cached_cell_is_never_recomputed(factory, corpus):
     assert past.cells[0]["status"] == "n/a" and len(factory.made) == 2
 
 
+def test_presets_that_share_a_cell_compute_it_once(factory, corpus):
+    """auto's first step is the native model: in one run, its cells are native's, computed once."""
+    request = RulerRequest(["native", "auto"], [512], load_text(corpus / "alice.txt"), ["niah_single_1"], samples=2)
+    result = run_ruler(request, engine_factory=factory)
+    assert result.computed == 2 and sum(e.generated for e in factory.made) == 2
+    native, auto = ([c["answer"] for c in result.cells if c["preset"] == p] for p in ("native", "auto"))
+    assert len(auto) == 2 and auto == native
+
+
 def test_parallel_sequences_give_the_same_answers(corpus, tmp_path):
     text = load_text(corpus / "alice.txt")
     tasks = ["niah_multivalue", "qa", "vt"]

@@ -2,6 +2,7 @@
 the cache, mark cells past the window n/a, and load the model only when a cell is left to compute."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -121,6 +122,9 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
     plans = [(resolved, evaluation.cells(resolved, mkey)) for resolved in map(base.with_preset, presets)]
     total, done = sum(len(cells) for _, cells in plans), 0
     todos: list[tuple[Resolved, list[tuple[Cell, Key]]]] = []
+    # Presets that resolve alike at a length (auto's first step and native) share a cell's key: it
+    # is computed once in a run, and its twins take the result.
+    twins: dict[str, list[Cell]] = {}
     for resolved, cells in plans:
         todo = []
         for cell, key in cells:
@@ -135,7 +139,11 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
                 progress(f"[{done + 1}/{total}] {label(cell)}: {evaluation.describe(cell, found)} (cached)")
             elif not compute:
                 cell["status"] = "not run"
+            elif (name := json.dumps(key, sort_keys=True)) in twins:
+                twins[name].append(cell)
+                continue
             else:
+                twins[name] = []
                 todo.append((cell, key))
                 continue
             done += 1
@@ -150,6 +158,10 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
         done += 1
         progress(f"[{done}/{total}] {label(cell)}: {evaluation.describe(cell, found)} ({found['seconds']:.0f} s)")
         result.cells.append({**cell, **found})
+        for twin in twins.pop(json.dumps(key, sort_keys=True), []):
+            done += 1
+            progress(f"[{done}/{total}] {label(twin)}: {evaluation.describe(twin, found)} (the same cell as {cell['preset']})")
+            result.cells.append({**twin, **found})
 
     if todos:
         (executor or LocalExecutor()).evaluate(evaluation, todos, finished, progress, engine_factory)
