@@ -2,6 +2,7 @@
 the cache, mark cells past the window n/a, and load the model only when a cell is left to compute."""
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -114,6 +115,8 @@ def run_grid(evaluation: Evaluation, presets: Sequence[str], spec: RunSpec | Res
     "not run" (a report of what a long run has finished so far). The cells left are computed where
     `executor` runs them (this process by default), and this process alone fills the cache and the result."""
     cache = cache or CellCache()
+    if engine_factory is open_eval_engine and evaluation.parallel > 1:  # one engine, N sequences
+        engine_factory = functools.partial(open_eval_engine, parallel=evaluation.parallel)
     if compute:  # cells are saved as they finish: a cache that cannot take them fails now, not after one
         writable_cache(cache.directory, "evaluation cache")
     base = spec if isinstance(spec, Resolved) else resolve_spec(replace(spec, preset=presets[0]))

@@ -2,7 +2,6 @@
 a number hidden at a depth of a filler text of an exact length, asked for at the end."""
 from __future__ import annotations
 
-import functools
 
 import hashlib
 import random
@@ -165,8 +164,6 @@ def run_passkey(request: PasskeyRequest, spec: RunSpec | Resolved = RunSpec(), *
                 engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
                 compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Passkey retrieval for every (preset, length, depth, trial) cell, cached like `run_ppl`."""
-    if engine_factory is open_eval_engine and request.parallel > 1:
-        engine_factory = functools.partial(open_eval_engine, parallel=request.parallel)
     return run_grid(Passkey(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
                     progress=progress, compute=compute, executor=executor)
 

@@ -2,7 +2,6 @@
 llama-perplexity's consecutive windows (so the numbers can be checked against that tool)."""
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -196,7 +195,5 @@ def run_ppl(request: PplRequest, spec: RunSpec | Resolved = RunSpec(), *, cache:
             engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
             compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Perplexity for every (preset, length) cell (see `grid.run_grid` for caching and loading)."""
-    if engine_factory is open_eval_engine and request.parallel > 1:
-        engine_factory = functools.partial(open_eval_engine, parallel=request.parallel)
     return run_grid(Perplexity(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
                     progress=progress, compute=compute, executor=executor)

@@ -123,9 +123,9 @@ class Ruler:
                 progress: Progress) -> Iterator[tuple[Cell, Key, dict[str, Any]]]:
         frame = frame_for(engine, self.chat(resolved))
         stop = list(engine.chat_stop) if frame.chat else []
+        # By length first (order's first field): an adaptive engine switches its window once per length.
         jobs = sorted(((cell, key, self.sample(engine, frame, cell)) for cell, key in todo),
                       key=lambda job: self.order(job[0]))
-        jobs.sort(key=lambda job: job[0]["length"])  # an adaptive engine switches its window once per length
         for group in same_step_groups(engine, jobs, getattr(engine, "n_seq", 1)):
             start = time.perf_counter()
             gens = engine.generate_many([dict(tokens=s.tokens, max_tokens=s.gen_tokens, temperature=0.0,
@@ -152,7 +152,5 @@ def run_ruler(request: RulerRequest, spec: RunSpec | Resolved = RunSpec(), *, ca
               engine_factory: EngineFactory = open_eval_engine, progress: Progress = lambda _: None,
               compute: bool = True, executor: Executor | None = None) -> EvalResult:
     """Every (preset, length, task, depth, sample) cell, cached like `run_passkey`."""
-    if engine_factory is open_eval_engine and request.parallel > 1:
-        engine_factory = functools.partial(open_eval_engine, parallel=request.parallel)
     return run_grid(Ruler(request), request.presets, spec, cache=cache, engine_factory=engine_factory,
                     progress=progress, compute=compute, executor=executor)
