@@ -34,7 +34,7 @@ from gguf import Keys
 
 from common import CORPUS
 
-from localctx.convert import _diff, plan_conversion, write_converted
+from localctx.convert import override_metadata, plan_conversion, write_converted
 from localctx.gguf_meta import arch_key
 from localctx.paths import default_model_path
 from localctx.runtime import RunSpec, open_engine
@@ -70,8 +70,7 @@ def bench_grouped() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "trained-1k.gguf"
         plan = plan_conversion(default_model_path(), "native")
-        updates, changes = _diff(plan.header, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): 1024})
-        write_converted(replace(plan, updates=updates, changes=tuple(changes)), model)
+        write_converted(override_metadata(plan, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): 1024}), model)
         preset = Path(tmp) / "se.toml"
         preset.write_text('method = "self-extend"\ntarget_ctx = 2500\n[self_extend]\ngroup = 4\nwindow = 512\n')
         rows = {}

@@ -87,17 +87,14 @@ def short_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The default model's weights under a header that says it was trained on 1,024 tokens: the
     real model, with a trained window small enough that crossing it (and `auto`'s ladder:
     1,024 → 2,048 → 4,096) costs seconds, not minutes."""
-    from dataclasses import replace
-
     from gguf import Keys
 
-    from localctx.convert import _diff, plan_conversion, write_converted
+    from localctx.convert import override_metadata, plan_conversion, write_converted
     from localctx.gguf_meta import arch_key
 
     plan = plan_conversion(model_path, "native")
-    updates, changes = _diff(plan.header, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): SHORT_TRAINED})
     out = tmp_path_factory.mktemp("short") / "smollm2-trained-1k.gguf"
-    write_converted(replace(plan, updates=updates, changes=tuple(changes)), out)
+    write_converted(override_metadata(plan, {arch_key(Keys.LLM.CONTEXT_LENGTH, "llama"): SHORT_TRAINED}), out)
     return out
 
 

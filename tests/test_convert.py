@@ -17,15 +17,9 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType, Keys
 
-from localctx.convert import (
-    PROV_ORIG_FILE_CTX,
-    TEMP_MARKER,
-    check_space,
-    convert,
-    plan_conversion,
-    verify_conversion,
-    write_converted,
-)
+from localctx.convert import convert, plan_conversion, verify_conversion, write_converted
+from localctx.convert.plan import PROV_ORIG_FILE_CTX
+from localctx.convert.write import TEMP_MARKER, check_space
 from localctx.errors import ConversionError, ModelFileError
 from localctx.gguf_meta import PROV_PRESET, PROV_TOOL, PROVENANCE_PREFIX, read_header
 from localctx.presets import load_preset, resolve

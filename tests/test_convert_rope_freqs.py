@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, Keys
 
-from localctx.convert import (
-    NOISE_MULTIPLE,
-    TEMP_MARKER,
-    convert,
-    plan_conversion,
-    verify_conversion,
-    write_converted,
-)
+from localctx.convert import convert, plan_conversion, verify_conversion, write_converted
+from localctx.convert.verify import NOISE_MULTIPLE
+from localctx.convert.write import TEMP_MARKER
 from localctx.errors import ConversionError, PresetError
 from localctx.gguf_meta import PROV_ORIG_ATTN_FACTOR, PROV_ORIG_ROPE_FREQS, read_header
 from localctx.presets import load_preset, resolve

@@ -19,7 +19,9 @@ from gguf import GGUFValueType, Keys
 
 from localctx.chat import ChatSession, Message
 from localctx.chat_template import ChatTemplate, Segment
-from localctx.convert import Plan, TEMP_MARKER, build_header, copy_range
+from localctx.convert import Plan
+from localctx.convert.encode import build_header
+from localctx.convert.write import TEMP_MARKER, copy_range
 from localctx.engine import Engine
 from localctx.errors import InputError
 from localctx.generate import GenerateRequest, build_prompt_tokens
