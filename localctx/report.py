@@ -5,12 +5,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gguf import Keys
+
 from .errors import LocalctxError
-from .gguf_meta import ModelFacts
+from .gguf_meta import ModelFacts, arch_key, read_header
 from .memory import sliding_cells
 from .params import KV_CACHE_TYPES
 from .paths import default_model_path, list_user_models
 from .presets import applicable, list_presets
+from .rope_freqs import read_factors
 from .runtime import model_facts
 
 REPORT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
@@ -35,6 +38,7 @@ def model_report(facts: ModelFacts) -> dict[str, Any]:
         "rope_dimension_count": facts.rope_dims,
         "rope_scaling": asdict(facts.scaling) if facts.scaling else None,
         "converted_by_localctx": asdict(facts.provenance) if facts.provenance else None,
+        "rope_freqs": _rope_factors(facts),
         "layers": facts.n_layers,
         "attention_heads": facts.n_heads,
         "kv_heads": facts.n_heads_kv,
@@ -47,6 +51,18 @@ def model_report(facts: ModelFacts) -> dict[str, Any]:
         "sliding_window": _sliding(facts),
         "presets": {p.name: _applies(p, facts) for p in list_presets()},
     }
+
+
+def _rope_factors(facts: ModelFacts) -> dict[str, Any] | None:
+    """Per-dimension RoPE factors the file carries (rope_freqs.weight: Llama 3.1's own, or baked by
+    convert), which change every position's rotation without any rope.scaling key saying so."""
+    header = read_header(facts.path)
+    factors = read_factors(header, None)
+    if factors is None:
+        return None
+    attn = header.get(arch_key(Keys.Rope.SCALING_ATTN_FACTOR, facts.architecture))
+    return {"count": len(factors), "min": min(factors), "max": max(factors), "factors": list(factors),
+            "attn_factor": attn if isinstance(attn, float) else None}
 
 
 def _sliding(facts: ModelFacts) -> dict[str, Any] | None:

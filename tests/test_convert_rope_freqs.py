@@ -252,6 +252,21 @@ def test_noise_floor_check_fails_a_file_without_the_preset(model_path: Path, fac
     assert result.noise_floor is not None and not result.passed, result
 
 
+def test_inspect_shows_baked_factors(tuned_bake: tuple[Path, dict], model_path: Path, cli) -> None:
+    """No rope.scaling key says the file is rescaled (its scaling type is none): inspect must show
+    the factors themselves."""
+    out, _ = tuned_bake
+    r = cli("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("rope factors in file"))
+    assert "rope_freqs.weight: 32 per-dimension factors, 1 to 4, attention factor 1.13" in line
+    report = json.loads(cli("inspect", str(out), "--json").stdout)["rope_freqs"]
+    assert report["count"] == 32 and report["factors"][0] == 1.0 and report["factors"][-1] == 4.0
+    original = cli("inspect", str(model_path), "--json")
+    assert json.loads(original.stdout)["rope_freqs"] is None
+    assert "rope factors in file" not in cli("inspect", str(model_path)).stdout
+
+
 def test_baked_file_refuses_rescaling_on_top(tuned_bake: tuple[Path, dict], cli) -> None:
     out, _ = tuned_bake
     r = cli("generate", "Hello", "--model", str(out), "--preset", "yarn-32k", "--max-tokens", "1")

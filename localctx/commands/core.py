@@ -51,6 +51,11 @@ def render_inspect(r: dict[str, Any]) -> None:
         row("rope dimensions", r["rope_dimension_count"])
     s = r["rope_scaling"]
     row("rope scaling in file", f"{s['type']} ×{s['factor']:g} from {s['original_context']:,}" if s else "none")
+    f = r["rope_freqs"]
+    if f:
+        attn = f", attention factor {f['attn_factor']:g}" if f["attn_factor"] else ""
+        row("rope factors in file", f"rope_freqs.weight: {f['count']} per-dimension factors, "
+                                    f"{f['min']:g} to {f['max']:g}{attn}")
     p = r["converted_by_localctx"]
     if p:
         row("converted by", f"{p['tool']} {p['version']}, preset {p['preset']} ({p['method']}) from {p['source_file']}")
