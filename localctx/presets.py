@@ -576,10 +576,15 @@ def best_preset(facts: ModelFacts, accept: Callable[[Preset, RuntimeParams], boo
 
 def suggest_preset(facts: ModelFacts, needed: int) -> str:
     """The flag for the smallest preset whose window holds `needed` tokens on this model (one that
-    keeps quality: no scaling, YaRN, or extrapolation where the positions extrapolate)."""
+    keeps quality: no scaling, YaRN, or extrapolation where the positions extrapolate). A file with
+    per-dimension factors baked in refuses RoPE rescaling on top (runtime.check_runnable), auto's
+    included: its own factors are the extension, so only native's window grows."""
+    baked = facts.provenance is not None and facts.provenance.baked_freqs
+
     def keeps_quality(preset: Preset, params: RuntimeParams) -> bool:
         extrapolates = preset.method == "extrapolate" and facts.positions != "rope"
-        return (preset.method in ("none", "yarn") or extrapolates) and params.n_ctx >= needed
+        methods = ("none",) if baked else ("none", "yarn")
+        return (preset.method in methods or extrapolates) and params.n_ctx >= needed
 
     name = best_preset(facts, keeps_quality, lambda _, params: -params.n_ctx)
     if name:
@@ -589,4 +594,4 @@ def suggest_preset(facts: ModelFacts, needed: int) -> str:
         # No window localctx runs holds it: suggesting a --ctx the CLI refuses would mislead.
         return (f"none: {needed:,} tokens exceed the largest window localctx runs ({MAX_CTX:,}); shorten the "
                 "input or the answer budget, or summarize with `localctx summarize`")
-    return f"--preset auto --ctx {window}"
+    return f"--preset {'native' if baked else 'auto'} --ctx {window}"

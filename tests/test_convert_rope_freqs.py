@@ -267,6 +267,16 @@ def test_inspect_shows_baked_factors(tuned_bake: tuple[Path, dict], model_path: 
     assert "rope factors in file" not in cli("inspect", str(model_path)).stdout
 
 
+def test_overflow_on_a_baked_file_suggests_a_window_not_a_preset(tuned_bake: tuple[Path, dict], cli) -> None:
+    """RoPE presets (auto's YaRN steps too) are refused on this file: the hint is native, with a
+    larger window when the file's own (32K) does not hold the prompt."""
+    out, _ = tuned_bake
+    r = cli("generate", "word " * 700, "--model", str(out), "--preset", "native", "--ctx", "512", "--max-tokens", "8")
+    assert_clean_error(r, "A preset that fits: --preset native\n")
+    r = cli("generate", "word " * 33_000, "--model", str(out), "--preset", "native", "--ctx", "512", "--max-tokens", "8")
+    assert_clean_error(r, "A preset that fits: --preset native --ctx 33792")
+
+
 def test_baked_file_refuses_rescaling_on_top(tuned_bake: tuple[Path, dict], cli) -> None:
     out, _ = tuned_bake
     r = cli("generate", "Hello", "--model", str(out), "--preset", "yarn-32k", "--max-tokens", "1")
