@@ -346,7 +346,8 @@ def write_tuned(result: TuneResult, request: TuneRequest, trained: int, pairs: i
              f"text {request.text.path.name} (sha256 {request.text.sha}), {len(result.trials)} trials, seed {request.seed}",
              f"objective: perplexity at {request.target} ({request.span} tokens) {best.ppl:.4f} "
              f"against the default's {default.ppl:.4f}",
-             f"retrieval ({', '.join(request.retrieval)}, {request.samples} samples): {best.retrieval:.2f} "
+             f"retrieval ({', '.join(request.retrieval)}, {request.samples} sample{'s' * (request.samples != 1)} "
+             f"each): {best.retrieval:.2f} "
              f"against the default's {default.retrieval:.2f}",
              f"all trials: tuned-{result.name}.json"]
     kind = "YaRN" if _is_yarn(best.values) else "Per-dimension RoPE factors (bake with localctx convert)"

@@ -36,6 +36,7 @@ def test_a_tiny_search_writes_a_preset_and_resumes(short_model, corpus):
     text = preset.read_text()
     assert "# tuned by localctx tune: method yarn, target 2048, model trained on 1024" in text
     assert f"sha256 {load_text(corpus / 'alice.txt').sha}" in text and "2 trials" in text
+    assert "# retrieval (niah_single_2, 1 sample each): " in text
     data = tomllib.loads(text)
     assert data["method"] == "yarn" and data["yarn"]["beta_fast"] == pytest.approx(first.best.values["beta_fast"], rel=1e-5)
     sidecar = json.loads(preset.with_suffix(".json").read_text())
