@@ -2,7 +2,6 @@
 a number hidden at a depth of a filler text of an exact length, asked for at the end."""
 from __future__ import annotations
 
-
 import hashlib
 import random
 import re
