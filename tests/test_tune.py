@@ -111,3 +111,11 @@ def test_bad_inputs_are_clean_errors(short_model, corpus, tmp_path, cli):
 def test_cli_tune_help_has_examples(cli):
     result = cli("tune", "--help")
     assert result.returncode == 0 and "Example" in result.stdout
+
+
+@pytest.mark.parametrize(("trials", "startup"), [(2, 3), (8, 3), (12, 4), (24, 8), (60, 8)])
+def test_tpe_takes_over_after_a_third_of_the_trials(corpus, tmp_path, trials, startup):
+    """Random draws for a third of the trials (3 to 8), then TPE: a search of 8 trials gets 5 that
+    TPE chose (with 8 random startup trials it got none)."""
+    study = Study(_request(corpus, trials), "t", tmp_path)
+    assert study._sampler(0)._n_startup_trials == startup
