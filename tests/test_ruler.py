@@ -197,6 +197,26 @@ def test_a_preset_not_measured_has_no_effective_length_yet():
     assert row.split()[4] == "-"  # effective: not measured, not "<2K"
 
 
+def test_effective_length_is_a_lower_bound_while_the_next_length_is_not_run():
+    """A preset that passes at the longest length run so far may reach further: '>=4K', not '4K';
+    a length it cannot run at all (n/a: past its window) ends it for certain."""
+    tasks = ["niah_single_1", "qa"]
+    result = _result({("native", 2048): [1.0, 0.6], ("native", 4096): [0.8, 0.6], ("native", 8192): [None, None],
+                      ("yarn-32k", 2048): [1.0, 0.6], ("yarn-32k", 4096): [0.8, 0.6],
+                      ("yarn-32k", 8192): [None, None]}, tasks)
+    for cell in result.cells:
+        if cell["preset"] == "yarn-32k" and cell["length"] == 8192:
+            cell["status"] = "not run"
+    summary = summarize(result)
+    native, yarn = summary.presets
+    assert native.effective == yarn.effective == 4096
+    assert not native.at_least and yarn.at_least  # native's 8K is n/a here; yarn's is to run
+    assert yarn.to_dict()["effective_length_at_least"] is True
+    assert "native 4K, yarn-32k >=4K" in report_table(summary)
+    row = next(line for line in report_table(summary).splitlines() if line.startswith("yarn-32k"))
+    assert row.split()[-2] == ">=4K"  # the effective column, before fine-tuning
+
+
 def test_summary_without_native_says_what_is_missing():
     result = _result({("yarn-32k", 2048): [1.0, 0.5]}, ["niah_single_1", "qa"])
     assert summarize(result).baseline is None

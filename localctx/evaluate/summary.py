@@ -7,7 +7,8 @@ preset's mean at the shortest measured length. RULER uses an absolute 85.6 (Llam
 4K), calibrated for 7B models; a small model never reaches it even at its best, so the baseline
 here is the same model at its own short length, and 0.85 keeps RULER's sense of "within about 15 %
 of a model that works". A length below which the preset fails even once ends the count: a method
-is only as long as its first failure."""
+is only as long as its first failure. While the grid's next length is not run yet, the effective
+length is a lower bound and reads ">=4K"."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,10 +55,13 @@ class PresetSummary:
     qa: tuple[int, float] | None
     short: float | None  # the mean at the shortest length
     short_delta: float | None  # against native's
+    # The next length of the grid is not run yet: the preset may reach further than `effective`.
+    at_least: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, "scores": {str(k): v for k, v in self.scores.items()},
-                "effective_length": self.effective, "retrieval": self.retrieval, "qa": self.qa,
+                "effective_length": self.effective, "effective_length_at_least": self.at_least,
+                "retrieval": self.retrieval, "qa": self.qa,
                 "short_text": self.short, "short_text_delta": self.short_delta}
 
 
@@ -98,6 +102,14 @@ def effective_length(scores: dict[int, float | None], bar: float | None) -> int 
     return best
 
 
+def _unmeasured_beyond(cells: Sequence[Cell], preset: str, lengths: Sequence[int], effective: int | None,
+                       scores: dict[int, float | None]) -> bool:
+    """Whether the grid's next length after `effective` is still to run (not n/a: a length past
+    what the preset can run ends its reach for certain)."""
+    longer = [n for n in lengths if effective is not None and n > effective]
+    return bool(longer) and scores[longer[0]] is None and _absent(cells, preset, longer[0]) != "n/a"
+
+
 def _longest(means: dict[tuple[str, int, str], float | None], preset: str, lengths: Sequence[int],
              tasks: Sequence[str]) -> tuple[int, float] | None:
     for n in sorted(lengths, reverse=True):
@@ -115,12 +127,13 @@ def summarize(result: EvalResult, threshold: float = DEFAULT_THRESHOLD) -> Summa
     rows = []
     for p in presets:
         scores = {n: mean_over(means, p, n, tasks) for n in lengths}
-        short = scores[shortest]
+        short, effective = scores[shortest], effective_length(scores, bar)
         rows.append(PresetSummary(
-            p, scores, effective_length(scores, bar),
+            p, scores, effective,
             _longest(means, p, lengths, [t for t in tasks if t in RETRIEVAL]) if set(tasks) & set(RETRIEVAL) else None,
             _longest(means, p, lengths, ["qa"]) if "qa" in tasks else None,
-            short, None if short is None or baseline is None else short - baseline))
+            short, None if short is None or baseline is None else short - baseline,
+            _unmeasured_beyond(result.cells, p, lengths, effective, scores)))
     return Summary(baseline, threshold, rows, lengths)
 
 
@@ -168,10 +181,13 @@ def effective_lines(summary: Summary) -> str:
 
 
 def _effective(summary: Summary, p: PresetSummary, below: str) -> str:
-    """The effective length; '-' while the shortest length is not measured (not a failure)."""
+    """The effective length; '-' while the shortest length is not measured (not a failure), '>='
+    while the next length is."""
     if summary.baseline is None or p.short is None:
         return "-"
-    return _k(p.effective) if p.effective else below + _k(summary.lengths[0])
+    if not p.effective:
+        return below + _k(summary.lengths[0])
+    return (">=" if p.at_least else "") + _k(p.effective)
 
 
 def report_table(summary: Summary) -> str:
