@@ -16,7 +16,8 @@ no effect at run time. rope-freqs: per-dimension factors (LongRoPE's form, compa
 curve from 1 for the fastest-rotating pairs to lambda_max for the slowest, placed by start and
 width, shaped by power) and an attention factor; llama.cpp applies such factors only from a GGUF's
 rope_freqs.weight, so each trial is a converted copy of the model, and the default YaRN (run as
-usual) is the baseline the trials are held to.
+usual) is the baseline the trials are held to; the first trial is the curve nearest the default
+YaRN's own factors (`yarn_curve`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from .fsutil import atomic_write
 from .paths import cache_dir, user_presets_dir
 from .gguf_meta import ModelFacts
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW
-from .rope_freqs import check_arch
+from .params import RuntimeParams
+from .rope_freqs import check_arch, corr_dims, yarn_attention, yarn_factors
 from .runtime import RunSpec, resolve_spec
 
 METHODS = ("yarn", "rope-freqs")
@@ -126,11 +128,8 @@ def suggest(trial: Any, method: str = "yarn") -> dict[str, float]:
     """The search space: around YaRN's published defaults, wide enough to leave them; for
     rope-freqs, the factor curve and the attention factor."""
     if method == "rope-freqs":
-        return {"lambda_max": trial.suggest_float("lambda_max", 1.0, 16.0, log=True),
-                "start": trial.suggest_float("start", 0.0, 0.8),
-                "width": trial.suggest_float("width", 0.05, 1.0),
-                "power": trial.suggest_float("power", 0.5, 3.0, log=True),
-                "attn_factor": trial.suggest_float("attn_factor", 1.0, 1.3)}
+        log = {"lambda_max", "power"}
+        return {k: trial.suggest_float(k, lo, hi, log=k in log) for k, (lo, hi) in FREQS_BOUNDS.items()}
     return {"beta_fast": trial.suggest_float("beta_fast", 4.0, 128.0, log=True),
             "beta_slow": trial.suggest_float("beta_slow", 0.125, 8.0, log=True),
             "ext_factor": trial.suggest_float("ext_factor", 0.25, 1.0),
@@ -179,6 +178,35 @@ def freqs_preset_text(values: dict[str, float], target: int, pairs: int, descrip
     ])
 
 
+FREQS_BOUNDS = {"lambda_max": (1.0, 16.0), "start": (0.0, 0.8), "width": (0.05, 1.0), "power": (0.5, 3.0),
+                "attn_factor": (1.0, 1.3)}
+
+
+def yarn_curve(params: RuntimeParams, pairs: int) -> dict[str, float]:
+    """The curve nearest a YaRN run's per-pair factors, where a rope-freqs search starts (as
+    LongRoPE's search starts from PI's, NTK's and YaRN's factors): 1 up to YaRN's ramp, its scale
+    after, the power that fits the ramp best (YaRN mixes angles, so its ramp is not linear in the
+    factor)."""
+    target = yarn_factors(params, 2 * pairs)
+    low, high = corr_dims(2 * pairs, params.yarn_orig_ctx, params.rope_freq_base,
+                          params.yarn_beta_fast if params.yarn_beta_fast >= 0 else YARN_BETA_FAST,
+                          params.yarn_beta_slow if params.yarn_beta_slow >= 0 else YARN_BETA_SLOW)
+    last = max(pairs - 1, 1)
+    values = {"lambda_max": max(target), "attn_factor": yarn_attention(params)}
+
+    def error(shape: tuple[float, float, float]) -> float:
+        got = curve({**values, "start": shape[0], "width": shape[1], "power": shape[2]}, pairs)
+        return sum((math.log(g) - math.log(t)) ** 2 for g, t in zip(got, target))
+
+    # The power over 0.5 to 3 (log-spaced), the ramp's ends moved by up to a pair each way.
+    moves = [k / (2 * last) for k in range(-2, 3)]
+    shapes = [(start + a, max(width - a + b, 0.05), 0.5 * 6 ** (k / 60))
+              for start, width in [(low / last, (high - low) / last)]
+              for a in moves for b in moves for k in range(61)]
+    values["start"], values["width"], values["power"] = min(shapes, key=error)
+    return {k: min(max(v, FREQS_BOUNDS[k][0]), FREQS_BOUNDS[k][1]) for k, v in values.items()}
+
+
 def _is_yarn(values: dict[str, float]) -> bool:
     return "beta_fast" in values
 
@@ -201,7 +229,7 @@ def _trial_preset(folder: Path, values: dict[str, float], target: int, pairs: in
 class Study:
     """The search's state: an Optuna study in a journal file beside its trial presets."""
 
-    def __init__(self, request: TuneRequest, name: str, folder: Path) -> None:
+    def __init__(self, request: TuneRequest, name: str, folder: Path, first: dict[str, float] | None = None) -> None:
         optuna = _optuna()
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -215,10 +243,12 @@ class Study:
         for t in self.study.trials:  # an interrupted run's trial in flight: its cells are cached, ask again
             if t.state == states.RUNNING:
                 self.study.tell(t.number, state=states.FAIL)
-        trials = self.study.trials
-        if request.method == "yarn" and not any(
-                t.state == states.WAITING or (t.state == states.COMPLETE and t.params == DEFAULTS) for t in trials):
-            self.study.enqueue_trial(DEFAULTS)  # the default first: the baseline every trial is held to
+        # The first trial: yarn's defaults, the baseline every trial is held to; for rope-freqs the
+        # curve nearest them, so the search starts where YaRN is and TPE learns around it.
+        first = DEFAULTS if request.method == "yarn" else first
+        if first is not None and not any(t.state == states.WAITING or (t.state == states.COMPLETE and t.params == first)
+                                         for t in self.study.trials):
+            self.study.enqueue_trial(first)
 
     def done(self) -> list[Any]:
         """The finished trials (a failed one, cut short by an interrupt, is not counted)."""
@@ -255,8 +285,13 @@ def tune(request: TuneRequest, spec: RunSpec = RunSpec(), *, cache: CellCache | 
     check_request(request, facts)
     name = request.name or f"{Path(facts.path).stem.lower()}-{request.method}-{request.target // 1024}k"
     folder = cache_dir() / "tune" / name
-    study = Study(request, name, folder)
     pairs = (facts.rope_dims or facts.head_dim_k) // 2
+    first = None
+    if request.method == "rope-freqs":
+        folder.mkdir(parents=True, exist_ok=True)
+        default = replace(spec, preset=str(_trial_preset(folder, DEFAULTS, request.target)), ctx=None)
+        first = yarn_curve(resolve_spec(default).params, pairs)
+    study = Study(request, name, folder, first)
     trials = Trials(request, spec, folder, pairs, cache or CellCache(), progress, executor)
     base_ppl, baseline = trials.measure([DEFAULTS])[0]
     progress(f"default YaRN: ppl {base_ppl:.3f}, retrieval {baseline:.2f}")

@@ -13,7 +13,8 @@ from localctx.errors import ConversionError, InputError
 from localctx.evaluate import CellCache, PplRequest, load_text, run_ppl
 from localctx.paths import cache_dir, user_presets_dir
 from localctx.runtime import RunSpec, resolve_spec
-from localctx.tune import DEFAULTS, Study, TuneRequest, tune
+from localctx.rope_freqs import yarn_factors
+from localctx.tune import DEFAULTS, Study, TuneRequest, _trial_preset, curve, tune, yarn_curve
 
 from conftest import assert_clean_error
 from gguf_factory import write_model
@@ -67,6 +68,11 @@ def test_a_rope_freqs_search_writes_factors_that_bake_to_the_trials_model(short_
     assert result.default.number == -1 and result.default.values == DEFAULTS  # the default YaRN, run as usual
     assert result.best.number == 0 and set(result.best.values) == {"lambda_max", "start", "width", "power",
                                                                      "attn_factor"}
+    # The first trial is the curve nearest the default YaRN, and scores near it (this model really
+    # saw 8K, so the curve's slightly smaller factors mid-ramp score a little better than YaRN's).
+    default = resolve_spec(RunSpec(model=str(short_model), preset=result.default.preset)).params
+    assert result.best.values == yarn_curve(default, 32)
+    assert result.best.ppl == pytest.approx(result.default.ppl, rel=0.1)
     data = tomllib.loads(result.preset_path.read_text())
     factors = data["rope_freqs"]["factors"]
     assert len(factors) == 32 and factors == sorted(factors) and factors[0] == 1.0  # head dim 64: 32 pairs
@@ -76,6 +82,19 @@ def test_a_rope_freqs_search_writes_factors_that_bake_to_the_trials_model(short_
     again = run_ppl(PplRequest(["native"], [2048], load_text(corpus / "alice.txt"), span=32),
                     RunSpec(model=str(out), ctx=2048), cache=CellCache(enabled=False))
     assert again.cells[0]["ppl"] == result.best.ppl
+
+
+@pytest.mark.parametrize("target", [16384, 32768])
+def test_a_rope_freqs_search_starts_at_the_curve_nearest_yarn(target, tmp_path):
+    """The default model at 2x and 4x: 1 for the fastest pairs, the scale for the slowest, every
+    pair's factor within 10 % of YaRN's (the curve's power bends the ramp as YaRN's angle mixing
+    does)."""
+    params = resolve_spec(RunSpec(preset=str(_trial_preset(tmp_path, DEFAULTS, target)))).params
+    values = yarn_curve(params, 32)
+    assert values["lambda_max"] == pytest.approx(target / 8192) and 1.0 < values["attn_factor"] < 1.3
+    got, want = curve(values, 32), yarn_factors(params, 64)
+    assert got[:10] == [1.0] * 10 and got[-10:] == [target / 8192] * 10 and got == sorted(got)
+    assert all(abs(g / w - 1) < 0.1 for g, w in zip(got, want)), list(zip(got, want))
 
 
 def test_a_trial_cut_short_is_asked_again(short_model, corpus):
