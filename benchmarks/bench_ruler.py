@@ -3,6 +3,9 @@
 cost:     seconds per cell of the grid already computed into the cache (by `localctx eval ruler`
           with LOCALCTX_CACHE_DIR=benchmarks/results/cache), per length and preset: the mean over
           the cells (RULER counts length as prompt + generated tokens).
+spread:   the bootstrap standard error of each mean (samples redrawn within each task, 2,000
+          times, seed 0), and of each preset's difference from native at the same length (the same
+          prompts, so the draws are paired): how far 5 samples per cell can be trusted.
 parallel: one sample of every task at one length on a fresh cache, --parallel 1 against N in
           this process: the time ratio and how many answers are identical (they must all be).
 
@@ -16,6 +19,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy (see localctx/cli.p
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -37,7 +41,38 @@ def cost(presets: list[str], lengths: list[int], samples: int) -> dict:
                 out.setdefault(p, {})[str(n)] = {"cells": len(secs), "mean_s": round(statistics.mean(secs), 2),
                                                  "total_min": round(sum(secs) / 60, 1)}
     summary = summarize(result)
-    return {"per_cell": out, "summary": summary.to_dict()}
+    return {"per_cell": out, "summary": summary.to_dict(), "spread": spread(result.cells, presets, lengths)}
+
+
+def spread(cells: list, presets: list[str], lengths: list[int], reps: int = 2000) -> dict:
+    """Bootstrap standard errors of each (preset, length) mean over the tasks, and of its
+    difference from native's (paired: sample i of a task is the same prompt for every preset)."""
+    scores: dict = {}
+    for c in cells:
+        if c["status"] == "ok":
+            scores.setdefault((c["preset"], c["length"]), {}).setdefault(c["task"], {})[c["sample"]] = c["score"]
+    rng, out = random.Random(0), {}
+    for n in lengths:
+        base = scores.get(("native", n))
+        for p in presets:
+            mine = scores.get((p, n))
+            if not mine or any(len(v) != len(next(iter(mine.values()))) for v in mine.values()):
+                continue
+            means, diffs = [], []
+            for _ in range(reps):
+                draw = {t: [rng.choice(sorted(v)) for _ in v] for t, v in mine.items()}
+                means.append(statistics.mean(statistics.mean(mine[t][i] for i in d) for t, d in draw.items()))
+                if base and set(base) == set(mine) and all(set(base[t]) == set(mine[t]) for t in mine):
+                    diffs.append(means[-1] - statistics.mean(statistics.mean(base[t][i] for i in d)
+                                                             for t, d in draw.items()))
+            row = {"mean": round(statistics.mean(statistics.mean(v.values()) for v in mine.values()), 3),
+                   "se": round(statistics.stdev(means), 3)}
+            if diffs and p != "native":
+                row["minus_native"] = round(row["mean"] - statistics.mean(statistics.mean(v.values())
+                                                                          for v in base.values()), 3)
+                row["minus_native_se"] = round(statistics.stdev(diffs), 3)
+            out.setdefault(p, {})[str(n)] = row
+    return out
 
 
 def parallel(length: int, n: int, preset: str) -> dict:
@@ -66,6 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     out = {"cost": cost(args.presets.split(","), parse_lengths(args.lengths), args.samples)}
     print("cost:", json.dumps(out["cost"]["per_cell"]), flush=True)
+    print("spread:", json.dumps(out["cost"]["spread"]), flush=True)
     if args.parallel:
         out["parallel"] = parallel(parse_lengths(args.parallel_length)[0], args.parallel, "native")
         print("parallel:", out["parallel"], flush=True)
