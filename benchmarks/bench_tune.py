@@ -8,7 +8,8 @@ workers:  one search on the default model under a 1,024-token header (the test s
 transfer: presets (the default YaRN, a search's tuned-NAME, any of its trial files) at the target,
           on the text the search ran on and on another: perplexity (eval ppl's span) and the
           search's retrieval tasks, as eval cells (cached: the search's own are found, a rerun
-          computes nothing).
+          computes nothing). A preset of per-dimension factors (a rope-freqs search's) is baked
+          into a temporary copy of the model and run from it, as the search ran its trials.
 
     .venv/bin/python benchmarks/bench_tune.py workers --trials 6 --workers 2 [--json FILE]
     LOCALCTX_CACHE_DIR=benchmarks/results/cache .venv/bin/python benchmarks/bench_tune.py transfer \\
@@ -21,6 +22,7 @@ import localctx.engine  # noqa: F401  llama.cpp before numpy
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,7 +33,8 @@ from pathlib import Path
 from common import CORPUS
 
 from localctx.evaluate import PplRequest, RulerRequest, load_text, parse_lengths, parse_tasks, run_ppl, run_ruler
-from localctx.runtime import RunSpec
+from localctx.convert import convert
+from localctx.runtime import RunSpec, resolve_spec
 from localctx.tune import DEFAULT_RETRIEVAL
 
 LOCALCTX = [sys.executable, "-m", "localctx"]
@@ -85,16 +88,27 @@ def transfer(presets: list[str], target: int, texts: list[str], retrieval: list[
     out: dict = {}
     for name in texts:
         text = load_text(CORPUS / name)
-        ppl = run_ppl(PplRequest(presets, [target], text), RunSpec(), progress=print_err)
-        hits = run_ruler(RulerRequest(presets, [target], text, retrieval, samples=samples, seed=seed), RunSpec(),
-                         progress=print_err)
         for p in presets:
-            scores = [c["score"] for c in hits.cells if c["preset"] == p]
+            with tempfile.TemporaryDirectory() as tmp:
+                run, spec = _runnable(p, target, Path(tmp))
+                ppl = run_ppl(PplRequest([run], [target], text), spec, progress=print_err)
+                hits = run_ruler(RulerRequest([run], [target], text, retrieval, samples=samples, seed=seed), spec,
+                                 progress=print_err)
+            scores = [c["score"] for c in hits.cells]
             out.setdefault(name, {})[Path(p).stem] = {
-                "ppl": round(next(c["ppl"] for c in ppl.cells if c["preset"] == p), 3),
+                "ppl": round(ppl.cells[0]["ppl"], 3),
                 "retrieval": round(sum(scores) / len(scores), 2), "retrieval_cells": len(scores)}
         print(name, json.dumps(out[name]), flush=True)
     return {"target": target, "presets": presets, "retrieval": retrieval, "samples": samples, "texts": out}
+
+
+def _runnable(preset: str, target: int, folder: Path) -> tuple[str, RunSpec]:
+    """The preset as the search ran it: per-dimension factors only from a converted file."""
+    if not resolve_spec(RunSpec(preset=preset)).params.rope_freqs:
+        return preset, RunSpec()
+    baked = folder / "baked.gguf"
+    convert(str(resolve_spec(RunSpec()).facts.path), baked, preset, force=True)
+    return "native", RunSpec(model=str(baked), ctx=math.ceil(target / 256) * 256)
 
 
 def print_err(message: str) -> None:
