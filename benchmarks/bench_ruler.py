@@ -58,11 +58,12 @@ def spread(cells: list, presets: list[str], lengths: list[int], reps: int = 2000
             mine = scores.get((p, n))
             if not mine or any(len(v) != len(next(iter(mine.values()))) for v in mine.values()):
                 continue
+            paired = bool(base) and set(base) == set(mine) and all(set(base[t]) == set(mine[t]) for t in mine)
             means, diffs = [], []
             for _ in range(reps):
                 draw = {t: [rng.choice(sorted(v)) for _ in v] for t, v in mine.items()}
                 means.append(statistics.mean(statistics.mean(mine[t][i] for i in d) for t, d in draw.items()))
-                if base and set(base) == set(mine) and all(set(base[t]) == set(mine[t]) for t in mine):
+                if paired:
                     diffs.append(means[-1] - statistics.mean(statistics.mean(base[t][i] for i in d)
                                                              for t, d in draw.items()))
             row = {"mean": round(statistics.mean(statistics.mean(v.values()) for v in mine.values()), 3),

@@ -131,13 +131,18 @@ def ramp(low: float, high: float, pair: int) -> float:
     return 1 - min(1.0, max(0.0, y))
 
 
+def yarn_ramp(params: RuntimeParams, n_rot: int) -> tuple[float, float]:
+    """The pairs where this YaRN run's ramp starts and ends (its betas, or llama.cpp's defaults)."""
+    fast = params.yarn_beta_fast if params.yarn_beta_fast >= 0 else YARN_BETA_FAST
+    slow = params.yarn_beta_slow if params.yarn_beta_slow >= 0 else YARN_BETA_SLOW
+    return corr_dims(n_rot, params.yarn_orig_ctx, params.rope_freq_base, fast, slow)
+
+
 def yarn_factors(params: RuntimeParams, n_rot: int) -> tuple[float, ...]:
     """One factor per rotary pair that turns unscaled RoPE into this YaRN run."""
     fs = params.rope_freq_scale
     ext = params.yarn_ext_factor if params.yarn_ext_factor >= 0 else YARN_DEFAULT_EXT
-    fast = params.yarn_beta_fast if params.yarn_beta_fast >= 0 else YARN_BETA_FAST
-    slow = params.yarn_beta_slow if params.yarn_beta_slow >= 0 else YARN_BETA_SLOW
-    low, high = corr_dims(n_rot, params.yarn_orig_ctx, params.rope_freq_base, fast, slow)
+    low, high = yarn_ramp(params, n_rot)
     factors = []
     for pair in range(n_rot // 2):
         mix = ramp(low, high, pair) * ext

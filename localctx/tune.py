@@ -40,7 +40,7 @@ from .paths import cache_dir, user_presets_dir
 from .gguf_meta import ModelFacts
 from .presets import YARN_BETA_FAST, YARN_BETA_SLOW
 from .params import RuntimeParams
-from .rope_freqs import check_arch, corr_dims, yarn_attention, yarn_factors
+from .rope_freqs import check_arch, yarn_attention, yarn_factors, yarn_ramp
 from .runtime import RunSpec, resolve_spec
 
 METHODS = ("yarn", "rope-freqs")
@@ -188,9 +188,7 @@ def yarn_curve(params: RuntimeParams, pairs: int) -> dict[str, float]:
     after, the power that fits the ramp best (YaRN mixes angles, so its ramp is not linear in the
     factor)."""
     target = yarn_factors(params, 2 * pairs)
-    low, high = corr_dims(2 * pairs, params.yarn_orig_ctx, params.rope_freq_base,
-                          params.yarn_beta_fast if params.yarn_beta_fast >= 0 else YARN_BETA_FAST,
-                          params.yarn_beta_slow if params.yarn_beta_slow >= 0 else YARN_BETA_SLOW)
+    low, high = yarn_ramp(params, 2 * pairs)
     last = max(pairs - 1, 1)
     values = {"lambda_max": max(target), "attn_factor": yarn_attention(params)}
 
@@ -200,8 +198,8 @@ def yarn_curve(params: RuntimeParams, pairs: int) -> dict[str, float]:
 
     # The power over 0.5 to 3 (log-spaced), the ramp's ends moved by up to a pair each way.
     moves = [k / (2 * last) for k in range(-2, 3)]
+    start, width = low / last, (high - low) / last
     shapes = [(start + a, max(width - a + b, 0.05), 0.5 * 6 ** (k / 60))
-              for start, width in [(low / last, (high - low) / last)]
               for a in moves for b in moves for k in range(61)]
     values["start"], values["width"], values["power"] = min(shapes, key=error)
     return {k: min(max(v, FREQS_BOUNDS[k][0]), FREQS_BOUNDS[k][1]) for k, v in values.items()}
